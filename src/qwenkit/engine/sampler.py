@@ -1,0 +1,147 @@
+"""Batched sampling over one engine step.
+
+Order of operations (vLLM's): penalties on raw logits -> temperature -> top-k -> top-p ->
+min-p -> sample. Greedy rows (temperature 0) take the argmax of the penalised logits.
+Log-probabilities are reported from the *raw* model distribution (log_softmax of the logits
+before penalties and temperature), as vLLM does by default.
+
+Seeded rows sample with their own `torch.Generator` via the exponential-race trick
+(argmax p_i / E_i, E_i ~ Exp(1)), so a seeded request draws the same noise whatever else shares
+the batch. Unseeded rows share one batch-wide draw.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from qwenkit.sampling_params import SamplingParams
+
+
+@dataclass
+class SamplerOutput:
+    token_ids: torch.Tensor  # (B,) long
+    logprobs: torch.Tensor | None = None  # (B,) logprob of each sampled token
+    top_token_ids: torch.Tensor | None = None  # (B, K)
+    top_logprobs: torch.Tensor | None = None  # (B, K)
+
+
+def _pad(rows: list[list[int]], fill: int) -> torch.Tensor:
+    width = max((len(r) for r in rows), default=0)
+    out = torch.full((len(rows), max(width, 1)), fill, dtype=torch.long)
+    for i, r in enumerate(rows):
+        if r:
+            out[i, : len(r)] = torch.as_tensor(r, dtype=torch.long)
+    return out
+
+
+def apply_penalties(
+    logits: torch.Tensor,
+    prompt_ids: list[list[int]],
+    output_ids: list[list[int]],
+    presence: torch.Tensor,
+    frequency: torch.Tensor,
+    repetition: torch.Tensor,
+) -> torch.Tensor:
+    """logits (B, V) -> penalised logits. presence/frequency/repetition: (B,)."""
+    b, v = logits.shape
+    out_counts = torch.zeros(b, v + 1, dtype=logits.dtype, device=logits.device)
+    out_tok = _pad(output_ids, v).to(logits.device)  # (B, L), pad -> column v (dropped)
+    out_counts.scatter_add_(1, out_tok, torch.ones_like(out_tok, dtype=logits.dtype))
+    out_counts = out_counts[:, :v]  # (B, V)
+    if bool((repetition != 1.0).any()):
+        seen = torch.zeros(b, v + 1, dtype=torch.bool, device=logits.device)
+        seen.scatter_(1, _pad(prompt_ids, v).to(logits.device), True)
+        seen = seen[:, :v] | (out_counts > 0)
+        rep = repetition[:, None].expand_as(logits)
+        penalised = torch.where(logits > 0, logits / rep, logits * rep)
+        logits = torch.where(seen, penalised, logits)
+    logits = logits - frequency[:, None] * out_counts
+    logits = logits - presence[:, None] * (out_counts > 0).to(logits.dtype)
+    return logits
+
+
+def filter_logits(
+    logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor
+) -> torch.Tensor:
+    """Mask (to -inf) tokens outside top-k / top-p / min-p. logits (B, V) already temperature-scaled.
+
+    top_k: (B,) long with V meaning disabled; top_p: (B,) with 1 disabled; min_p: (B,) with 0
+    disabled. When every row uses top-k, only the top max(k) candidates are sorted.
+    """
+    b, v = logits.shape
+    k_max = int(top_k.max())
+    if k_max < v:
+        vals, idx = logits.topk(k_max, dim=-1)  # (B, K), sorted descending
+    else:
+        vals, idx = logits.sort(dim=-1, descending=True)  # (B, V)
+    ranks = torch.arange(vals.shape[1], device=logits.device)[None, :]
+    drop = ranks >= top_k[:, None]
+    vals = vals.masked_fill(drop, float("-inf"))
+    probs = vals.softmax(dim=-1)
+    if bool((top_p < 1.0).any()):
+        # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
+        cum = probs.cumsum(dim=-1)
+        drop |= (cum - probs) >= top_p[:, None]
+    if bool((min_p > 0).any()):
+        drop |= probs < (min_p[:, None] * probs[:, :1])
+    vals = vals.masked_fill(drop, float("-inf"))
+    out = torch.full_like(logits, float("-inf"))
+    return out.scatter_(1, idx, vals)
+
+
+class Sampler:
+    """Samples one token per row of a (B, V) logits tensor under per-row SamplingParams."""
+
+    def __call__(
+        self,
+        logits: torch.Tensor,
+        params: list[SamplingParams],
+        prompt_ids: list[list[int]],
+        output_ids: list[list[int]],
+        generators: list[torch.Generator | None],
+        forbidden_token_ids: list[list[int]] | None = None,
+    ) -> SamplerOutput:
+        """`forbidden_token_ids[i]` are masked for row i (e.g. EOS ids before `min_tokens`)."""
+        logits = logits.float()
+        b, v = logits.shape
+        dev = logits.device
+        want_logprobs = any(p.logprobs is not None for p in params)
+        raw_logprobs = logits.log_softmax(dim=-1) if want_logprobs else None
+
+        presence = torch.tensor([p.presence_penalty for p in params], device=dev)
+        frequency = torch.tensor([p.frequency_penalty for p in params], device=dev)
+        repetition = torch.tensor([p.repetition_penalty for p in params], device=dev)
+        if bool((presence != 0).any() or (frequency != 0).any() or (repetition != 1).any()):
+            logits = apply_penalties(logits, prompt_ids, output_ids, presence, frequency, repetition)
+        if forbidden_token_ids and any(forbidden_token_ids):
+            rows = [i for i, f in enumerate(forbidden_token_ids) for _ in f]
+            cols = [t for f in forbidden_token_ids for t in f]
+            logits = logits.index_put((torch.tensor(rows), torch.tensor(cols)), torch.tensor(float("-inf")))
+
+        greedy = torch.tensor([p.temperature == 0 for p in params], device=dev)
+        token_ids = logits.argmax(dim=-1)
+        if not bool(greedy.all()):
+            temp = torch.tensor([p.temperature or 1.0 for p in params], device=dev)
+            top_k = torch.tensor([p.top_k if p.top_k > 0 else v for p in params], device=dev)
+            top_p = torch.tensor([p.top_p for p in params], device=dev)
+            min_p = torch.tensor([p.min_p for p in params], device=dev)
+            scaled = filter_logits(logits / temp[:, None], top_k.clamp(max=v), top_p, min_p)
+            probs = scaled.softmax(dim=-1)  # (B, V)
+            noise = torch.empty_like(probs)
+            unseeded = [i for i, g in enumerate(generators) if g is None]
+            if unseeded:
+                noise[unseeded] = torch.empty(len(unseeded), v, device=dev).exponential_()
+            for i, g in enumerate(generators):
+                if g is not None:
+                    noise[i] = torch.empty(v, device=dev).exponential_(generator=g)
+            sampled = (probs / noise).argmax(dim=-1)
+            token_ids = torch.where(greedy, token_ids, sampled)
+
+        out = SamplerOutput(token_ids=token_ids)
+        if raw_logprobs is not None:
+            out.logprobs = raw_logprobs.gather(1, token_ids[:, None])[:, 0]
+            k = max(p.logprobs or 0 for p in params)
+            if k > 0:
+                out.top_logprobs, out.top_token_ids = raw_logprobs.topk(k, dim=-1)
+        return out

@@ -1,0 +1,213 @@
+"""Qwen2 decoder (Qwen2.5 dense models) as a plain nn.Module.
+
+Departures from HF `modeling_qwen2.py`, none of which change the math:
+- q/k/v and gate/up are fused into `qkv_proj` / `gate_up_proj` (one GEMM each);
+- attention goes through `qwenkit.model.attention.attend`, so the engine can swap in a paged KV
+  cache without the model knowing;
+- inputs may be (B, T) or a flat (N,) token stream (the engine's varlen batch, treated as B=1).
+"""
+from __future__ import annotations
+
+from typing import Iterable, Iterator
+
+import torch
+from torch import nn
+
+from qwenkit.config import ModelConfig
+from qwenkit.model.attention import AttentionBackend, attend
+from qwenkit.model.layers import (
+    MergedLinear,
+    RMSNorm,
+    RotaryEmbedding,
+    SwiGLU,
+    apply_rotary,
+    default_scale,
+)
+
+
+class Qwen2Attention(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.q_size = self.num_heads * self.head_dim
+        self.kv_size = self.num_kv_heads * self.head_dim
+        self.scale = default_scale(self.head_dim)
+        self.sliding_window = config.layer_sliding_window(layer_idx)
+        self.qkv_proj = MergedLinear(
+            config.hidden_size,
+            [self.q_size, self.kv_size, self.kv_size],
+            ("q_proj", "k_proj", "v_proj"),
+            bias=config.attention_bias,
+        )
+        self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=False)
+
+    def forward(
+        self,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        hidden_states: torch.Tensor,
+        attn_metadata: AttentionBackend | None,
+    ) -> torch.Tensor:
+        b, t, _ = hidden_states.shape
+        qkv = self.qkv_proj(hidden_states)  # (B, T, q + 2 kv)
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(b, t, self.num_heads, self.head_dim)  # (B, T, Hq, D)
+        k = k.view(b, t, self.num_kv_heads, self.head_dim)  # (B, T, Hkv, D)
+        v = v.view(b, t, self.num_kv_heads, self.head_dim)
+        q, k = apply_rotary(q, k, *rope)
+        o = attend(
+            self.layer_idx,
+            q,
+            k,
+            v,
+            attn_metadata,
+            scale=self.scale,
+            sliding_window=self.sliding_window,
+        )  # (B, T, Hq, D)
+        return self.o_proj(o.reshape(b, t, self.q_size))
+
+
+class Qwen2DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Qwen2Attention(config, layer_idx)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = SwiGLU(config.hidden_size, config.intermediate_size)
+
+    def forward(
+        self,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        hidden_states: torch.Tensor,
+        attn_metadata: AttentionBackend | None,
+    ) -> torch.Tensor:
+        h = hidden_states + self.self_attn(rope, self.input_layernorm(hidden_states), attn_metadata)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class Qwen2Model(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(
+            Qwen2DecoderLayer(config, i) for i in range(config.num_hidden_layers)
+        )
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rotary_emb = RotaryEmbedding(
+            config.head_dim, config.max_position_embeddings, config.rope_theta, config.rope_scaling
+        )
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        attn_metadata: AttentionBackend | None = None,
+    ) -> torch.Tensor:
+        h = self.embed_tokens(input_ids)  # (B, T, hidden)
+        rope = self.rotary_emb(positions, h.dtype)  # cos, sin: (B, T, 1, D)
+        for layer in self.layers:
+            h = layer(rope, h, attn_metadata)
+        return self.norm(h)
+
+
+class Qwen2ForCausalLM(nn.Module):
+    # HF checkpoint name -> (fused module attribute, shard name)
+    packed_modules_mapping: dict[str, tuple[str, str]] = {
+        "q_proj": ("qkv_proj", "q_proj"),
+        "k_proj": ("qkv_proj", "k_proj"),
+        "v_proj": ("qkv_proj", "v_proj"),
+        "gate_proj": ("gate_up_proj", "gate_proj"),
+        "up_proj": ("gate_up_proj", "up_proj"),
+    }
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.model = Qwen2Model(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        attn_metadata: AttentionBackend | None = None,
+    ) -> torch.Tensor:
+        """input_ids (B, T) or (N,) -> logits (B, T, vocab) or (N, vocab), fp32."""
+        return self.compute_logits(self.hidden_states(input_ids, positions, attn_metadata))
+
+    def hidden_states(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        attn_metadata: AttentionBackend | None = None,
+    ) -> torch.Tensor:
+        flat = input_ids.dim() == 1
+        ids = input_ids.unsqueeze(0) if flat else input_ids  # (B, T)
+        if positions is None:
+            positions = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
+        elif flat:
+            positions = positions.unsqueeze(0)
+        h = self.model(ids, positions, attn_metadata)  # (B, T, hidden)
+        return h[0] if flat else h
+
+    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        # Logits are always fp32 (sampling and log-probs need the range).
+        return self.lm_head(hidden_states).float()
+
+    # ------------------------------------------------------------------ weights
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        """Load HF-named tensors (e.g. ``model.layers.0.self_attn.q_proj.weight``).
+
+        Returns the set of our parameter names that were written; the caller checks coverage.
+        """
+        params = dict(self.named_parameters(remove_duplicate=False))
+        modules = dict(self.named_modules())
+        loaded: set[str] = set()
+        for name, tensor in weights:
+            if name.endswith("rotary_emb.inv_freq"):
+                continue
+            if self.config.tie_word_embeddings and name == "lm_head.weight":
+                # A tied checkpoint may still carry the head; the tie wins, as in HF.
+                continue
+            *path, leaf, param_name = name.split(".")
+            if leaf in self.packed_modules_mapping:
+                fused, shard = self.packed_modules_mapping[leaf]
+                module_name = ".".join([*path, fused])
+                module = modules.get(module_name)
+                if not isinstance(module, MergedLinear):
+                    raise KeyError(f"checkpoint tensor {name!r} has no matching module")
+                module.load_shard(param_name, shard, tensor)
+                loaded.add(f"{module_name}.{param_name}")
+                continue
+            param = params.get(name)
+            if param is None:
+                raise KeyError(f"checkpoint tensor {name!r} has no matching parameter")
+            if param.shape != tensor.shape:
+                raise ValueError(
+                    f"shape mismatch for {name}: expected {tuple(param.shape)}, "
+                    f"got {tuple(tensor.shape)}"
+                )
+            param.data.copy_(tensor)
+            loaded.add(name)
+        if self.config.tie_word_embeddings and "model.embed_tokens.weight" in loaded:
+            loaded.add("lm_head.weight")
+        return loaded
+
+    def hf_state_dict(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """Yield tensors under HF checkpoint names (fused projections split back)."""
+        modules = dict(self.named_modules())
+        for name, param in self.named_parameters():
+            if self.config.tie_word_embeddings and name == "lm_head.weight":
+                continue
+            module_name, param_name = name.rsplit(".", 1)
+            module = modules[module_name]
+            if isinstance(module, MergedLinear):
+                parent = module_name.rsplit(".", 1)[0]
+                for shard, t in module.split_for_export(param_name).items():
+                    yield f"{parent}.{shard}.{param_name}", t
+            else:
+                yield name, param.data

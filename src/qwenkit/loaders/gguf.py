@@ -1,0 +1,165 @@
+"""GGUF reader: metadata -> ModelConfig, tensors -> dequantized HF-named weights.
+
+qwen2 GGUF files store q/k rows in HF order (llama.cpp's convert script permutes q/k only for
+the `llama` architecture), so no un-permutation happens here; `tests/test_real_parity.py`
+proves it against transformers on the real file.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from qwenkit.config import ModelConfig
+from qwenkit.errors import ModelIntegrityError
+
+logger = logging.getLogger(__name__)
+
+GGUF_MAGIC = b"GGUF"
+
+_GLOBAL_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+_LAYER_NAMES = {
+    "attn_norm.weight": "input_layernorm.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+    "attn_q.weight": "self_attn.q_proj.weight",
+    "attn_q.bias": "self_attn.q_proj.bias",
+    "attn_k.weight": "self_attn.k_proj.weight",
+    "attn_k.bias": "self_attn.k_proj.bias",
+    "attn_v.weight": "self_attn.v_proj.weight",
+    "attn_v.bias": "self_attn.v_proj.bias",
+    "attn_output.weight": "self_attn.o_proj.weight",
+    "ffn_gate.weight": "mlp.gate_proj.weight",
+    "ffn_up.weight": "mlp.up_proj.weight",
+    "ffn_down.weight": "mlp.down_proj.weight",
+}
+_BLK = re.compile(r"^blk\.(\d+)\.(.+)$")
+
+
+def gguf_to_hf_name(name: str) -> str:
+    if name in _GLOBAL_NAMES:
+        return _GLOBAL_NAMES[name]
+    m = _BLK.match(name)
+    if m and m.group(2) in _LAYER_NAMES:
+        return f"model.layers.{m.group(1)}.{_LAYER_NAMES[m.group(2)]}"
+    raise KeyError(f"unknown GGUF tensor name {name!r} for architecture qwen2")
+
+
+def hf_to_gguf_name(name: str) -> str:
+    for g, h in _GLOBAL_NAMES.items():
+        if h == name:
+            return g
+    m = re.match(r"^model\.layers\.(\d+)\.(.+)$", name)
+    if m:
+        for g, h in _LAYER_NAMES.items():
+            if h == m.group(2):
+                return f"blk.{m.group(1)}.{g}"
+    raise KeyError(f"no GGUF name for {name!r}")
+
+
+def _field_value(field: Any) -> Any:
+    value = field.contents()
+    if isinstance(value, (np.generic,)):
+        return value.item()
+    return value
+
+
+@dataclass
+class GGUFFile:
+    """An opened, validated GGUF file. Keep it alive while tensors are being read (memmap)."""
+
+    path: Path
+    reader: Any  # gguf.GGUFReader
+    metadata: dict[str, Any]
+
+    @classmethod
+    def open(cls, path: str | os.PathLike[str]) -> GGUFFile:
+        import gguf
+
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"GGUF file not found: {path}")
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            magic = f.read(4)
+        if magic != GGUF_MAGIC:
+            raise ModelIntegrityError(
+                f"{path}: not a GGUF file (magic bytes {magic!r}, expected {GGUF_MAGIC!r})"
+            )
+        try:
+            reader = gguf.GGUFReader(str(path), "r")
+        except Exception as e:  # the reader raises ValueError/IndexError/... on bad headers
+            raise ModelIntegrityError(
+                f"{path}: corrupted or truncated GGUF header ({type(e).__name__}: {e})"
+            ) from None
+        for t in reader.tensors:
+            end = int(t.data_offset) + int(t.n_bytes)
+            if end > size:
+                raise ModelIntegrityError(
+                    f"{path}: truncated: tensor {t.name!r} ends at byte {end:,} but the file has "
+                    f"{size:,} bytes"
+                )
+        meta: dict[str, Any] = {}
+        for key, field in reader.fields.items():
+            if key.startswith("tokenizer.ggml.") and key not in (
+                "tokenizer.ggml.model",
+                "tokenizer.ggml.pre",
+            ):
+                continue  # large arrays: the tokenizer reads them itself
+            try:
+                meta[key] = _field_value(field)
+            except Exception:  # pragma: no cover - exotic field types
+                logger.debug("skipping unreadable GGUF field %s", key)
+        return cls(path=path, reader=reader, metadata=meta)
+
+    def tensor_names(self) -> list[str]:
+        return [t.name for t in self.reader.tensors]
+
+    def config(self) -> ModelConfig:
+        names = {t.name: t for t in self.reader.tensors}
+        if "token_embd.weight" not in names:
+            raise ModelIntegrityError(f"{self.path}: no token_embd.weight tensor")
+        vocab = int(names["token_embd.weight"].shape[-1])  # GGUF shape is (cols, rows)
+        return ModelConfig.from_gguf(
+            self.metadata, vocab_size=vocab, has_output_weight="output.weight" in names
+        )
+
+    def tensor_types(self) -> dict[str, str]:
+        return {t.name: t.tensor_type.name for t in self.reader.tensors}
+
+    def iter_weights(
+        self, dtype: torch.dtype = torch.float32, progress: bool = True
+    ) -> Iterator[tuple[str, torch.Tensor]]:
+        """Yield (HF name, dequantized tensor in `dtype`) for every tensor in the file."""
+        from qwenkit.loaders.gguf_quants import dequantize
+
+        tensors = list(self.reader.tensors)
+        bar = tqdm(
+            tensors,
+            desc=f"loading {self.path.name}",
+            unit="tensor",
+            disable=not progress or None,
+            leave=False,
+        )
+        for t in bar:
+            shape = tuple(int(x) for x in reversed(t.shape))  # GGUF lists dims fastest-first
+            try:
+                w = dequantize(t.data, t.tensor_type, shape)
+            except ValueError as e:
+                raise ModelIntegrityError(f"{self.path}: tensor {t.name!r}: {e}") from None
+            if not torch.isfinite(w).all():
+                raise ModelIntegrityError(
+                    f"{self.path}: tensor {t.name!r} holds NaN or Inf after dequantization "
+                    "(corrupted file?)"
+                )
+            yield gguf_to_hf_name(t.name), w.to(dtype)

@@ -1,0 +1,121 @@
+"""Top-level loading: a registry name, a .gguf file, an HF folder or a hub id -> model/tokenizer."""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from qwenkit.config import ModelConfig
+from qwenkit.errors import ModelIntegrityError
+from qwenkit.model import Qwen2ForCausalLM
+
+logger = logging.getLogger(__name__)
+
+# Sampling defaults of the Qwen2.5(-Coder) instruct models, used when the checkpoint carries no
+# generation_config.json (GGUF files do not).
+QWEN_INSTRUCT_GENERATION_DEFAULTS: dict[str, Any] = {
+    "temperature": 0.7,
+    "top_p": 0.8,
+    "top_k": 20,
+    "repetition_penalty": 1.05,
+}
+
+
+@dataclass
+class ModelSource:
+    format: str  # "gguf" | "hf"
+    path: Path
+    name: str
+
+
+def resolve(spec: str | os.PathLike[str]) -> ModelSource:
+    from qwenkit.loaders.registry import resolve_model
+
+    r = resolve_model(spec)
+    return ModelSource(format=r.format, path=Path(r.path), name=r.name)
+
+
+def build_empty_model(config: ModelConfig, dtype: torch.dtype, device: str | torch.device) -> Qwen2ForCausalLM:
+    """Construct without random init (meta device), then allocate uninitialised storage."""
+    with torch.device("meta"):
+        model = Qwen2ForCausalLM(config)
+    model = model.to_empty(device=device).to(dtype)
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    return model.eval()
+
+
+@dataclass
+class LoadedModel:
+    model: Qwen2ForCausalLM
+    tokenizer: Any
+    config: ModelConfig
+    source: ModelSource
+    generation_defaults: dict[str, Any] = field(default_factory=dict)
+    tensor_types: dict[str, str] = field(default_factory=dict)
+    load_seconds: float = 0.0
+
+
+def load(
+    spec: str | os.PathLike[str],
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+) -> LoadedModel:
+    from qwenkit.loaders.gguf import GGUFFile
+    from qwenkit.loaders.hf import generation_config, hf_config, iter_hf_weights
+    from qwenkit.tokenizer import Tokenizer
+
+    t0 = time.perf_counter()
+    src = resolve(spec)
+    tensor_types: dict[str, str] = {}
+    if src.format == "gguf":
+        gf = GGUFFile.open(src.path)
+        config = gf.config()
+        weights = gf.iter_weights(dtype=dtype, progress=progress)
+        tokenizer = Tokenizer.from_gguf(gf.reader)
+        gen = dict(QWEN_INSTRUCT_GENERATION_DEFAULTS)
+        tensor_types = gf.tensor_types()
+    else:
+        config = hf_config(src.path)
+        weights = iter_hf_weights(src.path, dtype=dtype, progress=progress)
+        tokenizer = Tokenizer.from_hf_dir(src.path)
+        gen = generation_config(src.path) or dict(QWEN_INSTRUCT_GENERATION_DEFAULTS)
+    if not config.name:
+        config = config.replace(name=src.name)
+    model = build_empty_model(config, dtype, device)
+    loaded = model.load_weights((n, t.to(device)) for n, t in weights)
+    expected = {n for n, _ in model.named_parameters(remove_duplicate=False)}
+    missing = expected - loaded
+    if missing:
+        raise ModelIntegrityError(f"{src.path}: missing tensors {sorted(missing)[:8]}")
+    dt = time.perf_counter() - t0
+    logger.info("loaded %s (%s) in %.1fs", src.name, src.format, dt)
+    return LoadedModel(model, tokenizer, config, src, gen, tensor_types, dt)
+
+
+def load_model(
+    spec: str | os.PathLike[str] | None = None,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+) -> Qwen2ForCausalLM:
+    """Load a model for scoring: ``model(input_ids (B, T)) -> logits (B, T, vocab)``."""
+    from qwenkit.loaders.registry import DEFAULT_MODEL
+
+    return load(spec or DEFAULT_MODEL, dtype=dtype, device=device).model
+
+
+def load_tokenizer(spec: str | os.PathLike[str] | None = None) -> Any:
+    from qwenkit.loaders.gguf import GGUFFile
+    from qwenkit.loaders.registry import DEFAULT_MODEL
+    from qwenkit.tokenizer import Tokenizer
+
+    src = resolve(spec or DEFAULT_MODEL)
+    if src.format == "gguf":
+        return Tokenizer.from_gguf(GGUFFile.open(src.path).reader)
+    return Tokenizer.from_hf_dir(src.path)

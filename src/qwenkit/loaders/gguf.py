@@ -13,12 +13,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from qwenkit.config import ModelConfig
 from qwenkit.errors import ModelIntegrityError
+from qwenkit.loaders.gguf_reader import FastGGUFReader, GGUFFormatError
 
 logger = logging.getLogger(__name__)
 
@@ -67,25 +67,16 @@ def hf_to_gguf_name(name: str) -> str:
     raise KeyError(f"no GGUF name for {name!r}")
 
 
-def _field_value(field: Any) -> Any:
-    value = field.contents()
-    if isinstance(value, (np.generic,)):
-        return value.item()
-    return value
-
-
 @dataclass
 class GGUFFile:
     """An opened, validated GGUF file. Keep it alive while tensors are being read (memmap)."""
 
     path: Path
-    reader: Any  # gguf.GGUFReader
+    reader: FastGGUFReader
     metadata: dict[str, Any]
 
     @classmethod
     def open(cls, path: str | os.PathLike[str]) -> GGUFFile:
-        import gguf
-
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"GGUF file not found: {path}")
@@ -97,8 +88,8 @@ class GGUFFile:
                 f"{path}: not a GGUF file (magic bytes {magic!r}, expected {GGUF_MAGIC!r})"
             )
         try:
-            reader = gguf.GGUFReader(str(path), "r")
-        except Exception as e:  # the reader raises ValueError/IndexError/... on bad headers
+            reader = FastGGUFReader(path)
+        except GGUFFormatError as e:
             raise ModelIntegrityError(
                 f"{path}: corrupted or truncated GGUF header ({type(e).__name__}: {e})"
             ) from None
@@ -109,17 +100,7 @@ class GGUFFile:
                     f"{path}: truncated: tensor {t.name!r} ends at byte {end:,} but the file has "
                     f"{size:,} bytes"
                 )
-        meta: dict[str, Any] = {}
-        for key, field in reader.fields.items():
-            if key.startswith("tokenizer.ggml.") and key not in (
-                "tokenizer.ggml.model",
-                "tokenizer.ggml.pre",
-            ):
-                continue  # large arrays: the tokenizer reads them itself
-            try:
-                meta[key] = _field_value(field)
-            except Exception:  # pragma: no cover - exotic field types
-                logger.debug("skipping unreadable GGUF field %s", key)
+        meta = {k: v for k, v in reader.fields.items() if not isinstance(v, list)}
         return cls(path=path, reader=reader, metadata=meta)
 
     def tensor_names(self) -> list[str]:

@@ -129,11 +129,13 @@ def _qwen_backend(vocab: dict[str, int], merges: list[tuple[str, str]]) -> _HFTo
     return tok
 
 
-def _field_value(reader: gguf.GGUFReader, key: str, default: Any = None) -> Any:
+def _field_value(reader: Any, key: str, default: Any = None) -> Any:
+    """A metadata value from a `gguf.GGUFReader` (fields with `.contents()`) or qwenkit's
+    `FastGGUFReader` (plain Python values)."""
     field = reader.fields.get(key)
     if field is None:
         return default
-    return field.contents()
+    return field.contents() if hasattr(field, "contents") else field
 
 
 class Tokenizer:
@@ -222,13 +224,15 @@ class Tokenizer:
         """
         import gguf
 
-        if isinstance(path_or_reader, gguf.GGUFReader):
+        from qwenkit.loaders.gguf_reader import FastGGUFReader
+
+        if isinstance(path_or_reader, (gguf.GGUFReader, FastGGUFReader)):
             reader = path_or_reader
         else:
             path = Path(path_or_reader)
             if not path.is_file():
                 raise ValueError(f"GGUF file not found: {path}")
-            reader = gguf.GGUFReader(path)
+            reader = FastGGUFReader(path)
 
         model = _field_value(reader, "tokenizer.ggml.model")
         if model is None:

@@ -29,3 +29,27 @@ def gguf_05b_path() -> Path:
 @pytest.fixture(scope="session")
 def gguf_15b_path() -> Path:
     return _real_gguf("QWENKIT_TEST_GGUF_15B", "qwen2.5-coder-1.5b-instruct")
+
+
+@pytest.fixture(scope="session")
+def tiny_hf_dir(tmp_path_factory: pytest.TempPathFactory, gguf_05b_path: Path) -> Path:
+    """A tiny random Qwen2 (full 151,936 vocab) + the real Qwen tokenizer as an HF folder.
+
+    Loads in a second, so CLI/server plumbing can be tested end to end with real tokenization.
+    """
+    import torch
+
+    from qwenkit.config import ModelConfig
+    from qwenkit.loaders.hf import export_hf
+    from qwenkit.model import Qwen2ForCausalLM
+    from qwenkit.tokenizer import Tokenizer
+    from tests.tiny import tiny_hf_config
+
+    out = tmp_path_factory.mktemp("tiny_hf")
+    torch.manual_seed(0)
+    cfg = ModelConfig.from_hf(
+        tiny_hf_config(vocab_size=151936, num_hidden_layers=2, tie_word_embeddings=True, eos_token_id=151645)
+    )
+    model = Qwen2ForCausalLM(cfg).eval()
+    export_hf(model, out, tokenizer=Tokenizer.from_gguf(gguf_05b_path))
+    return out

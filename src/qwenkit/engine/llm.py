@@ -1,0 +1,190 @@
+"""Offline inference: `LLM(model, **engine_args).generate(prompts, sampling_params)` (vLLM API)."""
+from __future__ import annotations
+
+import itertools
+import os
+import time
+from typing import Any, Iterator, Mapping, Sequence
+
+from torch import nn
+
+from qwenkit.engine.llm_engine import LLMEngine, PromptType
+from qwenkit.engine.outputs import RequestOutput, RequestOutputKind
+from qwenkit.sampling_params import SamplingParams
+
+Message = Mapping[str, Any]
+
+
+def _is_single_prompt(prompts: Any) -> bool:
+    if isinstance(prompts, (str, Mapping)):
+        return True
+    return bool(prompts) and all(isinstance(t, int) for t in prompts)
+
+
+class LLM:
+    """Batch generation over the paged engine.
+
+    `model`: a registry name, .gguf path, HF folder or hub id; a `LoadedModel`; or an
+    nn.Module (then pass `tokenizer=` for text prompts). Engine arguments use vLLM's names
+    (`block_size`, `max_num_seqs`, `max_num_batched_tokens`, `enable_prefix_caching`,
+    `kv_cache_memory`, `max_model_len`) plus `streaming_window` / `num_sink_tokens`.
+    """
+
+    def __init__(
+        self,
+        model: str | os.PathLike[str] | nn.Module | Any,
+        tokenizer: Any = None,
+        *,
+        generation_defaults: Mapping[str, Any] | None = None,
+        **engine_args: Any,
+    ) -> None:
+        if isinstance(model, (str, os.PathLike)):
+            from qwenkit.loaders.load import load
+
+            model = load(model)
+        if not isinstance(model, nn.Module):  # a LoadedModel
+            tokenizer = tokenizer or model.tokenizer
+            generation_defaults = generation_defaults or model.generation_defaults
+            model = model.model
+        self.llm_engine = LLMEngine(
+            model, tokenizer, generation_defaults=generation_defaults, **engine_args
+        )
+        self._counter = itertools.count()
+
+    def get_tokenizer(self) -> Any:
+        return self.llm_engine.tokenizer
+
+    def get_default_sampling_params(self) -> SamplingParams:
+        return self.llm_engine.default_sampling_params()
+
+    # ------------------------------------------------------------------ batch
+    def generate(
+        self,
+        prompts: PromptType | Sequence[PromptType],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        *,
+        use_tqdm: bool = True,
+        priority: Sequence[int] | None = None,
+    ) -> list[RequestOutput]:
+        """Generate for every prompt (text, token ids or {"prompt_token_ids": ...}); the outputs
+        come back in input order."""
+        batch = [prompts] if _is_single_prompt(prompts) else list(prompts)  # type: ignore[list-item]
+        if sampling_params is None:
+            sampling_params = self.get_default_sampling_params()
+        if isinstance(sampling_params, SamplingParams):
+            params = [sampling_params] * len(batch)
+        else:
+            params = list(sampling_params)
+            if len(params) != len(batch):
+                raise ValueError(f"got {len(params)} sampling params for {len(batch)} prompts")
+        if priority is not None and len(priority) != len(batch):
+            raise ValueError(f"got {len(priority)} priorities for {len(batch)} prompts")
+        engine = self.llm_engine
+        ids = []
+        for i, (prompt, p) in enumerate(zip(batch, params)):
+            rid = str(next(self._counter))
+            engine.add_request(
+                rid, prompt, p,
+                priority=priority[i] if priority is not None else 0,
+                output_kind=RequestOutputKind.FINAL_ONLY,
+            )  # fmt: skip
+            ids.append(rid)
+        try:
+            results = self._run_until_done(set(ids), use_tqdm)
+        except BaseException:
+            engine.abort_request(ids)
+            raise
+        return [results[rid] for rid in ids]
+
+    def _run_until_done(self, ids: set[str], use_tqdm: bool) -> dict[str, RequestOutput]:
+        engine = self.llm_engine
+        results: dict[str, RequestOutput] = {}
+        bar = None
+        if use_tqdm:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(ids), desc="Processed prompts", dynamic_ncols=True)
+        t0 = time.perf_counter()
+        prompt0, gen0 = engine.num_prompt_tokens_computed, engine.num_generation_tokens
+        try:
+            while len(results) < len(ids):
+                for out in engine.step():
+                    if out.finished and out.request_id in ids:
+                        results[out.request_id] = out
+                        if bar is not None:
+                            bar.update(1)
+                if bar is not None:
+                    dt = max(time.perf_counter() - t0, 1e-9)
+                    bar.set_postfix_str(
+                        f"est. speed input: {(engine.num_prompt_tokens_computed - prompt0) / dt:.1f} "
+                        f"toks/s, output: {(engine.num_generation_tokens - gen0) / dt:.1f} toks/s",
+                        refresh=False,
+                    )
+                if len(results) < len(ids) and not engine.has_unfinished_requests():
+                    raise RuntimeError("engine finished without returning every request")
+        finally:
+            if bar is not None:
+                bar.close()
+        return results
+
+    def chat(
+        self,
+        messages: Sequence[Message] | Sequence[Sequence[Message]],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        *,
+        use_tqdm: bool = True,
+        chat_template: str | None = None,
+        add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
+        tools: Sequence[Any] | None = None,
+        chat_template_kwargs: Mapping[str, Any] | None = None,
+    ) -> list[RequestOutput]:
+        """One conversation (a list of messages) or several; rendered with the model's chat
+        template, then generated like `generate`."""
+        tokenizer = self.get_tokenizer()
+        if tokenizer is None:
+            raise ValueError("chat needs a tokenizer")
+        conversations = [messages] if messages and isinstance(messages[0], Mapping) else messages
+        prompts = [
+            {
+                "prompt_token_ids": self.apply_chat_template(
+                    conv, chat_template=chat_template, add_generation_prompt=add_generation_prompt,
+                    continue_final_message=continue_final_message, tools=tools,
+                    **(chat_template_kwargs or {}),
+                ),
+            }
+            for conv in conversations
+        ]  # fmt: skip
+        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
+
+    def apply_chat_template(self, conversation: Sequence[Message], **kwargs: Any) -> list[int]:
+        return self.get_tokenizer().apply_chat_template(list(conversation), tokenize=True, **kwargs)
+
+    # ------------------------------------------------------------------ streaming
+    def stream(
+        self,
+        prompt: PromptType,
+        sampling_params: SamplingParams | None = None,
+        *,
+        priority: int = 0,
+    ) -> Iterator[RequestOutput]:
+        """Generate one request, yielding DELTA outputs (new text/tokens) as they are final.
+
+        Closing the iterator early aborts the request and frees its blocks. Drives the engine
+        in the calling thread: do not interleave with other calls on the same LLM.
+        """
+        engine = self.llm_engine
+        rid = str(next(self._counter))
+        engine.add_request(
+            rid, prompt, sampling_params, priority=priority, output_kind=RequestOutputKind.DELTA
+        )
+        finished = False
+        try:
+            while not finished:
+                for out in engine.step():
+                    if out.request_id == rid:
+                        finished = out.finished
+                        yield out
+        finally:
+            if not finished:
+                engine.abort_request(rid)

@@ -1,0 +1,194 @@
+"""Attention over the paged KV cache: the engine's `attn_metadata` for one step.
+
+The step's tokens arrive as one flat stream (the model sees B=1, T=N). Sequences are split into
+two groups by query length: decodes (one query each) and prefill chunks (padded to the longest
+chunk). Per layer, the new K/V are written with one `index_copy_` over `slot_mapping`; each group
+then gathers the blocks holding its visible keys (one `index_select` over whole blocks) and
+runs one SDPA call with an additive mask that trims them exactly. All the
+index and mask tensors are built once per step (and per distinct window), never per layer or per
+sequence in Python.
+
+Visibility (HF semantics): key j is visible to query i iff j <= i and, for a layer with window W,
+i - j < W. In streaming mode (StreamingLLM) the first `num_sink_tokens` positions stay visible as
+well. Departure from the paper: positions are absolute, not re-numbered inside the cache; RoPE
+only sees relative distances, so windowed keys keep their true distances (< W) and only the sink
+keys sit "far away". This needs no re-rotation of cached keys.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from qwenkit.engine.kv_cache import KVCache
+
+
+@dataclass
+class _KeyView:
+    """Which pool blocks a group reads for one window size, and which (query, key) pairs count."""
+
+    blocks: torch.Tensor  # (S * NB,) long: physical blocks to gather, NB per sequence
+    mask: torch.Tensor  # (S, 1, Tq, NB * block_size) additive float mask: 0 visible, -inf not
+    num_keys: int  # NB * block_size
+
+
+class SequenceGroup:
+    """Sequences of one step that share a padded query length `Tq`.
+
+    Flat token `token_start + t` of the step is query t of some sequence; `token_index` maps the
+    padded (S, Tq) grid back to flat tokens (padding repeats a sequence's last query, so every
+    mask row has a visible key), and `out_index` picks the real rows of the padded output.
+    Index arithmetic runs on CPU tensors; only the results move to `device` (no GPU syncs).
+    """
+
+    def __init__(
+        self,
+        token_start: int,
+        query_lens: torch.Tensor,  # (S,) long, CPU
+        context_lens: torch.Tensor,  # (S,) long, CPU: cached + new tokens after this step
+        block_tables: torch.Tensor,  # (S, max_blocks) long, CPU, -1 = no block
+        block_size: int,
+        num_sink_tokens: int,
+        device: torch.device,
+        dtype: torch.dtype,
+    ) -> None:
+        self.num_seqs = int(query_lens.numel())
+        self.num_tokens = int(query_lens.sum())
+        self.token_start = token_start
+        self.tq = int(query_lens.max())
+        self.context_lens = context_lens
+        self.block_tables = block_tables.clamp(min=0)
+        self.block_size = block_size
+        self.num_sink_tokens = num_sink_tokens
+        self.device = device
+        self.dtype = dtype
+        t = torch.arange(self.tq)
+        t_clamped = torch.minimum(t[None, :], query_lens[:, None] - 1)  # (S, Tq)
+        cu = torch.cumsum(query_lens, 0) - query_lens  # (S,) first flat token of each seq
+        self.q_pos = (context_lens - query_lens)[:, None] + t_clamped  # (S, Tq)
+        self.token_index = (token_start + cu[:, None] + t_clamped).to(device)  # (S, Tq)
+        self.out_index = None
+        if self.tq > 1:
+            real = t[None, :] < query_lens[:, None]  # (S, Tq)
+            self.out_index = torch.arange(self.num_seqs * self.tq)[real.flatten()].to(device)
+        self._views: dict[tuple[int | None, bool], _KeyView] = {}
+
+    def key_view(self, window: int | None, sinks: bool) -> _KeyView:
+        key = (window, sinks)
+        view = self._views.get(key)
+        if view is None:
+            view = self._views[key] = self._build_view(window, sinks)
+        return view
+
+    def _build_view(self, window: int | None, sinks: bool) -> _KeyView:
+        """Whole blocks are gathered (one contiguous copy each); the mask trims them exactly.
+
+        Per sequence: the sink blocks (streaming mode), then every block from the first one
+        holding a key inside the window of the chunk's first query to the last written block.
+        """
+        bs = self.block_size
+        n_sink = self.num_sink_tokens if sinks else 0
+        sink_blocks = -(-n_sink // bs)
+        ctx = self.context_lens  # (S,)
+        last = (ctx - 1) // bs  # (S,) last logical block
+        if window is None:
+            first = torch.full_like(ctx, sink_blocks)
+        else:
+            first = ((self.q_pos[:, 0] - window + 1).clamp(min=0) // bs).clamp(min=sink_blocks)
+        num_blocks = sink_blocks + int((last - first).max()) + 1
+        j = torch.arange(num_blocks)[None, :]  # (1, NB)
+        logical = torch.where(j < sink_blocks, j, first[:, None] + j - sink_blocks)  # (S, NB)
+        logical = torch.minimum(logical, last[:, None])  # padding repeats the last block
+        physical = self.block_tables.gather(1, logical)  # (S, NB)
+        k_pos = (logical[:, :, None] * bs + torch.arange(bs)).flatten(1)  # (S, L)
+        dup = torch.zeros_like(logical, dtype=torch.bool)
+        dup[:, 1:] = logical[:, 1:] == logical[:, :-1]  # a repeated padding block counts once
+        valid = (k_pos < ctx[:, None]) & ~dup.repeat_interleave(bs, dim=1)
+        q = self.q_pos[:, :, None]  # (S, Tq, 1)
+        kp = k_pos[:, None, :]  # (S, 1, L)
+        visible = valid[:, None, :] & (kp <= q)  # (S, Tq, L)
+        if window is not None:
+            visible &= (q - kp < window) | (kp < n_sink)
+        mask = torch.zeros(visible.shape, dtype=self.dtype).masked_fill_(~visible, float("-inf"))
+        return _KeyView(
+            blocks=physical.flatten().to(self.device),
+            mask=mask[:, None].to(self.device),
+            num_keys=num_blocks * bs,
+        )
+
+
+class PagedAttentionMetadata:
+    """Implements the model's attention backend protocol over a `KVCache` for one step.
+
+    `streaming_window` (StreamingLLM mode) caps every layer's window and keeps the first
+    `num_sink_tokens` tokens visible.
+    """
+
+    def __init__(
+        self,
+        kv_cache: KVCache,
+        slot_mapping: torch.Tensor,  # (N,) long
+        groups: list[SequenceGroup],
+        *,
+        streaming_window: int | None = None,
+    ) -> None:
+        self.kv_cache = kv_cache
+        self.slot_mapping = slot_mapping
+        self.groups = groups
+        self.streaming_window = streaming_window
+
+    def attend(
+        self,
+        layer_idx: int,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        *,
+        scale: float,
+        sliding_window: int | None,
+    ) -> torch.Tensor:
+        assert q.shape[0] == 1, "the engine runs a flat token stream (B=1)"
+        q, k, v = q[0], k[0], v[0]  # (N, H, D)
+        kv = self.kv_cache
+        kv.k_slots[layer_idx].index_copy_(0, self.slot_mapping, k.to(kv.dtype))  # (N, Hkv, D)
+        kv.v_slots[layer_idx].index_copy_(0, self.slot_mapping, v.to(kv.dtype))
+        k_pool, v_pool = kv.k_cache[layer_idx], kv.v_cache[layer_idx]  # (blocks, bs, Hkv, D)
+
+        window, sinks = sliding_window, False
+        if self.streaming_window is not None:
+            window = min(window or self.streaming_window, self.streaming_window)
+            sinks = True
+        outs = [self._attend_group(g, q, k_pool, v_pool, scale, window, sinks) for g in self.groups]
+        out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)  # (N, Hq, D)
+        return out.unsqueeze(0)
+
+    @staticmethod
+    def _attend_group(
+        g: SequenceGroup,
+        q: torch.Tensor,
+        k_pool: torch.Tensor,
+        v_pool: torch.Tensor,
+        scale: float,
+        window: int | None,
+        sinks: bool,
+    ) -> torch.Tensor:
+        view = g.key_view(window, sinks)
+        n_heads, head_dim = q.shape[1], q.shape[2]
+        n_kv = k_pool.shape[2]
+        shape = (g.num_seqs, view.num_keys, n_kv, head_dim)
+        kg = k_pool.index_select(0, view.blocks).view(shape).transpose(1, 2)  # (S, Hkv, L, D)
+        vg = v_pool.index_select(0, view.blocks).view(shape).transpose(1, 2)
+        kg, vg = kg.to(q.dtype), vg.to(q.dtype)
+        if g.tq == 1:
+            # Decode: fold the query heads of each KV head into the query axis (GQA without
+            # repeating K/V): (S, Hkv, Hq/Hkv, D); they all share the sequence's mask row.
+            qg = q[g.token_start : g.token_start + g.num_seqs].view(g.num_seqs, n_kv, -1, head_dim)
+            out = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=view.mask, scale=scale)
+            return out.reshape(g.num_seqs, n_heads, head_dim)  # (S, Hq, D)
+        qg = q[g.token_index].transpose(1, 2)  # (S, Hq, Tq, D)
+        out = F.scaled_dot_product_attention(
+            qg, kg, vg, attn_mask=view.mask, scale=scale, enable_gqa=n_heads != n_kv
+        )  # (S, Hq, Tq, D)
+        out = out.transpose(1, 2).reshape(g.num_seqs * g.tq, n_heads, head_dim)
+        return out[g.out_index] if g.out_index is not None else out  # (tokens, Hq, D)

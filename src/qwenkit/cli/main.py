@@ -6,7 +6,8 @@ import json
 import logging
 import os
 import sys
-from typing import Any, Sequence
+import time
+from typing import Any, Iterator, Sequence
 
 from qwenkit.errors import QwenkitError
 
@@ -79,57 +80,146 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_generate(args: argparse.Namespace) -> int:
-    from qwenkit.generate import generate_stream
+def add_engine_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("engine")
+    g.add_argument("--backend", choices=["engine", "simple"], default="engine",
+                   help="paged continuous-batching engine (default) or the simple single-sequence loop")
+    g.add_argument("--max-model-len", type=int, default=None)
+    g.add_argument("--kv-cache-memory", default=None, help='bytes or e.g. "2GiB"')
+    g.add_argument("--block-size", type=int, default=None)
+    g.add_argument("--threads", type=int, default=None)
+
+
+def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    out = {
+        "max_model_len": args.max_model_len,
+        "kv_cache_memory": args.kv_cache_memory,
+        "block_size": args.block_size,
+    }
+    return {k: v for k, v in out.items() if v is not None}
+
+
+class _Generator:
+    """One streamed request through the engine (default) or the simple loop, same events."""
+
+    def __init__(self, args: argparse.Namespace, progress: bool = True) -> None:
+        from qwenkit.loaders.load import load
+
+        _threads(args.threads)
+        self.lm = load(args.model, progress=progress)
+        self.backend = args.backend
+        self.llm = None
+        if self.backend == "engine":
+            from qwenkit.engine.llm import LLM
+
+            self.llm = LLM(self.lm, **engine_kwargs(args))
+
+    def stream(self, prompt_ids: list[int], params: Any) -> Iterator[tuple[str, dict[str, Any] | None]]:
+        """Yield (text delta, None) while running, then ("", final) with text/token_ids/usage."""
+        if self.llm is None:
+            from qwenkit.generate import generate_stream
+
+            for ev in generate_stream(self.lm.model, self.lm.tokenizer, prompt_ids, params, self.lm.config.eos_token_ids):
+                yield ev.delta, None
+                if ev.finished:
+                    yield "", {"text": ev.text, "token_ids": ev.token_ids, "finish_reason": ev.finish_reason,
+                               "usage": {k: v for k, v in ev.usage.items() if k != "seconds"},
+                               "seconds": ev.usage["seconds"]}
+            return
+        t0 = time.perf_counter()
+        text, ids, reason = "", [], None
+        for out in self.llm.stream({"prompt_token_ids": prompt_ids}, params):
+            o = out.outputs[0]
+            text += o.text
+            ids += o.token_ids
+            reason = o.finish_reason or reason
+            yield o.text, None
+        yield "", {"text": text, "token_ids": ids, "finish_reason": reason,
+                   "usage": {"prompt_tokens": len(prompt_ids), "completion_tokens": len(ids),
+                             "total_tokens": len(prompt_ids) + len(ids)},
+                   "seconds": time.perf_counter() - t0}
+
+
+def _prompt_ids(tokenizer: Any, item: dict[str, Any], chat: bool, system: str | None) -> list[int]:
+    if "prompt_token_ids" in item:
+        return list(item["prompt_token_ids"])
+    if "messages" in item:
+        return tokenizer.apply_chat_template(item["messages"], add_generation_prompt=True, tokenize=True)
+    if "prompt" not in item:
+        raise ValueError(f"input line needs 'prompt', 'messages' or 'prompt_token_ids': {item!r}")
+    if chat:
+        messages = [{"role": "user", "content": item["prompt"]}]
+        if system:
+            messages.insert(0, {"role": "system", "content": system})
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    return tokenizer.encode(item["prompt"])
+
+
+def cmd_generate_batch(args: argparse.Namespace) -> int:
+    from qwenkit.engine.llm import LLM
     from qwenkit.loaders.load import load
 
     _threads(args.threads)
-    lm = load(args.model, progress=not args.json)
-    prompt = args.prompt if args.prompt is not None else sys.stdin.read()
-    if args.chat:
-        messages = [{"role": "user", "content": prompt}]
-        if args.system:
-            messages.insert(0, {"role": "system", "content": args.system})
-        prompt = lm.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-    prompt_ids = lm.tokenizer.encode(prompt)
+    lm = load(args.model)
+    items = []
+    with open(args.input, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    items.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{args.input}:{n}: invalid JSON ({e})") from None
+    prompts = [{"prompt_token_ids": _prompt_ids(lm.tokenizer, it, args.chat, args.system)} for it in items]
     params = sampling_params(args, lm.generation_defaults)
-    final = None
-    for ev in generate_stream(lm.model, lm.tokenizer, prompt_ids, params, lm.config.eos_token_ids):
-        if not args.json and ev.delta:
-            sys.stdout.write(ev.delta)
+    outputs = LLM(lm, **engine_kwargs(args)).generate(prompts, params)
+    with open(args.output, "w", encoding="utf-8") as f:
+        for it, out in zip(items, outputs):
+            o = out.outputs[0]
+            record = {
+                "id": it.get("id"),
+                "text": o.text,
+                "token_ids": o.token_ids,
+                "finish_reason": o.finish_reason,
+                "usage": {"prompt_tokens": len(out.prompt_token_ids), "completion_tokens": len(o.token_ids),
+                          "total_tokens": len(out.prompt_token_ids) + len(o.token_ids)},
+            }
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+    logger.info("wrote %d results to %s", len(outputs), args.output)
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    if args.input:
+        if not args.output:
+            raise ValueError("--input needs --output")
+        return cmd_generate_batch(args)
+    gen = _Generator(args, progress=not args.json)
+    prompt = args.prompt if args.prompt is not None else sys.stdin.read()
+    prompt_ids = _prompt_ids(gen.lm.tokenizer, {"prompt": prompt}, args.chat, args.system)
+    params = sampling_params(args, gen.lm.generation_defaults)
+    final: dict[str, Any] = {}
+    for delta, done in gen.stream(prompt_ids, params):
+        if not args.json and delta:
+            sys.stdout.write(delta)
             sys.stdout.flush()
-        final = ev
-    assert final is not None
+        final = done or final
     if args.json:
-        print(
-            json.dumps(
-                {
-                    "text": final.text,
-                    "token_ids": final.token_ids,
-                    "finish_reason": final.finish_reason,
-                    "usage": {k: v for k, v in final.usage.items() if k != "seconds"},
-                },
-                ensure_ascii=False,
-            )
-        )
+        print(json.dumps({k: final[k] for k in ("text", "token_ids", "finish_reason", "usage")}, ensure_ascii=False))
     else:
         sys.stdout.write("\n")
-        u = final.usage
-        tps = u["completion_tokens"] / u["seconds"] if u["seconds"] else 0.0
+        u, dt = final["usage"], final["seconds"]
         logger.info(
             "%d prompt + %d generated tokens, %.1f tok/s (finish: %s)",
-            u["prompt_tokens"], u["completion_tokens"], tps, final.finish_reason,
+            u["prompt_tokens"], u["completion_tokens"], u["completion_tokens"] / dt if dt else 0.0,
+            final["finish_reason"],
         )
     return 0
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    from qwenkit.generate import generate_stream
-    from qwenkit.loaders.load import load
-
-    _threads(args.threads)
-    lm = load(args.model)
-    params = sampling_params(args, lm.generation_defaults)
+    gen = _Generator(args)
+    tok = gen.lm.tokenizer
+    params = sampling_params(args, gen.lm.generation_defaults)
     system = [{"role": "system", "content": args.system}] if args.system else []
     history: list[dict[str, str]] = list(system)
     print("qwenkit chat — /reset clears the history, /exit or Ctrl-D quits, Ctrl-C stops a reply.")
@@ -151,16 +241,16 @@ def cmd_chat(args: argparse.Namespace) -> int:
         if not user.strip():
             continue
         history.append({"role": "user", "content": user})
-        prompt = lm.tokenizer.apply_chat_template(history, add_generation_prompt=True)
+        prompt_ids = tok.apply_chat_template(history, add_generation_prompt=True, tokenize=True)
         reply = ""
+        stream = gen.stream(prompt_ids, params)
         try:
-            for ev in generate_stream(
-                lm.model, lm.tokenizer, lm.tokenizer.encode(prompt), params, lm.config.eos_token_ids
-            ):
-                sys.stdout.write(ev.delta)
+            for delta, _ in stream:
+                sys.stdout.write(delta)
                 sys.stdout.flush()
-                reply += ev.delta
+                reply += delta
         except KeyboardInterrupt:
+            stream.close()  # aborts the request; its KV blocks go back to the pool
             print("\n(stopped)")
         history.append({"role": "assistant", "content": reply})
         print()
@@ -203,8 +293,10 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("prompt", nargs="?", default=None, help="prompt text (default: stdin)")
             p.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
             p.add_argument("--json", action="store_true", help="print one JSON object at the end")
+            p.add_argument("--input", default=None, help="JSONL of {prompt|messages|prompt_token_ids} for batch inference")
+            p.add_argument("--output", default=None, help="JSONL results for --input")
         p.add_argument("--system", default=None, help="system prompt (chat)")
-        p.add_argument("--threads", type=int, default=None)
+        add_engine_args(p)
         add_sampling_args(p)
         p.set_defaults(func=func)
 
@@ -213,7 +305,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out_dir")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.set_defaults(func=cmd_export)
+
+    _add_optional_subcommands(sub)
     return parser
+
+
+def _add_optional_subcommands(sub: Any) -> None:
+    """Subcommands owned by other packages (serve, eval, quantize, bench)."""
+    from qwenkit.bench.cli import add_bench_parser
+    from qwenkit.eval.cli import add_eval_parser
+    from qwenkit.quant.cli import add_quantize_parser
+    from qwenkit.serve.cli import add_serve_parser
+
+    add_serve_parser(sub)
+    add_eval_parser(sub)
+    add_quantize_parser(sub)
+    add_bench_parser(sub)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

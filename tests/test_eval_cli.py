@@ -1,0 +1,33 @@
+"""`qwenkit eval ...` argument parsing (the real-model runs are not part of the unit tests)."""
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from qwenkit.eval.cli import add_eval_parser
+
+
+@pytest.fixture
+def parser():
+    p = argparse.ArgumentParser(prog="qwenkit")
+    add_eval_parser(p.add_subparsers(dest="command", required=True))
+    return p
+
+
+def test_humaneval_defaults_are_the_makers_protocol(parser):
+    a = parser.parse_args(["eval", "humaneval", "qwen2.5-coder-0.5b-instruct", "--limit", "5"])
+    assert a.benchmark == "humaneval" and a.protocol == "qwen" and a.limit == 5
+    assert a.temperature == 0.0 and a.n == 1 and a.backend == "auto"
+    assert a.func.__name__ == "cmd_codegen"
+
+
+def test_mbpp_and_chat_template(parser):
+    a = parser.parse_args(["eval", "mbpp", "m", "--protocol", "chat-template", "--mbpp-path", "/x.jsonl", "-o", "r.json"])
+    assert a.benchmark == "mbpp" and a.protocol == "chat-template" and a.mbpp_path == "/x.jsonl"
+    assert a.output == "r.json"
+
+
+def test_ppl(parser):
+    a = parser.parse_args(["eval", "ppl", "m", "--text", "f.txt", "--ctx", "256"])
+    assert a.ctx == 256 and a.text == "f.txt" and a.func.__name__ == "cmd_ppl"

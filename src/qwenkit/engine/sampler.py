@@ -70,6 +70,8 @@ def filter_logits(
     disabled. When every row uses top-k, only the top max(k) candidates are sorted.
     """
     b, v = logits.shape
+    if bool((top_k >= v).all() and (top_p >= 1.0).all() and (min_p <= 0).all()):
+        return logits  # no filter in this batch: skip the full-vocabulary sort
     k_max = int(top_k.max())
     if k_max < v:
         vals, idx = logits.topk(k_max, dim=-1)  # (B, K), sorted descending

@@ -1,0 +1,172 @@
+"""What the server needs from an engine, and the adapter to qwenkit's `AsyncLLMEngine`.
+
+`EngineClient` is the whole contract: an async generator of DELTA `RequestOutput`s per request
+(leaving it early aborts the request), `abort`, `stats` for /metrics, `shutdown`, plus the
+tokenizer and limits the handlers validate against.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, AsyncIterator, Mapping, Protocol, Sequence
+
+import torch
+
+from qwenkit.engine.outputs import RequestOutput
+from qwenkit.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    num_requests_running: int = 0
+    num_requests_waiting: int = 0
+    num_kv_blocks: int = 0
+    num_kv_blocks_used: int = 0  # blocks referenced by a live sequence (cached free ones excluded)
+    block_size: int = 0
+    prefix_cache_queries: int = 0  # prompt tokens (in full blocks) looked up in the prefix cache
+    prefix_cache_hits: int = 0  # of those, tokens found
+    num_preemptions: int = 0
+
+    @property
+    def kv_cache_usage(self) -> float:
+        return self.num_kv_blocks_used / self.num_kv_blocks if self.num_kv_blocks else 0.0
+
+
+class EngineClient(Protocol):
+    model_name: str
+    tokenizer: Any
+    max_model_len: int
+    vocab_size: int
+    eos_token_ids: tuple[int, ...]
+    generation_defaults: Mapping[str, Any]
+
+    def generate(
+        self, prompt_token_ids: list[int], params: SamplingParams, request_id: str, priority: int = 0
+    ) -> AsyncIterator[RequestOutput]:
+        """DELTA outputs until one with `finished=True`; closing the iterator early aborts."""
+        ...
+
+    async def abort(self, request_id: str) -> None: ...
+
+    def stats(self) -> EngineStats: ...
+
+    def shutdown(self) -> None: ...
+
+
+def set_logits_processors(params: SamplingParams, processors: Sequence[Any]) -> None:
+    """Attach per-sequence logits processors (vLLM's `SamplingParams.logits_processors`)."""
+    params.logits_processors = list(processors)  # type: ignore[attr-defined]
+
+
+def _engine_applies_logits_processors() -> bool:
+    return "logits_processors" in {f.name for f in dataclasses.fields(SamplingParams)}
+
+
+def _apply_logits_processors(logits: torch.Tensor, seqs: Sequence[Any]) -> torch.Tensor:
+    from qwenkit.serve.structured import GrammarLogitsProcessor, apply_grammar_bitmasks
+
+    grammar: list[GrammarLogitsProcessor | None] = []
+    for i, seq in enumerate(seqs):
+        g = None
+        for proc in getattr(seq.sampling_params, "logits_processors", None) or ():
+            if isinstance(proc, GrammarLogitsProcessor):
+                g = proc
+            else:
+                logits = logits.float()
+                logits[i] = proc(seq.output_token_ids, logits[i])
+        grammar.append(g)
+    if any(g is not None for g in grammar):
+        outputs = [s.output_token_ids if g is not None else [] for s, g in zip(seqs, grammar)]
+        logits = apply_grammar_bitmasks(logits, grammar, outputs)
+    return logits
+
+
+def install_logits_processor_hook(runner: Any) -> None:
+    """Until `SamplingParams` has a `logits_processors` field that the model runner applies,
+    wrap this runner's `sample` so processors attached with `set_logits_processors` run
+    (batched grammar bitmasks) before the sampler sees the logits."""
+    if _engine_applies_logits_processors() or getattr(runner, "_qwenkit_lp_hook", False):
+        return
+    inner = runner.sample
+
+    def sample(logits: torch.Tensor, seqs: list[Any]) -> Any:
+        if any(getattr(s.sampling_params, "logits_processors", None) for s in seqs):
+            logits = _apply_logits_processors(logits, seqs)
+        return inner(logits, seqs)
+
+    runner.sample = sample
+    runner._qwenkit_lp_hook = True
+
+
+class AsyncEngineClient:
+    """`EngineClient` over `qwenkit.engine.AsyncLLMEngine` (one stepping thread)."""
+
+    def __init__(self, engine: Any, model_name: str) -> None:
+        self.async_engine = engine
+        core = engine.engine  # the LLMEngine
+        self.core = core
+        self.model_name = model_name
+        self.tokenizer = core.tokenizer
+        self.max_model_len = int(core.max_model_len)
+        self.vocab_size = int(core.model_config.vocab_size)
+        self.eos_token_ids = tuple(core.eos_token_ids)
+        self.generation_defaults = dict(core.generation_defaults)
+        install_logits_processor_hook(core.model_runner)
+
+    async def generate(
+        self, prompt_token_ids: list[int], params: SamplingParams, request_id: str, priority: int = 0
+    ) -> AsyncIterator[RequestOutput]:
+        agen = self.async_engine.generate(prompt_token_ids, params, request_id, priority=priority)
+        try:
+            async for out in agen:
+                yield out
+        finally:
+            await agen.aclose()  # aborts the request if it did not finish
+
+    async def abort(self, request_id: str) -> None:
+        await self.async_engine.abort(request_id)
+
+    def stats(self) -> EngineStats:
+        core = self.core
+        s = core.stats()
+        bm = core.block_manager
+        bs = bm.block_size
+        return EngineStats(
+            num_requests_running=s["num_running"],
+            num_requests_waiting=s["num_waiting"],
+            num_kv_blocks=s["num_blocks"],
+            num_kv_blocks_used=s["num_blocks"] - s["num_free_blocks"],
+            block_size=bs,
+            prefix_cache_queries=(s["prefix_cache_hits"] + s["prefix_cache_misses"]) * bs,
+            prefix_cache_hits=s["prefix_cache_hits"] * bs,
+            num_preemptions=s["num_preemptions"],
+        )
+
+    def shutdown(self) -> None:
+        self.async_engine.shutdown()
+
+
+def load_engine_client(
+    model: str | os.PathLike[str],
+    *,
+    served_model_name: str | None = None,
+    dtype: torch.dtype = torch.float32,
+    device: str = "cpu",
+    **engine_args: Any,
+) -> AsyncEngineClient:
+    """Load a registry name / .gguf / HF folder / hub id and start the async engine on it."""
+    from qwenkit.engine.async_engine import AsyncLLMEngine
+    from qwenkit.engine.llm_engine import LLMEngine
+    from qwenkit.loaders.load import load
+
+    loaded = load(model, dtype=dtype, device=device, progress=False)
+    core = LLMEngine(
+        loaded.model, loaded.tokenizer, generation_defaults=loaded.generation_defaults, **engine_args
+    )
+    name = served_model_name or loaded.source.name or Path(str(model)).name
+    return AsyncEngineClient(AsyncLLMEngine(core), name)

@@ -1,0 +1,357 @@
+"""POST /v1/chat/completions on the engine.
+
+A request becomes: messages (+ tools) rendered by the model's own chat template -> token ids;
+sampling parameters; optionally a grammar per sequence (response_format, tool_choice
+"required" / named); the Hermes tool-call parser on the output when tools are in play.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from dataclasses import dataclass
+from typing import Any, AsyncIterator, Callable
+
+import jinja2
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response
+
+from qwenkit.engine.outputs import Logprob
+from qwenkit.serve.errors import OpenAIError, bad_request, sse_error
+from qwenkit.serve.generation import (
+    ChoiceDelta,
+    ClientDisconnected,
+    GenerationRun,
+    build_sampling_params,
+    collect,
+    request_priority,
+    resolve_max_tokens,
+    split_for_processors,
+)
+from qwenkit.serve.protocol import (
+    AssistantMessage,
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatMessageOut,
+    ChoiceLogprobs,
+    DeltaFunctionCall,
+    DeltaMessage,
+    DeltaToolCall,
+    FunctionCall,
+    NamedToolChoice,
+    TokenLogprob,
+    ToolCall,
+    ToolMessage,
+    TopLogprob,
+    random_id,
+)
+from qwenkit.serve.state import ServerState
+from qwenkit.serve.streaming import SSE_HEADERS, RunStreamingResponse, sse
+from qwenkit.serve.structured import GrammarError, GrammarLogitsProcessor, check_json_schema
+from qwenkit.serve.tool_parser import HermesToolParser
+
+CLIENT_CLOSED = 499  # nginx's "client closed request", for the access log
+
+
+def check_model(state: ServerState, model: str | None) -> None:
+    engine = state.require_engine()
+    if model is not None and model != engine.model_name:
+        raise OpenAIError(
+            f"the model '{model}' does not exist; this server serves '{engine.model_name}'",
+            status_code=404, type="invalid_request_error", param="model", code="model_not_found",
+        )  # fmt: skip
+
+
+# ============================================================================ prompt
+def _text(content: Any) -> str | None:
+    if content is None or isinstance(content, str):
+        return content
+    return "\n".join(part.text for part in content)
+
+
+def template_messages(messages: list[Any]) -> list[dict[str, Any]]:
+    """OpenAI messages -> the dicts HF chat templates expect (tool-call arguments as objects)."""
+    out: list[dict[str, Any]] = []
+    for m in messages:
+        d: dict[str, Any] = {"role": "system" if m.role == "developer" else m.role, "content": _text(m.content)}
+        if isinstance(m, AssistantMessage) and m.tool_calls:
+            calls = []
+            for tc in m.tool_calls:
+                try:
+                    args: Any = json.loads(tc.function.arguments)
+                except ValueError:
+                    args = tc.function.arguments
+                calls.append({"id": tc.id, "type": "function", "function": {"name": tc.function.name, "arguments": args}})
+            d["tool_calls"] = calls
+        if isinstance(m, ToolMessage):
+            d["tool_call_id"], d["name"] = m.tool_call_id, m.name
+        if getattr(m, "reasoning_content", None):
+            d["reasoning_content"] = m.reasoning_content
+        out.append(d)
+    return out
+
+
+def template_tools(req: ChatCompletionRequest) -> list[dict[str, Any]] | None:
+    if not req.tools:
+        return None
+    tools = []
+    for i, tool in enumerate(req.tools):
+        fn = tool.function
+        if fn.parameters is not None:
+            try:
+                check_json_schema(fn.parameters, f"tools.{i}.function.parameters")
+            except GrammarError as e:
+                raise bad_request(str(e), param=e.param, code="invalid_tool_schema") from None
+        tools.append({"type": "function", "function": fn.model_dump(exclude_none=True)})
+    return tools
+
+
+def render_prompt(
+    tokenizer: Any, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None,
+    add_generation_prompt: bool, continue_final_message: bool,
+) -> list[int]:  # fmt: skip
+    if add_generation_prompt and continue_final_message:
+        raise bad_request(
+            "add_generation_prompt and continue_final_message cannot both be true",
+            param="continue_final_message",
+        )  # fmt: skip
+    try:
+        text = tokenizer.apply_chat_template(
+            messages, tools=tools, add_generation_prompt=add_generation_prompt,
+            continue_final_message=continue_final_message,
+        )  # fmt: skip
+    except (ValueError, TypeError, jinja2.TemplateError) as e:
+        raise bad_request(f"the chat template rejected the messages: {e}", param="messages") from None
+    return tokenizer.encode(text)
+
+
+# ============================================================================ plan
+@dataclass
+class ChatPlan:
+    prompt_ids: list[int]
+    parse_tools: bool
+    parallel_tool_calls: bool
+    make_processors: Callable[[], list[Any]] | None
+    tool_names: tuple[str, ...] = ()
+
+    def parser(self) -> HermesToolParser:
+        return HermesToolParser(parallel_tool_calls=self.parallel_tool_calls, tool_names=self.tool_names)
+
+
+def _grammar_plan(state: ServerState, req: ChatCompletionRequest) -> Callable[[], list[Any]] | None:
+    rf, choice = req.response_format, req.tool_choice
+    forced = choice == "required" or isinstance(choice, NamedToolChoice)
+    if rf is not None and rf.type != "text" and forced:
+        raise bad_request("response_format cannot be combined with a forced tool_choice", param="response_format")
+    if forced and not req.tools:
+        raise bad_request("tool_choice needs 'tools'", param="tool_choice")
+    if rf is None or rf.type == "text":
+        if not forced:
+            return None
+    try:
+        gc = state.grammar_compiler()
+    except ImportError:
+        raise bad_request(
+            "structured output needs xgrammar: pip install 'qwenkit[structured]'",
+            param="tool_choice" if forced else "response_format", code="structured_output_unavailable",
+        ) from None
+    try:
+        if rf is not None and rf.type == "json_object":
+            compiled = gc.json_object()
+        elif rf is not None and rf.type == "json_schema":
+            assert rf.json_schema is not None
+            if rf.json_schema.schema_ is None:
+                raise bad_request("response_format.json_schema needs a 'schema'", param="response_format.json_schema.schema")
+            compiled = gc.json_schema(rf.json_schema.schema_, "response_format.json_schema.schema")
+        else:
+            assert req.tools is not None
+            pairs = [(t.function.name, t.function.parameters) for t in req.tools]
+            if isinstance(choice, NamedToolChoice):
+                pairs = [p for p in pairs if p[0] == choice.function.name]
+                if not pairs:
+                    raise bad_request(
+                        f"tool_choice names '{choice.function.name}', which is not in 'tools'",
+                        param="tool_choice.function.name",
+                    )  # fmt: skip
+            compiled = gc.tool_calls(pairs, "tools")
+    except GrammarError as e:
+        raise bad_request(str(e), param=e.param, code="invalid_schema") from None
+    vocab = state.require_engine().vocab_size
+    return lambda: [GrammarLogitsProcessor(compiled, vocab)]
+
+
+def plan_chat(state: ServerState, req: ChatCompletionRequest) -> ChatPlan:
+    """Everything that can fail on the request's content (runs in a worker thread)."""
+    engine = state.require_engine()
+    if req.top_logprobs is not None and not req.logprobs:
+        raise bad_request("top_logprobs needs logprobs=true", param="top_logprobs")
+    use_tools = bool(req.tools) and req.tool_choice != "none"
+    tools = template_tools(req) if use_tools else None
+    if req.tools and not use_tools:
+        template_tools(req)  # still validate the schemas
+    prompt_ids = render_prompt(
+        engine.tokenizer, template_messages(req.messages), tools,
+        req.add_generation_prompt, req.continue_final_message,
+    )  # fmt: skip
+    make_processors = _grammar_plan(state, req)
+    json_output = req.response_format is not None and req.response_format.type != "text"
+    names = tuple(t.function.name for t in req.tools or ())
+    return ChatPlan(prompt_ids, use_tools and not json_output, req.parallel_tool_calls, make_processors, names)
+
+
+# ============================================================================ output pieces
+def chat_logprobs(tokenizer: Any, token_ids: list[int], entries: list[dict[int, Logprob]] | None, k: int) -> list[TokenLogprob]:
+    out = []
+    for tid, entry in zip(token_ids, entries or []):
+        lp = entry.get(tid)
+        top = sorted((e for e in entry.items() if e[1].rank is not None), key=lambda e: e[1].rank or 0)[:k]
+        out.append(
+            TokenLogprob(
+                token=_token_str(tokenizer, tid, lp), logprob=_finite(lp.logprob if lp else float("-inf")),
+                bytes=list(tokenizer.token_bytes(tid)) if tid < len(tokenizer) else [],
+                top_logprobs=[
+                    TopLogprob(token=_token_str(tokenizer, t, e), logprob=_finite(e.logprob),
+                               bytes=list(tokenizer.token_bytes(t)) if t < len(tokenizer) else [])
+                    for t, e in top
+                ],
+            )
+        )  # fmt: skip
+    return out
+
+
+def _token_str(tokenizer: Any, tid: int, lp: Logprob | None) -> str:
+    if lp is not None and lp.decoded_token is not None:
+        return lp.decoded_token
+    return tokenizer.decode([tid]) if tid < len(tokenizer) else ""
+
+
+def _finite(x: float) -> float:
+    return max(x, -9999.0)  # JSON has no -inf
+
+
+def _finish(reason: str | None, num_tool_calls: int) -> str | None:
+    if reason == "stop" and num_tool_calls:
+        return "tool_calls"
+    return reason
+
+
+# ============================================================================ handler
+async def create_chat_completion(state: ServerState, req: ChatCompletionRequest, raw: Request) -> Response:
+    check_model(state, req.model)
+    engine = state.require_engine()
+    plan = await asyncio.to_thread(plan_chat, state, req)
+    max_tokens = resolve_max_tokens(req.max_new_tokens, len(plan.prompt_ids), engine.max_model_len, "messages")
+    k = (req.top_logprobs or 0) if req.logprobs else None
+    params = build_sampling_params(req, engine.generation_defaults, max_tokens=max_tokens, logprobs=k)
+    priority = request_priority(req, raw)
+    subs = split_for_processors(0, plan.prompt_ids, params, 0, plan.make_processors)
+    run = GenerationRun(state, state.admit(), subs, priority, raw)
+    response_id = random_id("chatcmpl")
+    if req.stream:
+        return await _stream(state, req, plan, run, response_id)
+    try:
+        per_choice = await collect(run)
+    except ClientDisconnected:
+        return Response(status_code=CLIENT_CLOSED)
+    choices = []
+    tok = engine.tokenizer
+    for index in range(run.num_choices):
+        deltas = per_choice.get(index, [])
+        text = "".join(d.text for d in deltas)
+        reason = next((d.finish_reason for d in reversed(deltas) if d.finish_reason), None)
+        stop_reason = next((d.stop_reason for d in reversed(deltas) if d.finish_reason), None)
+        message = ChatMessageOut(content=text)
+        num_calls = 0
+        if plan.parse_tools:
+            parser = plan.parser()
+            parser.feed(text)
+            parser.finish()
+            parsed = parser.result()
+            message = ChatMessageOut(
+                content=parsed.content,
+                tool_calls=[ToolCall(id=c.id, function=FunctionCall(name=c.name, arguments=c.arguments)) for c in parsed.tool_calls],
+            )  # fmt: skip
+            num_calls = len(parsed.tool_calls)
+        logprobs = None
+        if k is not None:
+            ids = [t for d in deltas for t in d.token_ids]
+            entries = [e for d in deltas for e in (d.logprobs or [])]
+            logprobs = ChoiceLogprobs(content=chat_logprobs(tok, ids, entries, k))
+        choices.append(ChatChoice(index=index, message=message, logprobs=logprobs,
+                                  finish_reason=_finish(reason, num_calls), stop_reason=stop_reason))  # fmt: skip
+    body = ChatCompletionResponse(id=response_id, model=engine.model_name, choices=choices, usage=run.usage())
+    return JSONResponse(body.model_dump(mode="json"))
+
+
+async def _stream(
+    state: ServerState, req: ChatCompletionRequest, plan: ChatPlan, run: GenerationRun, response_id: str
+) -> Response:
+    engine = state.require_engine()
+    created = int(time.time())
+    model = engine.model_name
+    k = (req.top_logprobs or 0) if req.logprobs else None
+    include_usage = bool(req.stream_options and req.stream_options.include_usage)
+    continuous = include_usage and bool(req.stream_options and req.stream_options.continuous_usage_stats)
+    parsers = {i: plan.parser() if plan.parse_tools else None for i in range(run.num_choices)}
+    deltas = run.deltas()
+    try:  # wait for the first delta, so that errors before it are plain HTTP errors
+        first: ChoiceDelta | None = await deltas.__anext__()
+    except StopAsyncIteration:
+        first = None
+    except ClientDisconnected:
+        return Response(status_code=CLIENT_CLOSED)
+
+    def chunk(choices: list[ChatChunkChoice], usage: bool = False) -> str:
+        c = ChatCompletionChunk(id=response_id, created=created, model=model, choices=choices,
+                                usage=run.usage() if usage or continuous else None)  # fmt: skip
+        return sse(c.model_dump_json(exclude_none=True))
+
+    def pieces(d: ChoiceDelta) -> list[str]:
+        parser = parsers[d.index]
+        out = []
+        content: str | None = d.text
+        calls: list[DeltaToolCall] | None = None
+        if parser is not None:
+            pd = parser.feed(d.text)
+            if d.finish_reason is not None:
+                end = parser.finish()
+                pd.content += end.content
+                pd.tool_calls += end.tool_calls
+            content = pd.content
+            calls = [
+                DeltaToolCall(index=c.index, id=c.id, type="function" if c.id else None,
+                              function=DeltaFunctionCall(name=c.name, arguments=c.arguments))
+                for c in pd.tool_calls
+            ] or None  # fmt: skip
+        lps = ChoiceLogprobs(content=chat_logprobs(engine.tokenizer, d.token_ids, d.logprobs, k)) if k is not None and d.token_ids else None
+        if content or calls or lps:
+            out.append(chunk([ChatChunkChoice(index=d.index, delta=DeltaMessage(content=content or None, tool_calls=calls), logprobs=lps)]))
+        if d.finish_reason is not None:
+            n_calls = parser.num_tool_calls if parser is not None else 0
+            out.append(chunk([ChatChunkChoice(index=d.index, delta=DeltaMessage(), finish_reason=_finish(d.finish_reason, n_calls))]))
+        return out
+
+    async def events() -> AsyncIterator[str]:
+        for i in range(run.num_choices):
+            yield chunk([ChatChunkChoice(index=i, delta=DeltaMessage(role="assistant", content=""))])
+        try:
+            if first is not None:
+                for piece in pieces(first):
+                    yield piece
+            async for d in deltas:
+                for piece in pieces(d):
+                    yield piece
+        except ClientDisconnected:
+            return
+        except OpenAIError as e:
+            yield sse_error(e)
+            yield sse("[DONE]")
+            return
+        if include_usage:
+            yield chunk([], usage=True)
+        yield sse("[DONE]")
+
+    return RunStreamingResponse(events(), run, deltas, headers=SSE_HEADERS)

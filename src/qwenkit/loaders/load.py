@@ -66,9 +66,14 @@ def load(
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
     progress: bool = True,
+    quantization: str = "none",
 ) -> LoadedModel:
+    """`quantization`: a `qwenkit.quant` method (``none``, ``auto``, ``int8``, ``int4``,
+    ``mixed``, ... or a policy spec); weights are quantized after loading. A quantized
+    checkpoint (``qwenkit quantize``) loads as stored, whatever this says."""
     from qwenkit.loaders.gguf import GGUFFile
     from qwenkit.loaders.hf import generation_config, hf_config, iter_hf_weights
+    from qwenkit.quant import load_quantized, quantize_model, read_quantization_config, resolve_method
     from qwenkit.tokenizer import Tokenizer
 
     t0 = time.perf_counter()
@@ -88,12 +93,17 @@ def load(
         gen = generation_config(src.path) or dict(QWEN_INSTRUCT_GENERATION_DEFAULTS)
     if not config.name:
         config = config.replace(name=src.name)
-    model = build_empty_model(config, dtype, device)
-    loaded = model.load_weights((n, t.to(device)) for n, t in weights)
-    expected = {n for n, _ in model.named_parameters(remove_duplicate=False)}
-    missing = expected - loaded
-    if missing:
-        raise ModelIntegrityError(f"{src.path}: missing tensors {sorted(missing)[:8]}")
+    if src.format == "hf" and read_quantization_config(src.path) is not None:
+        model = load_quantized(src.path, config, device)
+    else:
+        model = build_empty_model(config, dtype, device)
+        loaded = model.load_weights((n, t.to(device)) for n, t in weights)
+        expected = {n for n, _ in model.named_parameters(remove_duplicate=False)}
+        missing = expected - loaded
+        if missing:
+            raise ModelIntegrityError(f"{src.path}: missing tensors {sorted(missing)[:8]}")
+        if resolve_method(quantization) != "none":
+            quantize_model(model, resolve_method(quantization))
     dt = time.perf_counter() - t0
     logger.info("loaded %s (%s) in %.1fs", src.name, src.format, dt)
     return LoadedModel(model, tokenizer, config, src, gen, tensor_types, dt)
@@ -103,11 +113,12 @@ def load_model(
     spec: str | os.PathLike[str] | None = None,
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
+    quantization: str = "none",
 ) -> Qwen2ForCausalLM:
     """Load a model for scoring: ``model(input_ids (B, T)) -> logits (B, T, vocab)``."""
     from qwenkit.loaders.registry import DEFAULT_MODEL
 
-    return load(spec or DEFAULT_MODEL, dtype=dtype, device=device).model
+    return load(spec or DEFAULT_MODEL, dtype=dtype, device=device, quantization=quantization).model
 
 
 def load_tokenizer(spec: str | os.PathLike[str] | None = None) -> Any:

@@ -1,0 +1,1 @@
+"""Benchmarks: single-stream decode/prefill side by side (decode.py), linear kernels (kernels.py)."""

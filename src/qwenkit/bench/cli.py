@@ -1,0 +1,61 @@
+"""CLI hook: `qwenkit bench decode|prefill|all|kernels`.
+
+The main CLI registers it with ``add_bench_parser(subparsers)``. `decode`, `prefill` and `all`
+run `qwenkit.bench.decode` (qwenkit vs llama.cpp vs transformers, one subprocess per engine);
+`kernels` runs the linear-kernel micro-benchmark on the real projection shapes.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+
+def cmd_side_by_side(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from qwenkit.bench.decode import format_report, run_bench
+
+    results = run_bench(args)
+    print(format_report(results))
+    if args.json:
+        Path(args.json).write_text(json.dumps([asdict(r) for r in results], indent=1))
+    return 0
+
+
+def cmd_kernels(args: argparse.Namespace) -> int:
+    from qwenkit.bench import kernels
+
+    argv = ["--model", args.size, "--shapes", args.shapes, "--m", args.m, "--repeats", str(args.repeats),
+            "--threads", str(args.threads)]  # fmt: skip
+    if args.kernels:
+        argv += ["--kernels", args.kernels]
+    if args.json:
+        argv += ["--json", args.json]
+    return kernels.main(argv)
+
+
+def add_bench_parser(subparsers: Any) -> argparse.ArgumentParser:
+    from qwenkit.bench.decode import add_arguments
+
+    bench = subparsers.add_parser("bench", help="benchmarks: decode, prefill, kernels")
+    sub = bench.add_subparsers(dest="bench_command", required=True)
+    for mode, helptext in (
+        ("decode", "single-stream decode tok/s vs llama.cpp and transformers"),
+        ("prefill", "prefill tok/s and TTFT at 128/512/2048 tokens vs llama.cpp and transformers"),
+        ("all", "decode and prefill in one run"),
+    ):
+        p = sub.add_parser(mode, help=helptext)
+        add_arguments(p)
+        p.set_defaults(func=cmd_side_by_side, mode=mode)
+    p = sub.add_parser("kernels", help="linear kernels on the real projection shapes")
+    p.add_argument("--size", choices=["0.5b", "1.5b"], default="0.5b")
+    p.add_argument("--shapes", default="qkv,o,gate_up,down,lm_head")
+    p.add_argument("--m", default="1,4,16,64,512")
+    p.add_argument("--kernels", default="")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--json", default=None)
+    p.set_defaults(func=cmd_kernels)
+    return bench

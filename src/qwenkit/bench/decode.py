@@ -1,0 +1,329 @@
+"""Single-stream decode and prefill, side by side: qwenkit vs llama.cpp vs transformers.
+
+All three engines get the same GGUF file, the same token ids (HumanEval text, tokenized once by
+the parent process) and the same thread count. Each engine runs in its own subprocess, so its
+peak RSS is its own and one engine's allocations never slow another's.
+
+Measured per engine (median of `repeats` runs):
+- ``prefill[n]`` tok/s and ``ttft[n]`` s: time from submitting an n-token prompt to the logits
+  of its last token (logits only for that token in every engine; transformers with
+  ``logits_to_keep=1``, as its `generate` does);
+- ``decode`` tok/s: greedy, one sequence, `decode_tokens` new tokens after a 64-token prompt,
+  counted from the first generated token to the last;
+- peak RSS (``ru_maxrss``, load included) and steady RSS after the runs.
+
+Engines:
+- ``qwenkit``: `qwenkit.loaders.load.load(..., quantization=Q)` and a contiguous KV cache;
+  the decode step optionally compiled (`--compile`).
+- ``llama.cpp``: `llama_cpp.Llama` (PyPI `llama-cpp-python`, built from source at install:
+  `pip install 'qwenkit[bench]'`; a first build takes ~20-30 min on this 2-core machine).
+- ``transformers``: `AutoModelForCausalLM.from_pretrained(dir, gguf_file=...)` (the GGUF
+  dequantized to fp32), eager attention, `DynamicCache`.
+
+The machine is shared: the load average is recorded before and after each engine.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+ENGINES = ("qwenkit", "llama.cpp", "transformers")
+DEFAULT_PREFILL = (128, 512, 2048)
+DECODE_PROMPT = 64
+
+
+@dataclass
+class EngineResult:
+    engine: str
+    model: str
+    threads: int
+    config: dict[str, Any] = field(default_factory=dict)
+    load_s: float = 0.0
+    prefill_tps: dict[str, float] = field(default_factory=dict)
+    ttft_s: dict[str, float] = field(default_factory=dict)
+    decode_tps: float = 0.0
+    decode_tokens: int = 0
+    peak_rss_mb: float = 0.0
+    rss_mb: float = 0.0
+    loadavg_before: float = 0.0
+    loadavg_after: float = 0.0
+    error: str | None = None
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1e6
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e3  # KB on Linux
+
+
+def _median_time(fn: Callable[[], float], repeats: int) -> float:
+    return statistics.median(fn() for _ in range(repeats))
+
+
+# ------------------------------------------------------------------------------------ engines
+class QwenkitEngine:
+    def __init__(self, model: str, quantization: str, compile: bool) -> None:
+        from qwenkit.loaders.load import load
+        from qwenkit.quant.runtime import DecodeSession
+
+        self.lm = load(model, quantization=quantization, progress=False)
+        self.session = DecodeSession(self.lm.model, compile=compile)
+        self.config = {"quantization": quantization, "compile": compile,
+                       "spec": getattr(getattr(self.lm.model, "quant_policy", None), "spec", "fp32")}  # fmt: skip
+
+    def prefill(self, ids: list[int]) -> float:
+        t0 = time.perf_counter()
+        self.session.prefill(ids, max_new_tokens=1)
+        return time.perf_counter() - t0
+
+    def decode(self, ids: list[int], n: int) -> float:
+        """Seconds per token for tokens 2..n (the first comes from the prefill)."""
+        tok = self.session.prefill(ids, max_new_tokens=n)
+        t0 = time.perf_counter()
+        self.session.decode(tok, n - 1)
+        return (time.perf_counter() - t0) / (n - 1)
+
+
+class LlamaCppEngine:
+    def __init__(self, model: str, threads: int, n_ctx: int) -> None:
+        from llama_cpp import Llama
+
+        path = _gguf_path(model)
+        self.llm = Llama(
+            model_path=str(path), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads,
+            n_batch=512, verbose=False,
+        )  # fmt: skip
+        import llama_cpp
+
+        self.config = {"llama_cpp_python": llama_cpp.__version__, "n_batch": 512,
+                       "system_info": llama_cpp.llama_print_system_info().decode(errors="replace")}  # fmt: skip
+
+    def prefill(self, ids: list[int]) -> float:
+        self.llm.reset()
+        t0 = time.perf_counter()
+        self.llm.eval(ids)
+        return time.perf_counter() - t0
+
+    def decode(self, ids: list[int], n: int) -> float:
+        self.llm.reset()
+        gen = self.llm.generate(ids, temp=0.0, top_k=1, reset=True)
+        next(gen)  # prefill + first token
+        t0 = time.perf_counter()
+        for _ in range(n - 1):
+            next(gen)
+        dt = time.perf_counter() - t0
+        gen.close()
+        return dt / (n - 1)
+
+
+class TransformersEngine:
+    def __init__(self, model: str) -> None:
+        import torch
+        import transformers
+
+        path = _gguf_path(model)
+        self.torch = torch
+        self.model = transformers.AutoModelForCausalLM.from_pretrained(
+            path.parent, gguf_file=path.name, dtype=torch.float32, attn_implementation="sdpa"
+        ).eval()
+        self.config = {"transformers": transformers.__version__, "dtype": "float32", "attn": "sdpa"}
+
+    def prefill(self, ids: list[int]) -> float:
+        torch = self.torch
+        with torch.inference_mode():
+            t0 = time.perf_counter()
+            self.model(torch.tensor([ids]), use_cache=True, logits_to_keep=1)
+            return time.perf_counter() - t0
+
+    def decode(self, ids: list[int], n: int) -> float:
+        torch = self.torch
+        from transformers import DynamicCache
+
+        with torch.inference_mode():
+            cache = DynamicCache()
+            out = self.model(torch.tensor([ids]), past_key_values=cache, use_cache=True, logits_to_keep=1)
+            tok = out.logits[:, -1].argmax(-1, keepdim=True)  # (1, 1)
+            t0 = time.perf_counter()
+            for _ in range(n - 1):
+                out = self.model(tok, past_key_values=cache, use_cache=True)
+                tok = out.logits[:, -1].argmax(-1, keepdim=True)
+            return (time.perf_counter() - t0) / (n - 1)
+
+
+def _gguf_path(model: str) -> Path:
+    from qwenkit.loaders.load import resolve
+
+    src = resolve(model)
+    if src.format != "gguf":
+        raise ValueError(f"{model}: the side-by-side bench needs a GGUF model (got {src.format})")
+    return src.path
+
+
+# ------------------------------------------------------------------------------------- worker
+def run_worker(engine: str, args: argparse.Namespace, token_ids: list[int]) -> EngineResult:
+    import torch
+
+    torch.set_num_threads(args.threads)
+    res = EngineResult(engine, args.model, args.threads, loadavg_before=os.getloadavg()[0])
+    t0 = time.perf_counter()
+    max_len = max([*args.prefill, DECODE_PROMPT + args.decode_tokens]) + 16
+    if engine == "qwenkit":
+        eng: Any = QwenkitEngine(args.model, args.quantization, args.compile)
+    elif engine == "llama.cpp":
+        eng = LlamaCppEngine(args.model, args.threads, max_len)
+    elif engine == "transformers":
+        eng = TransformersEngine(args.model)
+    else:
+        raise ValueError(f"unknown engine {engine!r}; choose from {', '.join(ENGINES)}")
+    res.load_s = time.perf_counter() - t0
+    res.config = eng.config
+    if args.decode_tokens > 1 and args.mode in ("decode", "all"):
+        eng.decode(token_ids[:DECODE_PROMPT], 8)  # warm-up (compile, allocator, caches)
+        spt = _median_time(lambda: eng.decode(token_ids[:DECODE_PROMPT], args.decode_tokens), args.repeats)
+        res.decode_tps, res.decode_tokens = 1.0 / spt, args.decode_tokens
+    if args.mode in ("prefill", "all"):
+        eng.prefill(token_ids[: min(args.prefill)])  # warm-up
+        for n in args.prefill:
+            reps = args.repeats if n <= 512 else max(1, args.repeats - 1)
+            t = _median_time(lambda: eng.prefill(token_ids[:n]), reps)
+            res.prefill_tps[str(n)], res.ttft_s[str(n)] = n / t, t
+    res.peak_rss_mb, res.rss_mb = _peak_rss_mb(), _rss_mb()
+    res.loadavg_after = os.getloadavg()[0]
+    return res
+
+
+# ------------------------------------------------------------------------------------- parent
+def bench_tokens(model: str, n: int) -> list[int]:
+    from qwenkit.loaders.load import load_tokenizer
+    from qwenkit.quant.quality import humaneval_text
+
+    ids = load_tokenizer(model).encode(humaneval_text())
+    if len(ids) < n:
+        raise ValueError(f"bench text has {len(ids)} tokens, {n} needed")
+    return ids[:n]
+
+
+def _spawn(engine: str, args: argparse.Namespace, ids_file: str) -> EngineResult:
+    cmd = [sys.executable, "-m", "qwenkit.bench.decode", "--worker", engine, "--ids-file", ids_file,
+           *_forward_args(args)]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith("{"):
+            return EngineResult(**json.loads(line))
+    tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
+    return EngineResult(engine, args.model, args.threads, error=" | ".join(tail) or f"exit {proc.returncode}")
+
+
+def _forward_args(args: argparse.Namespace) -> list[str]:
+    out = [args.model, "--threads", str(args.threads), "--repeats", str(args.repeats),
+           "--decode-tokens", str(args.decode_tokens), "--prefill", ",".join(map(str, args.prefill)),
+           "--quantization", args.quantization, "--mode", args.mode]  # fmt: skip
+    if args.compile:
+        out.append("--compile")
+    return out
+
+
+def format_report(results: Sequence[EngineResult]) -> str:
+    by = {r.engine: r for r in results}
+    ours = by.get("qwenkit")
+    cols = ["decode"] + [f"prefill@{n}" for n in sorted({int(k) for r in results for k in r.prefill_tps})]
+
+    def val(r: EngineResult, c: str) -> float:
+        return r.decode_tps if c == "decode" else r.prefill_tps.get(c.split("@")[1], 0.0)
+
+    lines = ["| engine | " + " | ".join(f"{c} tok/s" for c in cols)
+             + " | TTFT@512 s | peak RSS MB | load avg |",
+             "|---|" + "---|" * (len(cols) + 3)]  # fmt: skip
+    for r in results:
+        if r.error:
+            lines.append(f"| {r.engine} | error: {r.error} |")
+            continue
+        cells = [f"{val(r, c):.1f}" if val(r, c) else "–" for c in cols]
+        ttft = r.ttft_s.get("512")
+        lines.append(
+            f"| {r.engine} | " + " | ".join(cells)
+            + f" | {ttft:.2f} |" if ttft else f"| {r.engine} | " + " | ".join(cells) + " | – |"
+        )
+        lines[-1] += f" {r.peak_rss_mb:.0f} | {r.loadavg_before:.1f}→{r.loadavg_after:.1f} |"
+    if ours and not ours.error:
+        for other in results:
+            if other.engine == "qwenkit" or other.error:
+                continue
+            ratios = []
+            for c in cols:
+                a, b = val(ours, c), val(other, c)
+                ratios.append(f"{a / b:.2f}×" if a and b else "–")
+            lines.append(f"| qwenkit / {other.engine} | " + " | ".join(ratios) + " | | | |")
+    return "\n".join(lines)
+
+
+def run_bench(args: argparse.Namespace) -> list[EngineResult]:
+    n = max([*args.prefill, DECODE_PROMPT + args.decode_tokens])
+    ids = bench_tokens(args.model, n)
+    results: list[EngineResult] = []
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump(ids, f)
+        ids_file = f.name
+    try:
+        for engine in args.engines:
+            print(f"[bench] {engine} …", file=sys.stderr, flush=True)
+            results.append(_spawn(engine, args, ids_file))
+    finally:
+        os.unlink(ids_file)
+    return results
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from qwenkit.loaders.registry import DEFAULT_MODEL
+    from qwenkit.quant.policy import method_names
+
+    p.add_argument("model", nargs="?", default=DEFAULT_MODEL, help="registry name or .gguf path")
+    p.add_argument("--engines", default=",".join(ENGINES), type=lambda s: [e.strip() for e in s.split(",") if e.strip()])
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--decode-tokens", type=int, default=64)
+    p.add_argument("--prefill", default=",".join(map(str, DEFAULT_PREFILL)),
+                   type=lambda s: [int(x) for x in str(s).split(",") if x])  # fmt: skip
+    p.add_argument("--quantization", default="auto", help=f"{', '.join(method_names())} or a policy spec")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
+                   help="torch.compile the qwenkit decode step")  # fmt: skip
+    p.add_argument("--json", default=None, help="write all results here")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(ap)
+    ap.add_argument("--mode", choices=["decode", "prefill", "all"], default="all")
+    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--ids-file", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.worker:
+        ids = json.loads(Path(args.ids_file).read_text())
+        try:
+            res = run_worker(args.worker, args, ids)
+        except Exception as e:  # reported in the table, not a crash of the whole run
+            res = EngineResult(args.worker, args.model, args.threads, error=f"{type(e).__name__}: {e}")
+        print(json.dumps(asdict(res)), flush=True)
+        return 0
+    results = run_bench(args)
+    print(format_report(results))
+    if args.json:
+        Path(args.json).write_text(json.dumps([asdict(r) for r in results], indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

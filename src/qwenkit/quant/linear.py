@@ -1,0 +1,222 @@
+"""Weight-only quantized linear layers, swapped in for `nn.Linear` / `MergedLinear` after
+construction (gpt-fast style: the model code never branches on quantization).
+
+``y = x @ W.T + b`` with W stored quantized (int8 per output channel, or int4 group-wise) and
+x, y, b in fp32. The kernel is picked per call by the number of rows M of x:
+
+* ``M <= small_m`` (decode, small batches): int8 runs qwenkit's AVX2 kernel (`cgemv.py`: fp32
+  activations, weights widened in registers) when it builds, else torch's `_weight_int8pack_mm`;
+  int4 runs `_weight_int4pack_mm_for_cpu`. torch's kernels are fast only with bf16 activations,
+  so x is cast to bf16 around them and y back to fp32. Decode is bandwidth-bound on the weights.
+* ``M > small_m`` (prefill): dequantize W to fp32 a few hundred rows at a time (each chunk stays
+  in cache) and run fp32 GEMMs — plain bf16 and the weight-only kernels collapse at large M.
+  No fp32 copy of the weights is kept, so resident memory stays that of the quantized model.
+
+On CUDA both formats run the dequantize-in-GEMM expression gpt-fast uses (int8) or torch's CUDA
+int4 kernel, with activations in the input dtype.
+
+Every layer has `reference_forward` (pure torch: dequantize, then fp32 matmul); tests bound the
+difference between the fast path and it.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qwenkit.quant import cgemv, kernels
+from qwenkit.quant.numerics import (
+    dequantize_int4,
+    quantize_int4_groupwise,
+    quantize_int8_per_channel,
+)
+
+# Crossover of "bf16-activation weight-only kernel" vs "dequantize + fp32 GEMM", measured on the
+# 0.5B shapes with 2 threads (qwenkit.bench.kernels): the int kernels win up to M≈16-32.
+DEFAULT_SMALL_M = 16
+
+
+class QuantizedLinear(nn.Module):
+    """Common shape/bias/metadata handling. Quantized storage lives in buffers (never
+    parameters), so `next(model.parameters())` still reports the fp32 activation dtype."""
+
+    format: str = ""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: torch.Tensor | None,
+        output_sizes: tuple[int, ...] | None = None,
+        shard_names: tuple[str, ...] | None = None,
+        small_m: int = DEFAULT_SMALL_M,
+    ) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.bias = None if bias is None else nn.Parameter(bias.detach().float(), requires_grad=False)
+        # Fused (MergedLinear) metadata, kept for checkpoint export: rows of each HF projection.
+        self.output_sizes = output_sizes or (out_features,)
+        self.shard_names = shard_names
+        self.small_m = small_m
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)  # (M, K)
+        if x2.dtype != torch.float32:
+            x2 = x2.float()
+        if x2.shape[0] <= self.small_m:
+            y = self._mm_small(x2)
+        else:
+            y = self._mm_large(x2)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*lead, self.out_features)
+
+    def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x.float(), self.dequantize(), self.bias)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bias={self.bias is not None}, small_m={self.small_m}"
+        )
+
+    # subclasses
+    def _mm_small(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _mm_large(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def dequantize(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def canonical_state(self) -> dict[str, torch.Tensor]:
+        """Kernel-independent tensors (what checkpoints hold), rows = output channels."""
+        raise NotImplementedError
+
+
+class Int8Linear(QuantizedLinear):
+    """int8 weights, one scale per output channel (symmetric)."""
+
+    format = "int8"
+
+    def __init__(
+        self,
+        qweight: torch.Tensor,
+        scales: torch.Tensor,
+        bias: torch.Tensor | None = None,
+        **kwargs: object,
+    ) -> None:
+        n, k = qweight.shape
+        super().__init__(k, n, bias, **kwargs)  # type: ignore[arg-type]
+        assert qweight.dtype == torch.int8 and scales.shape == (n,)
+        self.register_buffer("qweight", qweight.contiguous())
+        self.register_buffer("scales", scales.float().contiguous())
+        # The kernel wants scales in the activation dtype; they are bf16-exact (numerics.py).
+        self.register_buffer("scales_bf16", self.scales.to(torch.bfloat16), persistent=False)
+
+    @classmethod
+    def from_float(cls, linear: nn.Linear, **kwargs: object) -> Int8Linear:
+        q, s = quantize_int8_per_channel(linear.weight.detach())
+        return cls(q, s, linear.bias, **_merged_meta(linear), **kwargs)
+
+    def _weight(self) -> kernels.Int8Weight:
+        return kernels.Int8Weight(self.qweight, self.scales)
+
+    def _mm_small(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_cuda:
+            return F.linear(x, self.qweight.to(x.dtype)) * self.scales
+        if cgemv.available():  # fp32 activations, AVX2 (qwenkit/quant/csrc/gemv_avx2.c)
+            return cgemv.gemm_int8(x, self.qweight, self.scales, None)
+        return torch.ops.aten._weight_int8pack_mm(
+            x.to(torch.bfloat16), self.qweight, self.scales_bf16
+        ).float()
+
+    def _mm_large(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_cuda:
+            return F.linear(x, self.qweight.to(x.dtype)) * self.scales
+        return self._weight().mm_dequant_fp32(x)
+
+    def dequantize(self) -> torch.Tensor:
+        return self._weight().dequantize()
+
+    def canonical_state(self) -> dict[str, torch.Tensor]:
+        return {"qweight": self.qweight, "scales": self.scales.to(torch.bfloat16)}
+
+
+class Int4Linear(QuantizedLinear):
+    """4-bit codes, one (scale, zero) per `group_size` input columns per output channel."""
+
+    def __init__(
+        self,
+        qweight: torch.Tensor,
+        scales: torch.Tensor,
+        zeros: torch.Tensor,
+        group_size: int,
+        bias: torch.Tensor | None = None,
+        **kwargs: object,
+    ) -> None:
+        """Takes the canonical layout (numerics.py) and repacks it for the kernel."""
+        n, half_k = qweight.shape
+        super().__init__(2 * half_k, n, bias, **kwargs)  # type: ignore[arg-type]
+        self.group_size = group_size
+        self.format = f"int4-g{group_size}"
+        if qweight.is_cuda:
+            codes = qweight  # (N, K/2) uint8 is what the CUDA packer takes
+            packed = torch.ops.aten._convert_weight_to_int4pack(codes.contiguous(), 8)
+            sz = torch.stack((scales, zeros), -1).transpose(0, 1).to(torch.bfloat16).contiguous()
+            self.register_buffer("packed", packed)
+            self.register_buffer("scales_and_zeros", sz)
+            self._canonical = (qweight, scales, zeros)  # CUDA layout is opaque: keep for export
+        else:
+            w = kernels.Int4Weight.from_canonical(qweight, scales, zeros, group_size)
+            self.register_buffer("packed", w.packed)
+            self.register_buffer("scales_and_zeros", w.scales_and_zeros)
+
+    @classmethod
+    def from_float(cls, linear: nn.Linear, group_size: int, **kwargs: object) -> Int4Linear:
+        q, s, z = quantize_int4_groupwise(linear.weight.detach(), group_size)
+        return cls(q, s, z, group_size, linear.bias, **_merged_meta(linear), **kwargs)
+
+    def _weight(self) -> kernels.Int4Weight:
+        return kernels.Int4Weight(
+            self.packed, self.scales_and_zeros, self.group_size, self.out_features, self.in_features
+        )
+
+    def _mm_small(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_cuda:
+            return self._mm_cuda(x)
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(
+            x.to(torch.bfloat16), self.packed, self.group_size, self.scales_and_zeros
+        ).float()
+
+    def _mm_large(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_cuda:
+            return self._mm_cuda(x)
+        return self._weight().mm_dequant_fp32(x)
+
+    def _mm_cuda(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.ops.aten._weight_int4pack_mm(
+            x.to(torch.bfloat16), self.packed, self.group_size, self.scales_and_zeros
+        )
+        return y.to(x.dtype)
+
+    def dequantize(self) -> torch.Tensor:
+        if self.packed.is_cuda:
+            return dequantize_int4(*self._canonical)
+        return self._weight().dequantize()
+
+    def canonical_state(self) -> dict[str, torch.Tensor]:
+        if self.packed.is_cuda:
+            q, s, z = self._canonical
+        else:
+            q, s, z = self._weight().to_canonical()
+        return {"qweight": q, "scales": s.to(torch.bfloat16), "zeros": z.to(torch.bfloat16)}
+
+
+def _merged_meta(linear: nn.Linear) -> dict[str, object]:
+    sizes = getattr(linear, "output_sizes", None)
+    names = getattr(linear, "shard_names", None)
+    return {"output_sizes": tuple(sizes), "shard_names": tuple(names)} if sizes else {}

@@ -1,0 +1,66 @@
+"""The default runtime format on the real Qwen2.5-Coder-0.5B-Instruct GGUF (slow: minutes)."""
+from __future__ import annotations
+
+import ast
+import re
+
+import pytest
+import torch
+
+from qwenkit.quant import resolve_method, save_quantized
+from qwenkit.quant.quality import compare, humaneval_text, quantized_view
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def fp32_05b(gguf_05b_path):
+    from qwenkit.loaders.load import load
+
+    return load(gguf_05b_path, progress=False)
+
+
+def test_default_format_top1_agreement_on_fixed_text(fp32_05b) -> None:
+    ids = fp32_05b.tokenizer.encode(humaneval_text())
+    method = resolve_method("auto")
+    rows = compare(fp32_05b.model, ids, methods=[method], n_ctx=512, n_chunks=2)
+    fp32, quant = rows
+    assert quant.top1 >= 0.95, quant
+    assert quant.ppl_delta_pct <= 2.0, quant  # the issue's quality bar for the default format
+    assert quant.weight_mb < 0.5 * fp32.weight_mb
+
+
+def test_default_format_greedy_output_is_coherent(fp32_05b) -> None:
+    from qwenkit.generate import generate
+    from qwenkit.sampling_params import SamplingParams
+
+    model = quantized_view(fp32_05b.model, resolve_method("auto"))
+    tok = fp32_05b.tokenizer
+    prompt = tok.apply_chat_template(
+        [{"role": "user", "content": "Write a Python function `is_prime(n)` that returns True if n is prime."}],
+        add_generation_prompt=True,
+    )
+    ids = tok.encode(prompt) if isinstance(prompt, str) else list(prompt)
+    params = SamplingParams(temperature=0.0, max_tokens=160)
+    with torch.inference_mode():
+        text = generate(model, tok, ids, params, eos_token_ids=fp32_05b.config.eos_token_ids).text
+    assert "def is_prime" in text, text
+    code = re.search(r"```(?:python)?\n(.*?)(?:```|$)", text, re.S)
+    src = code.group(1) if code else text
+    fn = src[src.index("def is_prime") :]
+    fn = "\n".join(line for line in fn.splitlines() if line.startswith((" ", "\t", "def")) or not line.strip())
+    namespace: dict = {}
+    exec(compile(ast.parse(fn), "<generated>", "exec"), namespace)  # noqa: S102 - our own model's output
+    assert [namespace["is_prime"](n) for n in (1, 2, 3, 4, 17, 21, 97)] == [False, True, True, False, True, False, True]
+
+
+def test_quantized_checkpoint_round_trips_real_model(fp32_05b, tmp_path) -> None:
+    from qwenkit.loaders.load import load
+
+    model = quantized_view(fp32_05b.model, "mixed")
+    save_quantized(model, tmp_path, tokenizer=fp32_05b.tokenizer)
+    back = load(tmp_path, progress=False)
+    x = torch.tensor([fp32_05b.tokenizer.encode("def quicksort(xs):\n    ")])
+    with torch.inference_mode():
+        assert torch.equal(back.model(x), model(x))
+    assert back.tokenizer.encode("def f(): pass") == fp32_05b.tokenizer.encode("def f(): pass")

@@ -36,6 +36,23 @@ def cmd_kernels(args: argparse.Namespace) -> int:
     return kernels.main(argv)
 
 
+def cmd_throughput(args: argparse.Namespace) -> int:
+    import torch
+
+    from qwenkit.bench.throughput import run_throughput
+
+    torch.set_num_threads(args.threads)
+    lo, _, hi = args.prompt_len.partition("-")
+    prompt_len: int | tuple[int, int] = (int(lo), int(hi)) if hi else int(lo)
+    engine_args = {"kv_cache_memory": args.kv_cache_memory} if args.kv_cache_memory else {}
+    run_throughput(
+        args.model, num_requests=args.num_requests,
+        concurrency=[int(c) for c in args.concurrency.split(",")], prompt_len=prompt_len,
+        output_len=args.output_len, out_json=args.json, llama_cpp=not args.no_llama_cpp, **engine_args,
+    )  # fmt: skip
+    return 0
+
+
 def add_bench_parser(subparsers: Any) -> argparse.ArgumentParser:
     from qwenkit.bench.decode import add_arguments
 
@@ -49,6 +66,20 @@ def add_bench_parser(subparsers: Any) -> argparse.ArgumentParser:
         p = sub.add_parser(mode, help=helptext)
         add_arguments(p)
         p.set_defaults(func=cmd_side_by_side, mode=mode)
+    from qwenkit.loaders.registry import DEFAULT_MODEL
+
+    p = sub.add_parser("throughput", help="continuous batching: N requests at concurrency 1/4/16/64 vs llama.cpp")
+    p.add_argument("model", nargs="?", default=DEFAULT_MODEL)
+    p.add_argument("--num-requests", type=int, default=64, help="requests per concurrency level")
+    p.add_argument("--concurrency", default="1,4,16,64")
+    p.add_argument("--prompt-len", default="128-512", help="N or LO-HI (uniform random lengths)")
+    p.add_argument("--output-len", type=int, default=128)
+    p.add_argument("--kv-cache-memory", default=None)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--no-llama-cpp", action="store_true")
+    p.add_argument("--json", default="bench-results/throughput.json")
+    p.set_defaults(func=cmd_throughput)
+
     p = sub.add_parser("kernels", help="linear kernels on the real projection shapes")
     p.add_argument("--size", choices=["0.5b", "1.5b"], default="0.5b")
     p.add_argument("--shapes", default="qkv,o,gate_up,down,lm_head")

@@ -214,6 +214,7 @@ def run_throughput(
             for c, ratio in report["ratio_vs_llama_cpp"].items():
                 say(f"ratio qwenkit/llama.cpp aggregate tok/s at c={c}: {ratio:.2f}x")
     if out_json is not None:
+        os.makedirs(os.path.dirname(os.path.abspath(out_json)), exist_ok=True)
         with open(out_json, "w") as f:
             json.dump(report, f, indent=2)
         say(f"wrote {out_json}")

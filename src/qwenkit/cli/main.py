@@ -88,6 +88,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--kv-cache-memory", default=None, help='bytes or e.g. "2GiB"')
     g.add_argument("--block-size", type=int, default=None)
     g.add_argument("--threads", type=int, default=None)
+    g.add_argument("--quantization", "-q", default="auto",
+                   help="runtime weight format: auto (= int8, see qwenkit.quant.policy), none (fp32), int8, "
+                        "int4, mixed, ... (`qwenkit eval quant` compares them)")
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
@@ -106,7 +109,7 @@ class _Generator:
         from qwenkit.loaders.load import load
 
         _threads(args.threads)
-        self.lm = load(args.model, progress=progress)
+        self.lm = load(args.model, progress=progress, quantization=args.quantization)
         self.backend = args.backend
         self.llm = None
         if self.backend == "engine":
@@ -160,7 +163,7 @@ def cmd_generate_batch(args: argparse.Namespace) -> int:
     from qwenkit.loaders.load import load
 
     _threads(args.threads)
-    lm = load(args.model)
+    lm = load(args.model, quantization=args.quantization)
     items = []
     with open(args.input, encoding="utf-8") as f:
         for n, line in enumerate(f, 1):

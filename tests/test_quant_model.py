@@ -201,3 +201,15 @@ def test_checkpoint_rejects_unknown_tensors(tmp_path) -> None:
     save_file(tensors, str(tmp_path / "model.safetensors"))
     with pytest.raises(ModelIntegrityError, match="unexpected"):
         load_quantized(tmp_path, model.config)
+
+
+@pytest.mark.slow  # inductor compiles C++ (a minute on a busy 2-core machine)
+def test_decode_session_compiled_matches_eager() -> None:
+    from qwenkit.quant.runtime import DecodeSession
+
+    model = quantize_model(tiny(seed=8), "mixed")
+    prompt = ids(1, 12, seed=9)[0].tolist()
+    eager = DecodeSession(model)
+    want = eager.decode(eager.prefill(prompt, 9), 8)
+    compiled = DecodeSession(model, compile=True)
+    assert compiled.decode(compiled.prefill(prompt, 9), 8) == want

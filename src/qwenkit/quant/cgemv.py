@@ -76,6 +76,7 @@ def _lib() -> ctypes.CDLL | None:
     return lib
 
 
+@torch.compiler.assume_constant_result  # a constant for dynamo: no graph break in compiled decode
 def available() -> bool:
     return _lib() is not None
 

@@ -19,11 +19,6 @@ from qwenkit.model import ContiguousKVCache
 logger = logging.getLogger(__name__)
 
 
-def set_threads(n: int | None) -> None:
-    if n:
-        torch.set_num_threads(n)
-
-
 class DecodeSession:
     def __init__(self, model: nn.Module, compile: bool = False) -> None:
         self.model = model

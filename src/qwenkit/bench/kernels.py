@@ -20,7 +20,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from qwenkit.quant import kernels
+from qwenkit.quant import cgemv, kernels
 from qwenkit.quant.numerics import (
     dequantize_int8,
     quantize_int4_groupwise,
@@ -70,6 +70,8 @@ def _candidates(w: torch.Tensor) -> dict[str, tuple[Runner, int]]:
     q, s = quantize_int8_per_channel(w)
     p8 = kernels.Int8Weight.from_canonical(q, s)
     out["int8/bf16act"] = (p8.mm_bf16, n * k)
+    if cgemv.available():
+        out["int8/qwenkit-avx2"] = (lambda x, q=q, s=s: cgemv.gemm_int8(x, q, s, None), n * k)
     out["int8/deq+fp32"] = (p8.mm_dequant_fp32, n * k)
     dyn = kernels.DynamicInt8Weight.from_canonical(q, s)
     if dyn is not None:

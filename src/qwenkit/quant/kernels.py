@@ -75,8 +75,9 @@ class Int8Weight:
 class DynamicInt8Weight:
     """fbgemm dynamic quantization (int8 weights per channel, int8 activations per tensor).
 
-    Benchmarked only: it needs the deprecated quantized-tensor API and its 7-bit per-tensor
-    activations lose too much on Qwen's activation outliers (see the quality report).
+    Benchmarked only (`qwenkit bench kernels`): it needs the deprecated quantized-tensor API,
+    and its 7-bit per-tensor activations are a quality risk on Qwen's activation outliers (not
+    yet measured with `qwenkit eval quant`). It was the fastest large-M int8 GEMM seen here.
     """
 
     def __init__(self, packed: object) -> None:

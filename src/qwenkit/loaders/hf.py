@@ -115,8 +115,23 @@ def export_hf(
                 total += v.numel() * v.element_size()
         with open(out / SAFETENSORS_INDEX, "w") as f:
             json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+    write_hf_metadata(
+        out, config, {"torch_dtype": str(dtype).removeprefix("torch.")}, tokenizer, generation
+    )
+    logger.info("exported %s to %s", config.name or "model", out)
+    return out
+
+
+def write_hf_metadata(
+    out: Path,
+    config: ModelConfig,
+    config_extra: dict[str, Any],
+    tokenizer: Any | None,
+    generation: dict[str, Any] | None,
+) -> None:
+    """Write config.json (+ `config_extra`), generation_config.json and the tokenizer files."""
     hf_cfg = config.to_hf()
-    hf_cfg["torch_dtype"] = str(dtype).removeprefix("torch.")
+    hf_cfg.update(config_extra)
     with open(out / "config.json", "w") as f:
         json.dump(hf_cfg, f, indent=2)
     gen = {"bos_token_id": 151643, "eos_token_id": list(config.eos_token_ids)}
@@ -125,5 +140,3 @@ def export_hf(
         json.dump(gen, f, indent=2)
     if tokenizer is not None:
         tokenizer.save_hf(out)
-    logger.info("exported %s to %s", config.name or "model", out)
-    return out

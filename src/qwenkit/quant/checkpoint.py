@@ -117,6 +117,8 @@ def save_quantized(
 ) -> Path:
     from safetensors.torch import save_file
 
+    from qwenkit.loaders.hf import write_hf_metadata
+
     policy: QuantPolicy | None = getattr(model, "quant_policy", None)
     if policy is None:
         raise ValueError("model is not quantized (call qwenkit.quant.quantize_model first)")
@@ -124,16 +126,9 @@ def save_quantized(
     out.mkdir(parents=True, exist_ok=True)
     config: ModelConfig = model.config
     save_file(quantized_state_dict(model), str(out / "model.safetensors"), metadata={"format": "pt"})
-    hf_cfg = config.to_hf()
-    hf_cfg["quantization_config"] = quantization_config(policy)
-    with open(out / "config.json", "w") as f:
-        json.dump(hf_cfg, f, indent=2)
-    gen = {"bos_token_id": 151643, "eos_token_id": list(config.eos_token_ids)}
-    gen.update(generation or {})
-    with open(out / "generation_config.json", "w") as f:
-        json.dump(gen, f, indent=2)
-    if tokenizer is not None:
-        tokenizer.save_hf(out)
+    write_hf_metadata(
+        out, config, {"quantization_config": quantization_config(policy)}, tokenizer, generation
+    )
     logger.info("wrote quantized checkpoint (%s) to %s", policy.spec, out)
     return out
 

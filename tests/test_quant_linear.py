@@ -5,7 +5,10 @@ Stated bounds (y = x Wq^T with Wq the dequantized weight, |x| |Wq|^T the element
 - small-M path, torch kernels (bf16 activations, bf16 output):
   |y - y_ref| <= 2^-8 * (|x| |Wq|^T + |y_ref|) + 1e-6
   — one bf16 rounding of each x_i (relative 2^-9) and one of each y_j (relative 2^-9), doubled;
-- small-M path, qwenkit's AVX2 int8 kernel (fp32 throughout): the large-M bound.
+- small-M path, qwenkit's AVX2 kernels (int8 activations in blocks of 32, scale d_b = max|x_b| / 127,
+  so |x_i - x̂_i| <= d_b / 2): |y - y_ref| <= (d/2) |Wq|^T * (1 + 1e-3) + the large-M bound — the
+  activation rounding propagated exactly; separately, the kernels equal the fp32 product of the
+  dequantized x̂ and Wq to 1e-5 relative (`test_q_kernels_equal_their_math`).
 - quantization itself: int8 |w - wq| <= scale/2 per row; int4 |w - wq| <= scale/2 per group.
 """
 from __future__ import annotations
@@ -81,14 +84,22 @@ def test_int4_cpu_layout_round_trips() -> None:
     assert torch.equal(packed.dequantize(32, 96), dequantize_int4(q, s, z)[32:96])
 
 
+def _act_half_step(x: torch.Tensor) -> torch.Tensor:
+    """Per element, half the int8 step of its block of 32 (the activation rounding bound)."""
+    xb = x.reshape(*x.shape[:-1], -1, cgemv.QBLOCK)
+    d = xb.abs().amax(-1, keepdim=True) / 127.0
+    return (d / 2).expand_as(xb).reshape(x.shape)
+
+
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
-@pytest.mark.parametrize("fmt", [*FORMATS, "int8-torch"])
+@pytest.mark.parametrize("fmt", [*FORMATS, "int8-torch", "int4-g32-torch"])
 @pytest.mark.parametrize("m", [1, 5, 40])
 def test_fast_paths_match_reference(fmt: str, shape: tuple[int, int], m: int, monkeypatch) -> None:
-    """int8 runs the AVX2 C kernel when it builds; "int8-torch" forces torch's bf16 kernel."""
-    if fmt == "int8-torch":
+    """The small-M path runs the AVX2 C kernels when they build; "-torch" forces torch's bf16 kernels."""
+    torch_kernels = fmt.endswith("-torch")
+    if torch_kernels:
         monkeypatch.setattr(cgemv, "available", lambda: False)
-        fmt = "int8"
+        fmt = fmt.removesuffix("-torch")
     n, k = shape
     linear = nn.Linear(k, n, bias=True)
     with torch.no_grad():
@@ -101,7 +112,10 @@ def test_fast_paths_match_reference(fmt: str, shape: tuple[int, int], m: int, mo
         ref = qlin.reference_forward(x)
         scale = x.abs() @ wq.abs().t()  # (2, m, N)
         fp32_bound = 1e-5 * scale
-        small_bound = fp32_bound if (fmt == "int8" and cgemv.available()) else 2**-8 * (scale + ref.abs())
+        if cgemv.available() and cgemv.supports_q(k):
+            small_bound = _act_half_step(x) @ wq.abs().t() * (1 + 1e-3) + fp32_bound
+        else:
+            small_bound = 2**-8 * (scale + ref.abs())
         for small_m, bound in ((10_000, small_bound), (0, fp32_bound)):
             qlin.small_m = small_m  # force the small-M (bf16) or the large-M (fp32) kernel
             got = qlin(x)
@@ -116,6 +130,62 @@ def test_merged_linear_metadata_survives(fmt: str) -> None:
     assert q.output_sizes == (64, 32, 32)
     assert q.shard_names == ("q_proj", "k_proj", "v_proj")
     assert set(q.canonical_state()) >= {"qweight", "scales"}
+
+
+@pytest.mark.parametrize("k", [128, 896, 4864])
+@pytest.mark.parametrize("m", [1, 3, 4, 5, 17])
+def test_q_kernels_equal_their_math(m: int, k: int) -> None:
+    """int8-activation kernels = fp32 product of the dequantized activations and weights
+    (every M around the 4-row blocking, K with an odd number of 8-group chunks, g32 and g128)."""
+    if not cgemv.available():
+        pytest.skip("no C compiler / AVX2")
+    w = _weight(72, k, seed=k)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)) * 3
+    xq, dx, xs = cgemv.quantize_activations(x)
+    xd = (xq.float().view(m, -1, 32) * dx[..., None]).view(m, k)
+    assert bool(((xd - x).abs() <= _act_half_step(x) * (1 + 1e-6)).all())
+    xb = xd.view(m, -1, 32)
+    assert bool(((xs - xb.sum(-1)).abs() <= 1e-6 * xb.abs().sum(-1) + 1e-7).all())  # fp32 summation order
+    q, s = quantize_int8_per_channel(w)
+    want = xd @ dequantize_int8(q, s).t()
+    tol = 1e-5 * (xd.abs() @ dequantize_int8(q, s).abs().t()) + 1e-6
+    assert bool(((cgemv.gemm_q8(x, q, s) - want).abs() <= tol).all())
+    for g in (32, 128):
+        q4, s4, z4 = quantize_int4_groupwise(w, g)
+        blk = kernels.BlockInt4Weight.from_canonical(q4, s4, z4, g)
+        wq = dequantize_int4(q4, s4, z4)
+        want = xd @ wq.t()
+        tol = 1e-5 * (xd.abs() @ (wq.abs() + z4.abs().repeat_interleave(g, 1)).t()) + 1e-6
+        assert bool(((blk.mm_q(x) - want).abs() <= tol).all()), (g, (blk.mm_q(x) - want).abs().max())
+
+
+def test_q_kernels_are_batch_invariant() -> None:
+    """A row's result is bit-identical whatever M is and wherever the row sits in the batch, so
+    a request's tokens do not depend on what else the engine batches with it."""
+    if not cgemv.available():
+        pytest.skip("no C compiler / AVX2")
+    w = _weight(80, 896, seed=3)
+    x = torch.randn(11, 896, generator=torch.Generator().manual_seed(4))
+    q, s = quantize_int8_per_channel(w)
+    blk = kernels.BlockInt4Weight.from_canonical(*quantize_int4_groupwise(w, 32), 32)
+    for fn in (lambda t: cgemv.gemm_q8(t, q, s), blk.mm_q):
+        full = fn(x)
+        for i in (0, 3, 4, 10):
+            assert torch.equal(fn(x[i : i + 1]), full[i : i + 1])
+        assert torch.equal(fn(x[5:11]), full[5:11])
+
+
+def test_block_int4_layout_round_trips() -> None:
+    w = _weight(96, 256)
+    q, s, z = quantize_int4_groupwise(w, 32)
+    blk = kernels.BlockInt4Weight.from_canonical(q, s, z, 32)
+    q2, s2, z2 = blk.to_canonical()
+    assert torch.equal(q2, q) and torch.equal(s2, s) and torch.equal(z2, z)
+    assert torch.equal(blk.dequantize(), dequantize_int4(q, s, z))
+    assert torch.equal(blk.dequantize(32, 96), dequantize_int4(q, s, z)[32:96])
+    # byte j of a block holds columns j (low nibble) and j + 16 (high nibble)
+    codes = unpack_int4(q)
+    assert int(blk.codes[5, 3]) == int(codes[5, 3]) | int(codes[5, 19]) << 4
 
 
 def test_c_kernel_handles_ragged_k_and_many_rows() -> None:

@@ -20,7 +20,9 @@ def _load(args: argparse.Namespace) -> Any:
 
     if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)
-    return load(args.model, dtype=getattr(torch, args.dtype), progress=not args.no_progress)
+    return load(
+        args.model, dtype=getattr(torch, args.dtype), progress=not args.no_progress, quantization=args.quantization
+    )
 
 
 def _runtime(loaded: Any, args: argparse.Namespace) -> dict[str, Any]:
@@ -30,10 +32,17 @@ def _runtime(loaded: Any, args: argparse.Namespace) -> dict[str, Any]:
         "format": loaded.source.format,
         "weights": Path(loaded.source.path).name,
         "dtype": args.dtype,
+        "quantization": _quant_label(loaded, args),
         "device": str(next(loaded.model.parameters()).device),
         "threads": torch.get_num_threads(),
         "load_seconds": round(loaded.load_seconds, 2),
     }
+
+
+def _quant_label(loaded: Any, args: argparse.Namespace) -> str:
+    """The runtime weight format actually used (``auto`` resolved; a quantized checkpoint as stored)."""
+    policy = getattr(loaded.model, "quant_policy", None)
+    return policy.spec if policy is not None and policy.is_quantized else "none"
 
 
 def _default_samples_path(args: argparse.Namespace, model_name: str) -> Path:
@@ -74,7 +83,8 @@ def cmd_codegen(args: argparse.Namespace) -> int:
     loaded = _load(args)
     model_name = loaded.source.name or str(args.model)
     samples_path = Path(args.samples) if args.samples else _default_samples_path(args, model_name)
-    store = SampleStore(samples_path, config.meta(args.benchmark, model_name, task_ids), overwrite=args.overwrite)
+    meta = {**config.meta(args.benchmark, model_name, task_ids), "quantization": _quant_label(loaded, args)}
+    store = SampleStore(samples_path, meta, overwrite=args.overwrite)
     engine_args: dict[str, Any] = {"max_model_len": protocol.max_model_len or args.max_model_len}
     if args.max_num_seqs:
         engine_args["max_num_seqs"] = args.max_num_seqs
@@ -146,6 +156,9 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=_DTYPES, default="float32", help="compute dtype of the weights")
     p.add_argument("--threads", type=int, default=None, help="torch threads")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--quantization", "-q", default="auto",
+                   help="runtime weight format: auto (= int8, see qwenkit.quant.policy), none (fp32-dequantized), "
+                        "int8, int4, mixed, ...")  # fmt: skip
 
 
 def add_eval_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -184,6 +197,10 @@ def add_eval_parser(subparsers: Any) -> argparse.ArgumentParser:
             p.add_argument("--timeout", type=float, default=MBPP_TIMEOUT_S,
                            help="seconds per task, all inputs (per-input limits: max(1 s, 4x canonical))")  # fmt: skip
             p.add_argument("--mbpp-path", default=None, help="MbppPlus jsonl (default: $QWENKIT_MBPP_PLUS or ../shared/data)")
+
+    from qwenkit.quant.cli import add_eval_quant_parser
+
+    add_eval_quant_parser(sub)  # `qwenkit eval quant`: quality of each weight format vs fp32
 
     p = sub.add_parser("ppl", help="perplexity of a text file (llama-perplexity convention)")
     _common(p)

@@ -76,6 +76,9 @@ def causal_attention(
     gqa = qh.shape[1] != kh.shape[1]
     if sliding_window is None and q_offset == 0 and tq == tk:
         out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale, enable_gqa=gqa)
+    elif tq == 1 and q_offset == tk - 1 and (sliding_window is None or tk <= sliding_window):
+        # one decode query that sees every key: no mask to build (and SDPA's unmasked kernel)
+        out = F.scaled_dot_product_attention(qh, kh, vh, scale=scale, enable_gqa=gqa)
     else:
         q_pos = torch.arange(q_offset, q_offset + tq, device=q.device)
         k_pos = torch.arange(tk, device=q.device)

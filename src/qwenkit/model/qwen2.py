@@ -20,8 +20,8 @@ from qwenkit.model.layers import (
     RMSNorm,
     RotaryEmbedding,
     SwiGLU,
-    apply_rotary,
     default_scale,
+    rotate,
 )
 
 
@@ -52,11 +52,11 @@ class Qwen2Attention(nn.Module):
     ) -> torch.Tensor:
         b, t, _ = hidden_states.shape
         qkv = self.qkv_proj(hidden_states)  # (B, T, q + 2 kv)
-        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.view(b, t, self.num_heads, self.head_dim)  # (B, T, Hq, D)
-        k = k.view(b, t, self.num_kv_heads, self.head_dim)  # (B, T, Hkv, D)
+        qk, v = qkv.split([self.q_size + self.kv_size, self.kv_size], dim=-1)
+        # q and k heads side by side: one rotary pass for both (same math as apply_rotary)
+        qk = rotate(qk.view(b, t, self.num_heads + self.num_kv_heads, self.head_dim), *rope)
+        q, k = qk.split([self.num_heads, self.num_kv_heads], dim=2)  # (B, T, Hq, D), (B, T, Hkv, D)
         v = v.view(b, t, self.num_kv_heads, self.head_dim)
-        q, k = apply_rotary(q, k, *rope)
         o = attend(
             self.layer_idx,
             q,

@@ -1,10 +1,13 @@
-"""The AVX2 int8 small-M kernel of `csrc/gemv_avx2.c`, compiled at first use, called via ctypes.
+"""qwenkit's AVX2 small-M kernels, compiled at first use, called via ctypes.
 
-Why: torch's `_weight_int8pack_mm` needs bf16 activations (two extra cast passes, bf16 rounding
-of x and y) and still reaches only ~5-10 GB/s at M=1 here, while decode is bound by streaming
-the weights (~20 GB/s available). This kernel keeps fp32 activations and converts the int8
-weights in registers. (An int4 variant was measured slower than torch's int4 kernel: unpacking
-nibbles to fp32 costs more ALU than it saves in bytes, so int4 stays on torch's kernel.)
+* `csrc/gemv_avx2.c` — int8 weights x fp32 activations (weights widened in registers).
+* `csrc/qgemm_avx2.c` — int8 / int4 weights x int8 activations: x is quantized once per call in
+  blocks of 32 (fp32 scale per block, as llama.cpp's Q8 activations) and each 32-weight block
+  costs one `vpmaddubsw` + `vpmaddwd` + convert + FMA per activation row.
+
+Why: torch's `_weight_int8pack_mm` / `_weight_int4pack_mm_for_cpu` need bf16 activations (two
+extra cast passes, bf16 rounding of x and y) and reach only ~4-10 GB/s at M=1 here, while decode
+is bound by streaming the weights (~20 GB/s available), and they fall off quickly as M grows.
 
 Build: ``gcc -O3 -mavx2 -mfma -fopenmp -shared -fPIC`` into the qwenkit cache
 (``$QWENKIT_HOME/kernels`` or the platform cache dir), keyed by the source hash; about a second.
@@ -27,7 +30,7 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-_SRC = Path(__file__).with_name("csrc") / "gemv_avx2.c"
+_SRCS = tuple(Path(__file__).with_name("csrc") / f for f in ("gemv_avx2.c", "qgemm_avx2.c"))
 _P = ctypes.c_void_p
 _I = ctypes.c_int64
 
@@ -57,22 +60,29 @@ def _lib() -> ctypes.CDLL | None:
     if cc is None:
         logger.info("no C compiler: using torch's weight-only kernels")
         return None
-    src = _SRC.read_bytes()
+    src = b"".join(p.read_bytes() for p in _SRCS)
     tag = hashlib.sha256(src + cc.encode()).hexdigest()[:16]
     out = _cache_dir() / f"qk_gemv_{tag}.so"
     if not out.is_file():
         out.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
             tmp_so = Path(tmp) / out.name
-            cmd = [cc, "-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC", str(_SRC), "-o", str(tmp_so)]
+            cmd = [cc, "-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC",
+                   *map(str, _SRCS), "-o", str(tmp_so)]  # fmt: skip
             proc = subprocess.run(cmd, capture_output=True, text=True)
             if proc.returncode != 0:
-                logger.warning("building %s failed, using torch kernels:\n%s", _SRC.name, proc.stderr[-2000:])
+                logger.warning("building the C kernels failed, using torch kernels:\n%s", proc.stderr[-2000:])
                 return None
             os.replace(tmp_so, out)  # atomic: concurrent builders race harmlessly
     lib = ctypes.CDLL(str(out))
     lib.qk_gemm_int8.argtypes = [_P, _P, _P, _P, _P, _I, _I, _I]
     lib.qk_gemm_int8.restype = None
+    lib.qk_quant_act.argtypes = [_P, _P, _P, _P, _I, _I]
+    lib.qk_quant_act.restype = None
+    lib.qk_gemm_q8.argtypes = [_P, _P, _P, _P, _P, _I, _I, _I]
+    lib.qk_gemm_q8.restype = None
+    lib.qk_gemm_q4.argtypes = [_P, _P, _P, _P, _P, _P, _P, _I, _I, _I, _I]
+    lib.qk_gemm_q4.restype = None
     return lib
 
 
@@ -81,8 +91,7 @@ def available() -> bool:
     return _lib() is not None
 
 
-@torch.library.custom_op("qwenkit::gemm_int8", mutates_args=())
-def _gemm_int8_op(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+def _gemm_int8_impl(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     lib = _lib()
     assert lib is not None and x.dtype == torch.float32 and x.device.type == "cpu"
     x = x.contiguous()
@@ -91,6 +100,9 @@ def _gemm_int8_op(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) 
     y = torch.empty(m, n, dtype=torch.float32)
     lib.qk_gemm_int8(x.data_ptr(), qweight.data_ptr(), scales.data_ptr(), None, y.data_ptr(), m, n, k)
     return y
+
+
+_gemm_int8_op = torch.library.custom_op("qwenkit::gemm_int8", mutates_args=())(_gemm_int8_impl)
 
 
 @_gemm_int8_op.register_fake
@@ -102,6 +114,110 @@ def gemm_int8(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bias
     """x (M, K) fp32 -> (M, N) fp32; qweight int8 (N, K), scales fp32 (N,), bias fp32 (N,).
 
     A registered custom op (`torch.ops.qwenkit.gemm_int8`), so `torch.compile` keeps it in the
-    graph instead of breaking on the ctypes call."""
-    y = _gemm_int8_op(x, qweight, scales)
+    graph instead of breaking on the ctypes call); eager calls skip the op dispatch (~30 us)."""
+    y = _gemm_int8_op(x, qweight, scales) if torch.compiler.is_compiling() else _gemm_int8_impl(x, qweight, scales)
     return y if bias is None else y + bias
+
+
+# ----------------------------------------------------------------- int8-activation kernels
+QBLOCK = 32  # activation / weight block of qgemm_avx2.c
+MAX_BLOCKS = 1024  # per-thread scratch of qk_gemm_q4: K <= 32768
+
+
+def _quant_act(lib: ctypes.CDLL, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    m, k = x.shape
+    xq = torch.empty(m, k, dtype=torch.int8)
+    dx = torch.empty(m, k // QBLOCK, dtype=torch.float32)
+    xs = torch.empty(m, k // QBLOCK, dtype=torch.float32)
+    lib.qk_quant_act(x.data_ptr(), xq.data_ptr(), dx.data_ptr(), xs.data_ptr(), m, k)
+    return xq, dx, xs
+
+
+def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x (M, K) fp32 -> (int8 codes (M, K), block scales (M, K/32), block sums of the dequantized
+    codes (M, K/32)),
+    as the int8-activation kernels see x (exposed for tests)."""
+    lib = _lib()
+    assert lib is not None
+    return _quant_act(lib, x.float().contiguous())
+
+
+def _gemm_q8_impl(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    lib = _lib()
+    assert lib is not None and x.dtype == torch.float32 and x.device.type == "cpu"
+    x = x.contiguous()
+    m, k = x.shape
+    n = qweight.shape[0]
+    xq, dx, _ = _quant_act(lib, x)
+    y = torch.empty(m, n, dtype=torch.float32)
+    lib.qk_gemm_q8(xq.data_ptr(), dx.data_ptr(), qweight.data_ptr(), scales.data_ptr(), y.data_ptr(), m, n, k)
+    return y
+
+
+_gemm_q8_op = torch.library.custom_op("qwenkit::gemm_q8", mutates_args=())(_gemm_q8_impl)
+
+
+@_gemm_q8_op.register_fake
+def _(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    return x.new_empty(x.shape[0], qweight.shape[0])
+
+
+def _gemm_q4_impl(
+    x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int
+) -> torch.Tensor:
+    lib = _lib()
+    assert lib is not None and x.dtype == torch.float32 and x.device.type == "cpu"
+    x = x.contiguous()
+    m, k = x.shape
+    n = codes.shape[0]
+    xq, dx, xs = _quant_act(lib, x)
+    y = torch.empty(m, n, dtype=torch.float32)
+    lib.qk_gemm_q4(
+        xq.data_ptr(), dx.data_ptr(), xs.data_ptr(), codes.data_ptr(), scales.data_ptr(), zeros.data_ptr(),
+        y.data_ptr(), m, n, k, group_size,
+    )  # fmt: skip
+    return y
+
+
+_gemm_q4_op = torch.library.custom_op("qwenkit::gemm_q4", mutates_args=())(_gemm_q4_impl)
+
+
+@_gemm_q4_op.register_fake
+def _(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int) -> torch.Tensor:
+    return x.new_empty(x.shape[0], codes.shape[0])
+
+
+def supports_q(k: int, group_size: int = QBLOCK) -> bool:
+    """Whether the int8-activation kernels take this input width / group size."""
+    return k % QBLOCK == 0 and group_size % QBLOCK == 0 and k % group_size == 0 and k // QBLOCK <= MAX_BLOCKS
+
+
+def gemm_q8(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """x (M, K) fp32 -> (M, N): int8 (N, K) per-channel weights, x quantized to int8 per 32."""
+    if torch.compiler.is_compiling():
+        return _gemm_q8_op(x, qweight, scales)
+    return _gemm_q8_impl(x, qweight, scales)  # eager: skip the op dispatch (~30 us a call)
+
+
+def gemm_q4(
+    x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int
+) -> torch.Tensor:
+    """x (M, K) fp32 -> (M, N): int4 codes in the block layout (`pack_q4`), bf16 scales/zeros
+    (N, K/group_size) with w = (c - 8) * s + z; x quantized to int8 per 32."""
+    if torch.compiler.is_compiling():
+        return _gemm_q4_op(x, codes, scales, zeros, group_size)
+    return _gemm_q4_impl(x, codes, scales, zeros, group_size)
+
+
+def pack_q4(codes: torch.Tensor) -> torch.Tensor:
+    """uint8 codes (N, K) in 0..15 -> (N, K/2): per block of 32, byte j = c[j] | c[j+16] << 4."""
+    n, k = codes.shape
+    c = codes.view(n, k // QBLOCK, 2, QBLOCK // 2)
+    return (c[:, :, 0] | (c[:, :, 1] << 4)).reshape(n, k // 2).contiguous()
+
+
+def unpack_q4(packed: torch.Tensor) -> torch.Tensor:
+    """Inverse of `pack_q4`: (N, K/2) -> uint8 codes (N, K)."""
+    n, half = packed.shape
+    p = packed.view(n, half // (QBLOCK // 2), QBLOCK // 2)
+    return torch.stack((p & 0xF, p >> 4), dim=2).reshape(n, 2 * half)

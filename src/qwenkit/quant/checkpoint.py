@@ -165,7 +165,7 @@ def build_quantized_model(
     policy: QuantPolicy,
     tensors: dict[str, torch.Tensor],
     device: torch.device | str = "cpu",
-    small_m: int = DEFAULT_SMALL_M,
+    small_m: int | None = DEFAULT_SMALL_M,
 ) -> nn.Module:
     """Construct the model on the meta device and fill it from checkpoint tensors, never
     allocating fp32 copies of the quantized weights."""
@@ -239,7 +239,7 @@ def load_quantized(
     folder: str | os.PathLike[str],
     config: ModelConfig,
     device: torch.device | str = "cpu",
-    small_m: int = DEFAULT_SMALL_M,
+    small_m: int | None = DEFAULT_SMALL_M,
 ) -> nn.Module:
     from safetensors.torch import load_file
 

@@ -18,7 +18,7 @@ from qwenkit.quant.policy import LINEAR_ROLES, QuantPolicy, parse
 logger = logging.getLogger(__name__)
 
 
-def quantize_linear(linear: nn.Linear, fmt: str, small_m: int = DEFAULT_SMALL_M) -> nn.Module:
+def quantize_linear(linear: nn.Linear, fmt: str, small_m: int | None = DEFAULT_SMALL_M) -> nn.Module:
     if fmt == "none":
         return linear
     if fmt == "int8":
@@ -58,7 +58,7 @@ def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:
 def quantize_model(
     model: nn.Module,
     policy: QuantPolicy | str,
-    small_m: int = DEFAULT_SMALL_M,
+    small_m: int | None = DEFAULT_SMALL_M,
     free_fp32: bool = True,
 ) -> nn.Module:
     """Quantize `model` in place according to `policy`; returns it, with `model.quant_policy` set.

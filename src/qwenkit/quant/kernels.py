@@ -16,6 +16,9 @@ Layouts:
   On CUDA, `_convert_weight_to_int4pack`'s opaque int32 tiling plus a canonical copy is not
   kept: the CUDA int4 module is built once from the canonical form and never dequantized.
   Scales and zeros are one (G, N, 2) tensor in the activation dtype, as the kernels want.
+- `BlockInt4Weight`: qwenkit's own CPU layout for `csrc/qgemm_avx2.c`: codes (N, K/2) uint8,
+  per block of 32 columns 16 bytes with byte j = code(j) | code(j + 16) << 4 (one 128-bit load
+  unpacks to 32 bytes in column order); scales and zeros bf16 (N, G), rows = output channels.
 """
 from __future__ import annotations
 
@@ -24,6 +27,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from qwenkit.quant import cgemv
 from qwenkit.quant.numerics import unpack_int4
 
 # Rows of weight dequantized at once on the large-M path: 256 rows x 4864 cols x 4 B = 5 MB, so
@@ -149,3 +153,44 @@ class Int4Weight:
     def mm_dequant_fp32(self, x: torch.Tensor) -> torch.Tensor:
         rows = max(_INT4_BLOCK_N, _chunk_rows(self.k) // _INT4_BLOCK_N * _INT4_BLOCK_N)
         return _linear_chunked(x, self.n, rows, self.dequantize)
+
+
+@dataclass
+class BlockInt4Weight:
+    codes: torch.Tensor  # uint8 (N, K/2), `cgemv.pack_q4` layout
+    scales: torch.Tensor  # bf16 (N, G)
+    zeros: torch.Tensor  # bf16 (N, G)
+    group_size: int
+
+    @classmethod
+    def from_canonical(
+        cls, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int
+    ) -> BlockInt4Weight:
+        codes = cgemv.pack_q4(unpack_int4(qweight))
+        return cls(codes, scales.to(torch.bfloat16).contiguous(), zeros.to(torch.bfloat16).contiguous(), group_size)
+
+    @property
+    def n(self) -> int:
+        return self.codes.shape[0]
+
+    @property
+    def k(self) -> int:
+        return 2 * self.codes.shape[1]
+
+    def to_canonical(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        c = cgemv.unpack_q4(self.codes)
+        return (c[:, 0::2] | (c[:, 1::2] << 4)).contiguous(), self.scales.float(), self.zeros.float()
+
+    def dequantize(self, lo: int = 0, hi: int | None = None) -> torch.Tensor:
+        hi = self.n if hi is None else hi
+        g = self.group_size
+        q = cgemv.unpack_q4(self.codes[lo:hi]).view(hi - lo, self.k // g, g).float()
+        w = (q - 8.0) * self.scales[lo:hi, :, None].float() + self.zeros[lo:hi, :, None].float()
+        return w.view(hi - lo, self.k)
+
+    def mm_q(self, x: torch.Tensor) -> torch.Tensor:
+        """int8-activation AVX2 kernel (small M)."""
+        return cgemv.gemm_q4(x, self.codes, self.scales, self.zeros, self.group_size)
+
+    def mm_dequant_fp32(self, x: torch.Tensor) -> torch.Tensor:
+        return _linear_chunked(x, self.n, _chunk_rows(self.k), self.dequantize)

@@ -4,10 +4,13 @@ construction (gpt-fast style: the model code never branches on quantization).
 ``y = x @ W.T + b`` with W stored quantized (int8 per output channel, or int4 group-wise) and
 x, y, b in fp32. The kernel is picked per call by the number of rows M of x:
 
-* ``M <= small_m`` (decode, small batches): int8 runs qwenkit's AVX2 kernel (`cgemv.py`: fp32
-  activations, weights widened in registers) when it builds, else torch's `_weight_int8pack_mm`;
-  int4 runs `_weight_int4pack_mm_for_cpu`. torch's kernels are fast only with bf16 activations,
-  so x is cast to bf16 around them and y back to fp32. Decode is bandwidth-bound on the weights.
+* ``M <= small_m`` (decode, small batches): qwenkit's AVX2 kernels (`cgemv.py`,
+  `csrc/qgemm_avx2.c`) when they build: x is quantized to int8 in blocks of 32 (one fp32 scale
+  each, as llama.cpp's Q8 activations) and the weights stay int8 / int4 through `vpmaddubsw`
+  integer dot products. int4 then uses qwenkit's block layout (`kernels.BlockInt4Weight`).
+  Without a C compiler: torch's `_weight_int8pack_mm` / `_weight_int4pack_mm_for_cpu`, which
+  are fast only with bf16 activations, so x is cast to bf16 around them and y back to fp32.
+  Decode is bandwidth-bound on the weights.
 * ``M > small_m`` (prefill): dequantize W to fp32 a few hundred rows at a time (each chunk stays
   in cache) and run fp32 GEMMs — plain bf16 and the weight-only kernels collapse at large M.
   No fp32 copy of the weights is kept, so resident memory stays that of the quantized model.
@@ -31,9 +34,13 @@ from qwenkit.quant.numerics import (
     quantize_int8_per_channel,
 )
 
-# Crossover of "bf16-activation weight-only kernel" vs "dequantize + fp32 GEMM", measured on the
-# 0.5B shapes with 2 threads (qwenkit.bench.kernels): the int kernels win up to M≈16-32.
-DEFAULT_SMALL_M = 16
+# Crossover of "small-M kernel" vs "dequantize + fp32 GEMM" (rows M of x), measured on the 0.5B
+# gate_up / down / lm_head shapes with 2 threads: int8 (AVX2 int8-activation kernel vs a cheap
+# int8 -> fp32 dequantize) crosses at M ~ 24-32; int4 (its dequantize is dearer) at M ~ 64-128.
+# None = the format's own default.
+DEFAULT_SMALL_M: int | None = None
+INT8_SMALL_M = 24
+INT4_SMALL_M = 64
 
 
 class QuantizedLinear(nn.Module):
@@ -49,7 +56,7 @@ class QuantizedLinear(nn.Module):
         bias: torch.Tensor | None,
         output_sizes: tuple[int, ...] | None = None,
         shard_names: tuple[str, ...] | None = None,
-        small_m: int = DEFAULT_SMALL_M,
+        small_m: int | None = DEFAULT_SMALL_M,
     ) -> None:
         super().__init__()
         self.in_features = in_features
@@ -58,7 +65,9 @@ class QuantizedLinear(nn.Module):
         # Fused (MergedLinear) metadata, kept for checkpoint export: rows of each HF projection.
         self.output_sizes = output_sizes or (out_features,)
         self.shard_names = shard_names
-        self.small_m = small_m
+        self.small_m = self.default_small_m if small_m is None else small_m
+
+    default_small_m = INT8_SMALL_M
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
@@ -128,7 +137,9 @@ class Int8Linear(QuantizedLinear):
     def _mm_small(self, x: torch.Tensor) -> torch.Tensor:
         if x.is_cuda:
             return F.linear(x, self.qweight.to(x.dtype)) * self.scales
-        if cgemv.available():  # fp32 activations, AVX2 (qwenkit/quant/csrc/gemv_avx2.c)
+        if cgemv.available():  # AVX2 (qwenkit/quant/csrc): int8 activations, else fp32 ones
+            if cgemv.supports_q(self.in_features):
+                return cgemv.gemm_q8(x, self.qweight, self.scales)
             return cgemv.gemm_int8(x, self.qweight, self.scales, None)
         return torch.ops.aten._weight_int8pack_mm(
             x.to(torch.bfloat16), self.qweight, self.scales_bf16
@@ -148,6 +159,8 @@ class Int8Linear(QuantizedLinear):
 
 class Int4Linear(QuantizedLinear):
     """4-bit codes, one (scale, zero) per `group_size` input columns per output channel."""
+
+    default_small_m = INT4_SMALL_M
 
     def __init__(
         self,
@@ -170,17 +183,28 @@ class Int4Linear(QuantizedLinear):
             self.register_buffer("packed", packed)
             self.register_buffer("scales_and_zeros", sz)
             self._canonical = (qweight, scales, zeros)  # CUDA layout is opaque: keep for export
+        elif cgemv.available() and cgemv.supports_q(2 * half_k, group_size):
+            b = kernels.BlockInt4Weight.from_canonical(qweight, scales, zeros, group_size)
+            self.register_buffer("codes", b.codes)
+            self.register_buffer("scales", b.scales)
+            self.register_buffer("zeros", b.zeros)
         else:
             w = kernels.Int4Weight.from_canonical(qweight, scales, zeros, group_size)
             self.register_buffer("packed", w.packed)
             self.register_buffer("scales_and_zeros", w.scales_and_zeros)
+
+    @property
+    def _block_layout(self) -> bool:
+        return hasattr(self, "codes")
 
     @classmethod
     def from_float(cls, linear: nn.Linear, group_size: int, **kwargs: object) -> Int4Linear:
         q, s, z = quantize_int4_groupwise(linear.weight.detach(), group_size)
         return cls(q, s, z, group_size, linear.bias, **_merged_meta(linear), **kwargs)
 
-    def _weight(self) -> kernels.Int4Weight:
+    def _weight(self) -> kernels.Int4Weight | kernels.BlockInt4Weight:
+        if self._block_layout:
+            return kernels.BlockInt4Weight(self.codes, self.scales, self.zeros, self.group_size)
         return kernels.Int4Weight(
             self.packed, self.scales_and_zeros, self.group_size, self.out_features, self.in_features
         )
@@ -188,6 +212,8 @@ class Int4Linear(QuantizedLinear):
     def _mm_small(self, x: torch.Tensor) -> torch.Tensor:
         if x.is_cuda:
             return self._mm_cuda(x)
+        if self._block_layout:
+            return cgemv.gemm_q4(x, self.codes, self.scales, self.zeros, self.group_size)
         return torch.ops.aten._weight_int4pack_mm_for_cpu(
             x.to(torch.bfloat16), self.packed, self.group_size, self.scales_and_zeros
         ).float()
@@ -204,12 +230,12 @@ class Int4Linear(QuantizedLinear):
         return y.to(x.dtype)
 
     def dequantize(self) -> torch.Tensor:
-        if self.packed.is_cuda:
+        if hasattr(self, "_canonical"):
             return dequantize_int4(*self._canonical)
         return self._weight().dequantize()
 
     def canonical_state(self) -> dict[str, torch.Tensor]:
-        if self.packed.is_cuda:
+        if hasattr(self, "_canonical"):
             q, s, z = self._canonical
         else:
             q, s, z = self._weight().to_canonical()

@@ -9,6 +9,9 @@ each evaluated from scratch, only the second half scored. Per method:
 - ``top1``: fraction of scored positions where the quantized model's argmax equals fp32's;
 - ``kl``: mean KL(fp32 || quantized) of the next-token distributions (nats).
 
+A method written ``name@decode`` runs every window through the decode (small-M) kernels, i.e.
+with the int8-quantized activations of qwenkit's CPU kernels (`quantized_view`).
+
 Quantized variants are built from the loaded fp32 model without copying its fp32 weights
 (`quantized_view`), so the peak memory is the fp32 model plus one quantized model.
 """
@@ -24,12 +27,12 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from qwenkit.quant.convert import quantize_model, weight_bytes
+from qwenkit.quant.convert import quantize_model, set_small_m, weight_bytes
 from qwenkit.quant.policy import parse
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_METHODS = ("int8", "int4-g128", "int4-g32", "mixed", "mixed-ffn8")
+DEFAULT_METHODS = ("int8", "int8@decode", "int4-g128", "int4-g32", "int4-g32@decode", "mixed", "mixed-ffn8")
 
 
 def humaneval_text() -> str:
@@ -52,11 +55,24 @@ class QualityRow:
     seconds: float
 
 
+DECODE_SUFFIX = "@decode"
+
+
 def quantized_view(model: nn.Module, method: str) -> nn.Module:
-    """A quantized copy of `model` that shares every tensor it does not replace."""
+    """A quantized copy of `model` that shares every tensor it does not replace.
+
+    ``method@decode``: the same weights, but every forward runs the small-M (decode) kernels,
+    whatever the number of rows — on CPU the int8-activation kernels — so the table shows the
+    numerics a generated token actually sees, not only those of prefill / scoring (which
+    dequantize and run fp32 GEMMs)."""
+    decode = method.endswith(DECODE_SUFFIX)
+    method = method.removesuffix(DECODE_SUFFIX)
     memo: dict[int, Any] = {id(t): t for t in [*model.parameters(), *model.buffers()]}
     clone = copy.deepcopy(model, memo)
-    return quantize_model(clone, parse(method), free_fp32=False)
+    qmodel = quantize_model(clone, parse(method), free_fp32=False)
+    if decode:
+        set_small_m(qmodel, 1 << 30)
+    return qmodel
 
 
 @torch.inference_mode()

@@ -1,0 +1,187 @@
+/* Weight-only int8 / int4 small-M GEMM with int8 activations, AVX2, OpenMP over output rows.
+ *
+ * Decode reads every weight once per token, so the kernel must stream the weights at memory
+ * speed with as few instructions per byte as possible. Widening weights to fp32 (gemv_avx2.c)
+ * costs ~19 instructions per 32 weights; here the activations are quantized once per call to
+ * int8 in blocks of 32 (one fp32 scale per block, as llama.cpp's Q8 activations), and each block
+ * of 32 weights costs one `vpmaddubsw` + one `vpmaddwd` + one convert + one FMA per activation
+ * row. The unpacked weight block is reused for every activation row (batched decode).
+ * Batch-invariant: a row's result does not depend on M or on the row's place in the batch
+ * (the same instructions in the same order for every row), so a request's greedy tokens do
+ * not change with what else the engine is running.
+ *
+ *   qk_quant_act:  x (M, K) fp32 -> xq (M, K) int8, dx (M, K/32) fp32 scales,
+ *                  xs (M, K/32) = dx * (block sums of xq) (for the int4 zero points).
+ *   qk_gemm_q8:    y[m,n] = s[n] * sum_b dx[m,b] * <q[n, b], xq[m, b]>
+ *                  q int8 (N, K), s fp32 (N,)  -- int8 per output channel, symmetric.
+ *   qk_gemm_q4:    y[m,n] = sum_b (sc[n,g(b)] dx[m,b] <c[n,b], xq[m,b]>) + zp[n,g] * xs[m,b]
+ *                  with w = (c - 8) * sc + z  (c in 0..15), zp = z - 8 sc; codes packed per
+ *                  block of 32 as 16 bytes: byte j = c[j] | c[j + 16] << 4; sc, z bf16 (N, G),
+ *                  G = K / group_size, group_size a multiple of 32.
+ *
+ * K must be a multiple of 32. Built by qwenkit/quant/cgemv.py with
+ * gcc -O3 -mavx2 -mfma -mf16c -fopenmp -shared -fPIC.
+ */
+#include <immintrin.h>
+#include <stdint.h>
+#include <string.h>
+
+#define QB 32 /* activation / weight block */
+#define MB 4  /* activation rows per pass over a weight row */
+
+static inline float hsum_ps(__m256 v) {
+    __m128 lo = _mm256_castps256_ps128(v), hi = _mm256_extractf128_ps(v, 1);
+    lo = _mm_add_ps(lo, hi);
+    lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
+    lo = _mm_add_ss(lo, _mm_movehdup_ps(lo));
+    return _mm_cvtss_f32(lo);
+}
+
+static inline float hmax_ps(__m256 v) {
+    __m128 lo = _mm256_castps256_ps128(v), hi = _mm256_extractf128_ps(v, 1);
+    lo = _mm_max_ps(lo, hi);
+    lo = _mm_max_ps(lo, _mm_movehl_ps(lo, lo));
+    lo = _mm_max_ss(lo, _mm_movehdup_ps(lo));
+    return _mm_cvtss_f32(lo);
+}
+
+static inline float bf16_to_f32(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline __m256 load_bf16x8(const uint16_t *p) {
+    __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
+}
+
+static void quant_block(const float *x, int8_t *q, float *d_out, float *s_out) {
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    __m256 v0 = _mm256_loadu_ps(x), v1 = _mm256_loadu_ps(x + 8);
+    __m256 v2 = _mm256_loadu_ps(x + 16), v3 = _mm256_loadu_ps(x + 24);
+    __m256 am = _mm256_max_ps(_mm256_max_ps(_mm256_andnot_ps(sign, v0), _mm256_andnot_ps(sign, v1)),
+                              _mm256_max_ps(_mm256_andnot_ps(sign, v2), _mm256_andnot_ps(sign, v3)));
+    float amax = hmax_ps(am);
+    float d = amax / 127.0f;
+    float id = amax > 0.0f ? 127.0f / amax : 0.0f;
+    *d_out = d;
+    __m256 m = _mm256_set1_ps(id);
+    /* cvtps rounds to nearest even (the default MXCSR mode) */
+    __m256i i0 = _mm256_cvtps_epi32(_mm256_mul_ps(v0, m)), i1 = _mm256_cvtps_epi32(_mm256_mul_ps(v1, m));
+    __m256i i2 = _mm256_cvtps_epi32(_mm256_mul_ps(v2, m)), i3 = _mm256_cvtps_epi32(_mm256_mul_ps(v3, m));
+    /* block sum of the *quantized* x: the zero-point term then sees the same x as the codes
+     * term, so the result is exactly dequant(W) @ dequant(xq) (errors do not fail to cancel) */
+    __m256i is = _mm256_add_epi32(_mm256_add_epi32(i0, i1), _mm256_add_epi32(i2, i3));
+    *s_out = d * hsum_ps(_mm256_cvtepi32_ps(is));
+    __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(i0, i1), _mm256_packs_epi32(i2, i3));
+    p = _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+    _mm256_storeu_si256((__m256i *)q, p);
+}
+
+void qk_quant_act(const float *x, int8_t *xq, float *dx, float *xs, int64_t M, int64_t K) {
+    const int64_t nb = K / QB;
+    const int64_t total = M * nb;
+#pragma omp parallel for schedule(static) if (total >= 4096)
+    for (int64_t t = 0; t < total; t++) {
+        int64_t m = t / nb, b = t % nb;
+        quant_block(x + m * K + b * QB, xq + m * K + b * QB, dx + t, xs + t);
+    }
+}
+
+void qk_gemm_q8(const int8_t *xq, const float *dx, const int8_t *q, const float *s, float *y,
+                int64_t M, int64_t N, int64_t K) {
+    const int64_t nb = K / QB;
+    const __m256i ones = _mm256_set1_epi16(1);
+#pragma omp parallel for schedule(static)
+    for (int64_t n = 0; n < N; n++) {
+        const int8_t *row = q + n * K;
+        for (int64_t m0 = 0; m0 < M; m0 += MB) {
+            const int mb = (int)(M - m0 < MB ? M - m0 : MB);
+            __m256 acc[MB][2]; /* even / odd blocks: two FMA chains per row */
+            for (int i = 0; i < MB; i++) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
+            for (int64_t b = 0; b < nb; b++) {
+                __m256i w = _mm256_loadu_si256((const __m256i *)(row + b * QB));
+                __m256i aw = _mm256_sign_epi8(w, w); /* |w| as u8 (w never -128) */
+                for (int i = 0; i < mb; i++) {
+                    const int64_t r = (m0 + i);
+                    __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + r * K + b * QB));
+                    __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(aw, _mm256_sign_epi8(xv, w)), ones);
+                    acc[i][b & 1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_broadcast_ss(dx + r * nb + b), acc[i][b & 1]);
+                }
+            }
+            for (int i = 0; i < mb; i++) y[(m0 + i) * N + n] = s[n] * hsum_ps(_mm256_add_ps(acc[i][0], acc[i][1]));
+        }
+    }
+}
+
+void qk_gemm_q4(const int8_t *xq, const float *dx, const float *xs, const uint8_t *codes,
+                const uint16_t *sc, const uint16_t *z, float *y, int64_t M, int64_t N, int64_t K,
+                int64_t group_size) {
+    const int64_t nb = K / QB;
+    const int64_t bpg = group_size / QB; /* blocks per group */
+    const int64_t G = K / group_size;
+    const __m256i ones = _mm256_set1_epi16(1);
+    const __m256i low4 = _mm256_set1_epi8(0x0F);
+#pragma omp parallel
+    {
+        /* per-thread scratch: combined block scales sc*dx for MB activation rows */
+        float comb_buf[MB * 1024];
+        float *comb = comb_buf;
+#pragma omp for schedule(static)
+        for (int64_t n = 0; n < N; n++) {
+            const uint8_t *row = codes + n * (K / 2);
+            const uint16_t *scn = sc + n * G, *zn = z + n * G;
+            for (int64_t m0 = 0; m0 < M; m0 += MB) {
+                const int mb = (int)(M - m0 < MB ? M - m0 : MB);
+                float zsum[MB];
+                for (int i = 0; i < mb; i++) {
+                    const float *dxr = dx + (m0 + i) * nb, *xsr = xs + (m0 + i) * nb;
+                    float *c = comb + i * nb;
+                    __m256 za = _mm256_setzero_ps();
+                    int64_t b = 0;
+                    if (bpg == 1) {
+                        for (; b + 8 <= nb; b += 8) {
+                            __m256 s8 = load_bf16x8(scn + b), z8 = load_bf16x8(zn + b);
+                            _mm256_storeu_ps(c + b, _mm256_mul_ps(s8, _mm256_loadu_ps(dxr + b)));
+                            __m256 zp = _mm256_fnmadd_ps(_mm256_set1_ps(8.0f), s8, z8);
+                            za = _mm256_fmadd_ps(zp, _mm256_loadu_ps(xsr + b), za);
+                        }
+                    }
+                    float zt = hsum_ps(za);
+                    if (bpg == 1 && b + 4 <= nb) {
+                        __m128i sw = _mm_cvtepu16_epi32(_mm_loadl_epi64((const __m128i *)(scn + b)));
+                        __m128i zw = _mm_cvtepu16_epi32(_mm_loadl_epi64((const __m128i *)(zn + b)));
+                        __m128 s4 = _mm_castsi128_ps(_mm_slli_epi32(sw, 16)), z4 = _mm_castsi128_ps(_mm_slli_epi32(zw, 16));
+                        _mm_storeu_ps(c + b, _mm_mul_ps(s4, _mm_loadu_ps(dxr + b)));
+                        __m128 zp = _mm_fnmadd_ps(_mm_set1_ps(8.0f), s4, z4);
+                        __m128 t = _mm_mul_ps(zp, _mm_loadu_ps(xsr + b));
+                        t = _mm_add_ps(t, _mm_movehl_ps(t, t));
+                        zt += _mm_cvtss_f32(_mm_add_ss(t, _mm_movehdup_ps(t)));
+                        b += 4;
+                    }
+                    for (; b < nb; b++) {
+                        float sg = bf16_to_f32(scn[b / bpg]), zg = bf16_to_f32(zn[b / bpg]);
+                        c[b] = sg * dxr[b];
+                        zt += (zg - 8.0f * sg) * xsr[b];
+                    }
+                    zsum[i] = zt;
+                }
+                __m256 acc[MB][2]; /* even / odd blocks: two FMA chains per row */
+                for (int i = 0; i < MB; i++) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
+                for (int64_t b = 0; b < nb; b++) {
+                    __m128i raw = _mm_loadu_si128((const __m128i *)(row + b * 16));
+                    __m256i cv = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(raw, 4), raw), low4);
+                    for (int i = 0; i < mb; i++) {
+                        const int64_t r = m0 + i;
+                        __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + r * K + b * QB));
+                        __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(cv, xv), ones);
+                        acc[i][b & 1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_broadcast_ss(comb + i * nb + b), acc[i][b & 1]);
+                    }
+                }
+                for (int i = 0; i < mb; i++) y[(m0 + i) * N + n] = hsum_ps(_mm256_add_ps(acc[i][0], acc[i][1])) + zsum[i];
+            }
+        }
+    }
+}

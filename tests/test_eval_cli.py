@@ -31,3 +31,13 @@ def test_mbpp_and_chat_template(parser):
 def test_ppl(parser):
     a = parser.parse_args(["eval", "ppl", "m", "--text", "f.txt", "--ctx", "256"])
     assert a.ctx == 256 and a.text == "f.txt" and a.func.__name__ == "cmd_ppl"
+
+
+def test_quantization_flag_and_eval_quant(parser):
+    a = parser.parse_args(["eval", "humaneval", "m"])
+    assert a.quantization == "auto"  # the default runtime format, as `generate` / `serve`
+    a = parser.parse_args(["eval", "humaneval", "m", "-q", "none"])
+    assert a.quantization == "none"
+    a = parser.parse_args(["eval", "quant", "m", "--methods", "int8;int8@decode", "--chunks", "2"])
+    assert a.methods == ["int8", "int8@decode"] and a.chunks == 2
+    assert a.func.__name__ == "cmd_eval_quant"

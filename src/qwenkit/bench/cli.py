@@ -48,7 +48,8 @@ def cmd_throughput(args: argparse.Namespace) -> int:
     run_throughput(
         args.model, num_requests=args.num_requests,
         concurrency=[int(c) for c in args.concurrency.split(",")], prompt_len=prompt_len,
-        output_len=args.output_len, out_json=args.json, llama_cpp=not args.no_llama_cpp, **engine_args,
+        output_len=args.output_len, out_json=args.json, llama_cpp=not args.no_llama_cpp,
+        quantization=args.quantization, **engine_args,
     )  # fmt: skip
     return 0
 
@@ -77,6 +78,7 @@ def add_bench_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--kv-cache-memory", default=None)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--no-llama-cpp", action="store_true")
+    p.add_argument("--quantization", "-q", default="auto", help="qwenkit's runtime weight format (auto = int8)")
     p.add_argument("--json", default="bench-results/throughput.json")
     p.set_defaults(func=cmd_throughput)
 

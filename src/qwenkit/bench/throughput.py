@@ -162,12 +162,14 @@ def run_throughput(
     out_json: str | os.PathLike[str] | None = None,
     *,
     llama_cpp: bool = True,
+    quantization: str = "auto",
     seed: int = 0,
     stream: TextIO | None = None,
     **engine_args: Any,
 ) -> dict[str, Any]:
-    """Benchmark `model` (a spec for `qwenkit.loaders.load.load`, or a LoadedModel) and return
-    (and optionally write as JSON) the results. Extra keyword arguments are engine arguments."""
+    """Benchmark `model` (a spec for `qwenkit.loaders.load.load`, loaded with `quantization`, or a
+    LoadedModel) and return (and optionally write as JSON) the results. Extra keyword arguments
+    are engine arguments."""
     stream = stream or sys.stdout
 
     def say(text: str) -> None:
@@ -177,7 +179,7 @@ def run_throughput(
     if isinstance(model, (str, os.PathLike)):
         from qwenkit.loaders.load import load
 
-        model = load(model)
+        model = load(model, quantization=quantization)
     gguf = _gguf_path(model)
     config = model.config
     prompts = make_workload(num_requests, prompt_len, config.vocab_size, seed)
@@ -187,6 +189,7 @@ def run_throughput(
         "model": config.name,
         "device": str(next(model.model.parameters()).device),
         "torch_threads": torch.get_num_threads(),
+        "quantization": getattr(getattr(model.model, "quant_policy", None), "spec", "none"),
         "workload": {
             "num_requests": num_requests, "prompt_len": prompt_len, "output_len": output_len,
             "seed": seed, "concurrency": list(concurrency),

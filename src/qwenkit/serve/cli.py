@@ -33,6 +33,9 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     g = p.add_argument_group("engine")
     g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    g.add_argument("--quantization", "-q", default="auto",
+                   help="runtime weight format: auto (= int8, see qwenkit.quant.policy), none (fp32), int8, "
+                        "int4, mixed, ... (`qwenkit eval quant` compares them)")  # fmt: skip
     g.add_argument("--max-num-seqs", type=int, default=64)
     g.add_argument("--max-num-batched-tokens", type=int, default=None)
     g.add_argument("--max-model-len", type=int, default=None)
@@ -82,7 +85,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     def factory() -> Any:
         return load_engine_client(
             settings.model, served_model_name=settings.served_model_name, dtype=dtype,
-            max_num_seqs=settings.max_num_seqs, **settings.engine_args,
+            max_num_seqs=settings.max_num_seqs, quantization=args.quantization, **settings.engine_args,
         )  # fmt: skip
 
     app = create_app(settings, factory)

@@ -157,14 +157,18 @@ def load_engine_client(
     served_model_name: str | None = None,
     dtype: torch.dtype = torch.float32,
     device: str = "cpu",
+    quantization: str = "none",
     **engine_args: Any,
 ) -> AsyncEngineClient:
-    """Load a registry name / .gguf / HF folder / hub id and start the async engine on it."""
+    """Load a registry name / .gguf / HF folder / hub id and start the async engine on it.
+
+    `quantization`: runtime weight format (`qwenkit.loaders.load.load`); `qwenkit serve`
+    passes its `--quantization` (default ``auto``)."""
     from qwenkit.engine.async_engine import AsyncLLMEngine
     from qwenkit.engine.llm_engine import LLMEngine
     from qwenkit.loaders.load import load
 
-    loaded = load(model, dtype=dtype, device=device, progress=False)
+    loaded = load(model, dtype=dtype, device=device, progress=False, quantization=quantization)
     core = LLMEngine(
         loaded.model, loaded.tokenizer, generation_defaults=loaded.generation_defaults, **engine_args
     )

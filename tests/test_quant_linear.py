@@ -65,12 +65,28 @@ def test_int8_quantization_error_bound() -> None:
 @pytest.mark.parametrize("group", [32, 128])
 def test_int4_quantization_error_bound(group: int) -> None:
     w = _weight(96, 256)
-    q, s, z = quantize_int4_groupwise(w, group)
+    q, s, z = quantize_int4_groupwise(w, group, search=False)
     err = (dequantize_int4(q, s, z) - w).abs().view(96, 256 // group, group)
     # codes clamp to [0, 15]; bf16 rounding of the zero moves the grid by < 2^-8 |z|
     bound = s[..., None] / 2 + z.abs()[..., None] * 2**-8 + 1e-7
     assert bool((err <= bound * (1 + 1e-3)).all())
     assert int(unpack_int4(q).max()) <= 15
+
+
+@pytest.mark.parametrize("group", [32, 128])
+def test_int4_search_never_loses_to_min_max(group: int) -> None:
+    """The least-squares search keeps min/max as a candidate, so per group its squared error is
+    never larger, and on weights with outliers it is clearly smaller overall."""
+    w = _weight(96, 256, seed=7)
+    w += torch.randn(96, 256, generator=torch.Generator().manual_seed(8)).pow(3) * 0.01  # heavy tails
+    base = (dequantize_int4(*quantize_int4_groupwise(w, group, search=False)) - w).pow(2)
+    best = (dequantize_int4(*quantize_int4_groupwise(w, group)) - w).pow(2)
+    per_group = lambda e: e.view(96, 256 // group, group).sum(-1)  # noqa: E731
+    assert bool((per_group(best) <= per_group(base) * (1 + 1e-6) + 1e-12).all())
+    assert float(best.sum()) < 0.95 * float(base.sum())
+    q, s, z = quantize_int4_groupwise(w, group)
+    assert int(unpack_int4(q).max()) <= 15 and torch.equal(s, s.to(torch.bfloat16).float())
+    assert torch.equal(z, z.to(torch.bfloat16).float())
 
 
 def test_int4_cpu_layout_round_trips() -> None:

@@ -228,7 +228,7 @@ def _run_llama_cpp(gguf: str | None, prompts: list[list[int]], output_len: int, 
     try:
         import llama_cpp  # noqa: F401
     except ImportError:
-        say("llama.cpp: not installed (pip install llama-cpp-python); skipped")
+        say("llama.cpp: not installed (pip install -e '.[bench]': a source build, 15-50 min on 2 cores); skipped")
         return {"available": False, "reason": "llama_cpp is not importable"}
     if gguf is None:
         say("llama.cpp: the model is not a GGUF file; skipped")

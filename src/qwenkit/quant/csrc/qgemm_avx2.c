@@ -90,30 +90,97 @@ void qk_quant_act(const float *x, int8_t *xq, float *dx, float *xs, int64_t M, i
     }
 }
 
+/* ---- one weight row x R activation rows (R a compile-time constant after inlining, so the
+ * accumulators live in registers). Every row gets the same instructions in the same order:
+ * even blocks into a0, odd blocks into a1, y = hsum(a0 + a1) -- whatever R is. */
+#define ALWAYS_INLINE static inline __attribute__((always_inline))
+
+ALWAYS_INLINE __m256i q8_dot(__m256i aw, __m256i w, const int8_t *xb, __m256i ones) {
+    __m256i xv = _mm256_loadu_si256((const __m256i *)xb);
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(aw, _mm256_sign_epi8(xv, w)), ones);
+}
+
+ALWAYS_INLINE void q8_row(const int R, const int8_t *row, const int8_t *xq, const float *dx, float s,
+                          float *y, int64_t ystride, int64_t nb, int64_t K) {
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256 a0[MB], a1[MB];
+    for (int i = 0; i < R; i++) a0[i] = a1[i] = _mm256_setzero_ps();
+    int64_t b = 0;
+    for (; b + 1 < nb; b += 2) {
+        __m256i w0 = _mm256_loadu_si256((const __m256i *)(row + b * QB));
+        __m256i w1 = _mm256_loadu_si256((const __m256i *)(row + (b + 1) * QB));
+        __m256i aw0 = _mm256_sign_epi8(w0, w0), aw1 = _mm256_sign_epi8(w1, w1); /* |w| (w != -128) */
+        for (int i = 0; i < R; i++) {
+            const int8_t *xr = xq + i * K;
+            const float *dr = dx + i * nb;
+            a0[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(q8_dot(aw0, w0, xr + b * QB, ones)), _mm256_broadcast_ss(dr + b), a0[i]);
+            a1[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(q8_dot(aw1, w1, xr + (b + 1) * QB, ones)), _mm256_broadcast_ss(dr + b + 1), a1[i]);
+        }
+    }
+    if (b < nb) {
+        __m256i w0 = _mm256_loadu_si256((const __m256i *)(row + b * QB));
+        __m256i aw0 = _mm256_sign_epi8(w0, w0);
+        for (int i = 0; i < R; i++)
+            a0[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(q8_dot(aw0, w0, xq + i * K + b * QB, ones)),
+                                    _mm256_broadcast_ss(dx + i * nb + b), a0[i]);
+    }
+    for (int i = 0; i < R; i++) y[i * ystride] = s * hsum_ps(_mm256_add_ps(a0[i], a1[i]));
+}
+
 void qk_gemm_q8(const int8_t *xq, const float *dx, const int8_t *q, const float *s, float *y,
                 int64_t M, int64_t N, int64_t K) {
     const int64_t nb = K / QB;
-    const __m256i ones = _mm256_set1_epi16(1);
 #pragma omp parallel for schedule(static)
     for (int64_t n = 0; n < N; n++) {
         const int8_t *row = q + n * K;
         for (int64_t m0 = 0; m0 < M; m0 += MB) {
-            const int mb = (int)(M - m0 < MB ? M - m0 : MB);
-            __m256 acc[MB][2]; /* even / odd blocks: two FMA chains per row */
-            for (int i = 0; i < MB; i++) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
-            for (int64_t b = 0; b < nb; b++) {
-                __m256i w = _mm256_loadu_si256((const __m256i *)(row + b * QB));
-                __m256i aw = _mm256_sign_epi8(w, w); /* |w| as u8 (w never -128) */
-                for (int i = 0; i < mb; i++) {
-                    const int64_t r = (m0 + i);
-                    __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + r * K + b * QB));
-                    __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(aw, _mm256_sign_epi8(xv, w)), ones);
-                    acc[i][b & 1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_broadcast_ss(dx + r * nb + b), acc[i][b & 1]);
-                }
+            const int64_t mb = M - m0 < MB ? M - m0 : MB;
+            const int8_t *x0 = xq + m0 * K;
+            const float *d0 = dx + m0 * nb;
+            float *y0 = y + m0 * N + n;
+            switch (mb) {
+                case 1: q8_row(1, row, x0, d0, s[n], y0, N, nb, K); break;
+                case 2: q8_row(2, row, x0, d0, s[n], y0, N, nb, K); break;
+                case 3: q8_row(3, row, x0, d0, s[n], y0, N, nb, K); break;
+                default: q8_row(4, row, x0, d0, s[n], y0, N, nb, K); break;
             }
-            for (int i = 0; i < mb; i++) y[(m0 + i) * N + n] = s[n] * hsum_ps(_mm256_add_ps(acc[i][0], acc[i][1]));
         }
     }
+}
+
+ALWAYS_INLINE __m256i q4_dot(__m256i cv, const int8_t *xb, __m256i ones) {
+    __m256i xv = _mm256_loadu_si256((const __m256i *)xb);
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(cv, xv), ones);
+}
+
+ALWAYS_INLINE __m256i q4_codes(const uint8_t *p) {
+    __m128i raw = _mm_loadu_si128((const __m128i *)p);
+    return _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(raw, 4), raw), _mm256_set1_epi8(0x0F));
+}
+
+/* comb: R x nb combined scales sc * dx; zsum: R zero-point terms */
+ALWAYS_INLINE void q4_row(const int R, const uint8_t *row, const int8_t *xq, const float *comb, const float *zsum,
+                          float *y, int64_t ystride, int64_t nb, int64_t K) {
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256 a0[MB], a1[MB];
+    for (int i = 0; i < R; i++) a0[i] = a1[i] = _mm256_setzero_ps();
+    int64_t b = 0;
+    for (; b + 1 < nb; b += 2) {
+        __m256i c0 = q4_codes(row + b * 16), c1 = q4_codes(row + (b + 1) * 16);
+        for (int i = 0; i < R; i++) {
+            const int8_t *xr = xq + i * K;
+            const float *cr = comb + i * nb;
+            a0[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(q4_dot(c0, xr + b * QB, ones)), _mm256_broadcast_ss(cr + b), a0[i]);
+            a1[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(q4_dot(c1, xr + (b + 1) * QB, ones)), _mm256_broadcast_ss(cr + b + 1), a1[i]);
+        }
+    }
+    if (b < nb) {
+        __m256i c0 = q4_codes(row + b * 16);
+        for (int i = 0; i < R; i++)
+            a0[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(q4_dot(c0, xq + i * K + b * QB, ones)),
+                                    _mm256_broadcast_ss(comb + i * nb + b), a0[i]);
+    }
+    for (int i = 0; i < R; i++) y[i * ystride] = hsum_ps(_mm256_add_ps(a0[i], a1[i])) + zsum[i];
 }
 
 void qk_gemm_q4(const int8_t *xq, const float *dx, const float *xs, const uint8_t *codes,
@@ -122,21 +189,18 @@ void qk_gemm_q4(const int8_t *xq, const float *dx, const float *xs, const uint8_
     const int64_t nb = K / QB;
     const int64_t bpg = group_size / QB; /* blocks per group */
     const int64_t G = K / group_size;
-    const __m256i ones = _mm256_set1_epi16(1);
-    const __m256i low4 = _mm256_set1_epi8(0x0F);
 #pragma omp parallel
     {
         /* per-thread scratch: combined block scales sc*dx for MB activation rows */
-        float comb_buf[MB * 1024];
-        float *comb = comb_buf;
+        float comb[MB * 1024];
 #pragma omp for schedule(static)
         for (int64_t n = 0; n < N; n++) {
             const uint8_t *row = codes + n * (K / 2);
             const uint16_t *scn = sc + n * G, *zn = z + n * G;
             for (int64_t m0 = 0; m0 < M; m0 += MB) {
-                const int mb = (int)(M - m0 < MB ? M - m0 : MB);
+                const int64_t mb = M - m0 < MB ? M - m0 : MB;
                 float zsum[MB];
-                for (int i = 0; i < mb; i++) {
+                for (int64_t i = 0; i < mb; i++) {
                     const float *dxr = dx + (m0 + i) * nb, *xsr = xs + (m0 + i) * nb;
                     float *c = comb + i * nb;
                     __m256 za = _mm256_setzero_ps();
@@ -168,19 +232,14 @@ void qk_gemm_q4(const int8_t *xq, const float *dx, const float *xs, const uint8_
                     }
                     zsum[i] = zt;
                 }
-                __m256 acc[MB][2]; /* even / odd blocks: two FMA chains per row */
-                for (int i = 0; i < MB; i++) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
-                for (int64_t b = 0; b < nb; b++) {
-                    __m128i raw = _mm_loadu_si128((const __m128i *)(row + b * 16));
-                    __m256i cv = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(raw, 4), raw), low4);
-                    for (int i = 0; i < mb; i++) {
-                        const int64_t r = m0 + i;
-                        __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + r * K + b * QB));
-                        __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(cv, xv), ones);
-                        acc[i][b & 1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_broadcast_ss(comb + i * nb + b), acc[i][b & 1]);
-                    }
+                const int8_t *x0 = xq + m0 * K;
+                float *y0 = y + m0 * N + n;
+                switch (mb) {
+                    case 1: q4_row(1, row, x0, comb, zsum, y0, N, nb, K); break;
+                    case 2: q4_row(2, row, x0, comb, zsum, y0, N, nb, K); break;
+                    case 3: q4_row(3, row, x0, comb, zsum, y0, N, nb, K); break;
+                    default: q4_row(4, row, x0, comb, zsum, y0, N, nb, K); break;
                 }
-                for (int i = 0; i < mb; i++) y[(m0 + i) * N + n] = hsum_ps(_mm256_add_ps(acc[i][0], acc[i][1])) + zsum[i];
             }
         }
     }

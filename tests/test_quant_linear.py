@@ -128,7 +128,7 @@ def test_fast_paths_match_reference(fmt: str, shape: tuple[int, int], m: int, mo
         ref = qlin.reference_forward(x)
         scale = x.abs() @ wq.abs().t()  # (2, m, N)
         fp32_bound = 1e-5 * scale
-        if cgemv.available() and cgemv.supports_q(k):
+        if cgemv.available() and cgemv.supports_q(k, None if fmt == "int8" else int(fmt.removeprefix("int4-g"))):
             small_bound = _act_half_step(x) @ wq.abs().t() * (1 + 1e-3) + fp32_bound
         else:
             small_bound = 2**-8 * (scale + ref.abs())
@@ -199,9 +199,10 @@ def test_block_int4_layout_round_trips() -> None:
     assert torch.equal(q2, q) and torch.equal(s2, s) and torch.equal(z2, z)
     assert torch.equal(blk.dequantize(), dequantize_int4(q, s, z))
     assert torch.equal(blk.dequantize(32, 96), dequantize_int4(q, s, z)[32:96])
-    # byte j of a block holds columns j (low nibble) and j + 16 (high nibble)
+    # byte j of a 64-column pair holds columns j (low nibble) and j + 32 (high nibble)
     codes = unpack_int4(q)
-    assert int(blk.codes[5, 3]) == int(codes[5, 3]) | int(codes[5, 19]) << 4
+    assert int(blk.codes[5, 3]) == int(codes[5, 3]) | int(codes[5, 35]) << 4
+    assert int(blk.codes[5, 32 + 3]) == int(codes[5, 64 + 3]) | int(codes[5, 96 + 3]) << 4
 
 
 def test_c_kernel_handles_ragged_k_and_many_rows() -> None:

@@ -187,9 +187,13 @@ def _(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.T
     return x.new_empty(x.shape[0], codes.shape[0])
 
 
-def supports_q(k: int, group_size: int = QBLOCK) -> bool:
-    """Whether the int8-activation kernels take this input width / group size."""
-    return k % QBLOCK == 0 and group_size % QBLOCK == 0 and k % group_size == 0 and k // QBLOCK <= MAX_BLOCKS
+def supports_q(k: int, group_size: int | None = None) -> bool:
+    """Whether the int8-activation kernels take this input width (int8) / width and int4 group
+    size (int4 codes come in pairs of 32-column blocks: K % 64 == 0)."""
+    ok = k % QBLOCK == 0 and k // QBLOCK <= MAX_BLOCKS
+    if group_size is not None:
+        ok = ok and k % (2 * QBLOCK) == 0 and group_size % QBLOCK == 0 and k % group_size == 0
+    return ok
 
 
 def gemm_q8(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
@@ -202,7 +206,7 @@ def gemm_q8(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> tor
 def gemm_q4(
     x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int
 ) -> torch.Tensor:
-    """x (M, K) fp32 -> (M, N): int4 codes in the block layout (`pack_q4`), bf16 scales/zeros
+    """x (M, K) fp32 -> (M, N): int4 codes in the paired-block layout (`pack_q4`), bf16 scales/zeros
     (N, K/group_size) with w = (c - 8) * s + z; x quantized to int8 per 32."""
     if torch.compiler.is_compiling():
         return _gemm_q4_op(x, codes, scales, zeros, group_size)
@@ -210,14 +214,15 @@ def gemm_q4(
 
 
 def pack_q4(codes: torch.Tensor) -> torch.Tensor:
-    """uint8 codes (N, K) in 0..15 -> (N, K/2): per block of 32, byte j = c[j] | c[j+16] << 4."""
+    """uint8 codes (N, K) in 0..15 -> (N, K/2): per 64 columns, byte j = c[j] | c[j+32] << 4
+    (block 2p in the low nibbles, block 2p+1 in the high ones); K % 64 == 0."""
     n, k = codes.shape
-    c = codes.view(n, k // QBLOCK, 2, QBLOCK // 2)
+    c = codes.view(n, k // (2 * QBLOCK), 2, QBLOCK)
     return (c[:, :, 0] | (c[:, :, 1] << 4)).reshape(n, k // 2).contiguous()
 
 
 def unpack_q4(packed: torch.Tensor) -> torch.Tensor:
     """Inverse of `pack_q4`: (N, K/2) -> uint8 codes (N, K)."""
     n, half = packed.shape
-    p = packed.view(n, half // (QBLOCK // 2), QBLOCK // 2)
+    p = packed.view(n, half // QBLOCK, QBLOCK)
     return torch.stack((p & 0xF, p >> 4), dim=2).reshape(n, 2 * half)

@@ -17,8 +17,8 @@ Layouts:
   kept: the CUDA int4 module is built once from the canonical form and never dequantized.
   Scales and zeros are one (G, N, 2) tensor in the activation dtype, as the kernels want.
 - `BlockInt4Weight`: qwenkit's own CPU layout for `csrc/qgemm_avx2.c`: codes (N, K/2) uint8,
-  per block of 32 columns 16 bytes with byte j = code(j) | code(j + 16) << 4 (one 128-bit load
-  unpacks to 32 bytes in column order); scales and zeros bf16 (N, G), rows = output channels.
+  per 64 columns 32 bytes with byte j = code(j) | code(j + 32) << 4 (one 256-bit load unpacks
+  two blocks of 32 in column order); scales and zeros bf16 (N, G), rows = output channels.
 """
 from __future__ import annotations
 

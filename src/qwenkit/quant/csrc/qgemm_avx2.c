@@ -16,10 +16,10 @@
  *                  q int8 (N, K), s fp32 (N,)  -- int8 per output channel, symmetric.
  *   qk_gemm_q4:    y[m,n] = sum_b (sc[n,g(b)] dx[m,b] <c[n,b], xq[m,b]>) + zp[n,g] * xs[m,b]
  *                  with w = (c - 8) * sc + z  (c in 0..15), zp = z - 8 sc; codes packed per
- *                  block of 32 as 16 bytes: byte j = c[j] | c[j + 16] << 4; sc, z bf16 (N, G),
- *                  G = K / group_size, group_size a multiple of 32.
+ *                  64 columns as 32 bytes: byte j = c[j] | c[j + 32] << 4; sc, z bf16 (N, G),
+ *                  G = K / group_size, group_size a multiple of 32, K a multiple of 64.
  *
- * K must be a multiple of 32. Built by qwenkit/quant/cgemv.py with
+ * K must be a multiple of 32 (64 for int4). Built by qwenkit/quant/cgemv.py with
  * gcc -O3 -mavx2 -mfma -mf16c -fopenmp -shared -fPIC.
  */
 #include <immintrin.h>
@@ -153,32 +153,24 @@ ALWAYS_INLINE __m256i q4_dot(__m256i cv, const int8_t *xb, __m256i ones) {
     return _mm256_madd_epi16(_mm256_maddubs_epi16(cv, xv), ones);
 }
 
-ALWAYS_INLINE __m256i q4_codes(const uint8_t *p) {
-    __m128i raw = _mm_loadu_si128((const __m128i *)p);
-    return _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(raw, 4), raw), _mm256_set1_epi8(0x0F));
-}
-
-/* comb: R x nb combined scales sc * dx; zsum: R zero-point terms */
+/* comb: R x nb combined scales sc * dx; zsum: R zero-point terms. Codes come in pairs of
+ * blocks: 32 bytes hold block 2p in their low nibbles and block 2p + 1 in their high nibbles, so
+ * one 256-bit load + two ANDs (+ one shift) unpack 64 codes. nb is even (K % 64 == 0). */
 ALWAYS_INLINE void q4_row(const int R, const uint8_t *row, const int8_t *xq, const float *comb, const float *zsum,
                           float *y, int64_t ystride, int64_t nb, int64_t K) {
     const __m256i ones = _mm256_set1_epi16(1);
+    const __m256i low4 = _mm256_set1_epi8(0x0F);
     __m256 a0[MB], a1[MB];
     for (int i = 0; i < R; i++) a0[i] = a1[i] = _mm256_setzero_ps();
-    int64_t b = 0;
-    for (; b + 1 < nb; b += 2) {
-        __m256i c0 = q4_codes(row + b * 16), c1 = q4_codes(row + (b + 1) * 16);
+    for (int64_t b = 0; b < nb; b += 2) {
+        __m256i v = _mm256_loadu_si256((const __m256i *)(row + b * 16));
+        __m256i c0 = _mm256_and_si256(v, low4), c1 = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
         for (int i = 0; i < R; i++) {
             const int8_t *xr = xq + i * K;
             const float *cr = comb + i * nb;
             a0[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(q4_dot(c0, xr + b * QB, ones)), _mm256_broadcast_ss(cr + b), a0[i]);
             a1[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(q4_dot(c1, xr + (b + 1) * QB, ones)), _mm256_broadcast_ss(cr + b + 1), a1[i]);
         }
-    }
-    if (b < nb) {
-        __m256i c0 = q4_codes(row + b * 16);
-        for (int i = 0; i < R; i++)
-            a0[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(q4_dot(c0, xq + i * K + b * QB, ones)),
-                                    _mm256_broadcast_ss(comb + i * nb + b), a0[i]);
     }
     for (int i = 0; i < R; i++) y[i * ystride] = hsum_ps(_mm256_add_ps(a0[i], a1[i])) + zsum[i];
 }

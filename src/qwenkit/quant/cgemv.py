@@ -142,14 +142,19 @@ def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, t
     return _quant_act(lib, x.float().contiguous())
 
 
-def _gemm_q8_impl(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+def _prologue(x: torch.Tensor, n: int) -> tuple[ctypes.CDLL, int, int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Quantize x (M, K) and allocate y (M, n): what every int8-activation kernel call starts with."""
     lib = _lib()
     assert lib is not None and x.dtype == torch.float32 and x.device.type == "cpu"
     x = x.contiguous()
     m, k = x.shape
+    xq, dx, xs = _quant_act(lib, x)
+    return lib, m, k, xq, dx, xs, torch.empty(m, n, dtype=torch.float32)
+
+
+def _gemm_q8_impl(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     n = qweight.shape[0]
-    xq, dx, _ = _quant_act(lib, x)
-    y = torch.empty(m, n, dtype=torch.float32)
+    lib, m, k, xq, dx, _, y = _prologue(x, n)
     lib.qk_gemm_q8(xq.data_ptr(), dx.data_ptr(), qweight.data_ptr(), scales.data_ptr(), y.data_ptr(), m, n, k)
     return y
 
@@ -165,13 +170,8 @@ def _(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Ten
 def _gemm_q4_impl(
     x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int
 ) -> torch.Tensor:
-    lib = _lib()
-    assert lib is not None and x.dtype == torch.float32 and x.device.type == "cpu"
-    x = x.contiguous()
-    m, k = x.shape
     n = codes.shape[0]
-    xq, dx, xs = _quant_act(lib, x)
-    y = torch.empty(m, n, dtype=torch.float32)
+    lib, m, k, xq, dx, xs, y = _prologue(x, n)
     lib.qk_gemm_q4(
         xq.data_ptr(), dx.data_ptr(), xs.data_ptr(), codes.data_ptr(), scales.data_ptr(), zeros.data_ptr(),
         y.data_ptr(), m, n, k, group_size,

@@ -10,14 +10,14 @@ import asyncio
 import json
 import time
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Callable
+from typing import Any, Callable
 
 import jinja2
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
 from qwenkit.engine.outputs import Logprob
-from qwenkit.serve.errors import OpenAIError, bad_request, sse_error
+from qwenkit.serve.errors import OpenAIError, bad_request
 from qwenkit.serve.generation import (
     ChoiceDelta,
     ClientDisconnected,
@@ -49,7 +49,7 @@ from qwenkit.serve.protocol import (
     random_id,
 )
 from qwenkit.serve.state import ServerState
-from qwenkit.serve.streaming import SSE_HEADERS, RunStreamingResponse, sse
+from qwenkit.serve.streaming import SSE_HEADERS, RunStreamingResponse, sse, sse_events
 from qwenkit.serve.structured import GrammarError, GrammarLogitsProcessor, check_json_schema
 from qwenkit.serve.tool_parser import HermesToolParser
 
@@ -334,24 +334,9 @@ async def _stream(
             out.append(chunk([ChatChunkChoice(index=d.index, delta=DeltaMessage(), finish_reason=_finish(d.finish_reason, n_calls))]))
         return out
 
-    async def events() -> AsyncIterator[str]:
-        for i in range(run.num_choices):
-            yield chunk([ChatChunkChoice(index=i, delta=DeltaMessage(role="assistant", content=""))])
-        try:
-            if first is not None:
-                for piece in pieces(first):
-                    yield piece
-            async for d in deltas:
-                for piece in pieces(d):
-                    yield piece
-        except ClientDisconnected:
-            return
-        except OpenAIError as e:
-            yield sse_error(e)
-            yield sse("[DONE]")
-            return
-        if include_usage:
-            yield chunk([], usage=True)
-        yield sse("[DONE]")
-
-    return RunStreamingResponse(events(), run, deltas, headers=SSE_HEADERS)
+    events = sse_events(
+        deltas, pieces, first=first,
+        head=[chunk([ChatChunkChoice(index=i, delta=DeltaMessage(role="assistant", content=""))]) for i in range(run.num_choices)],
+        tail=lambda: [chunk([], usage=True)] if include_usage else [],
+    )  # fmt: skip
+    return RunStreamingResponse(events, run, deltas, headers=SSE_HEADERS)

@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any, AsyncIterator
+from typing import Any
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
 from qwenkit.engine.outputs import Logprob
-from qwenkit.serve.errors import OpenAIError, bad_request, sse_error
+from qwenkit.serve.errors import bad_request
 from qwenkit.serve.generation import (
     ChoiceDelta,
     ClientDisconnected,
@@ -33,7 +33,7 @@ from qwenkit.serve.protocol import (
 )
 from qwenkit.serve.serving_chat import CLIENT_CLOSED, check_model
 from qwenkit.serve.state import ServerState
-from qwenkit.serve.streaming import SSE_HEADERS, RunStreamingResponse, sse
+from qwenkit.serve.streaming import SSE_HEADERS, RunStreamingResponse, sse, sse_events
 
 MAX_PROMPTS = 64
 
@@ -154,22 +154,11 @@ async def _stream(
                             usage=run.usage() if continuous else None)  # fmt: skip
         return sse(c.model_dump_json(exclude_none=True))
 
-    async def events() -> AsyncIterator[str]:
-        try:
-            if first is not None and (piece := chunk(first)):
-                yield piece
-            async for d in deltas:
-                if piece := chunk(d):
-                    yield piece
-        except ClientDisconnected:
-            return
-        except OpenAIError as e:
-            yield sse_error(e)
-            yield sse("[DONE]")
-            return
-        if include_usage:
-            c = CompletionChunk(id=response_id, created=created, model=model, choices=[], usage=run.usage())
-            yield sse(c.model_dump_json(exclude_none=True))
-        yield sse("[DONE]")
+    def usage_chunk() -> list[str]:
+        if not include_usage:
+            return []
+        c = CompletionChunk(id=response_id, created=created, model=model, choices=[], usage=run.usage())
+        return [sse(c.model_dump_json(exclude_none=True))]
 
-    return RunStreamingResponse(events(), run, deltas, headers=SSE_HEADERS)
+    events = sse_events(deltas, lambda d: filter(None, [chunk(d)]), first=first, tail=usage_chunk)
+    return RunStreamingResponse(events, run, deltas, headers=SSE_HEADERS)

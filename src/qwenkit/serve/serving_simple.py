@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import json
-from typing import AsyncIterator
+from typing import Any
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
-from qwenkit.serve.errors import OpenAIError, sse_error
 from qwenkit.serve.generation import (
     ClientDisconnected,
     GenerationRun,
@@ -22,7 +21,7 @@ from qwenkit.serve.generation import (
 from qwenkit.serve.protocol import SamplingFields, SimpleChatRequest, SimpleChatResponse
 from qwenkit.serve.serving_chat import CLIENT_CLOSED, render_prompt
 from qwenkit.serve.state import ServerState
-from qwenkit.serve.streaming import SSE_HEADERS, RunStreamingResponse, sse
+from qwenkit.serve.streaming import SSE_HEADERS, RunStreamingResponse, sse, sse_events
 
 
 async def simple_chat(state: ServerState, req: SimpleChatRequest, raw: Request) -> Response:
@@ -48,17 +47,10 @@ async def simple_chat(state: ServerState, req: SimpleChatRequest, raw: Request) 
 
     stream = run.deltas()
 
-    async def events() -> AsyncIterator[str]:
-        try:
-            async for d in stream:
-                if d.text:
-                    yield sse(json.dumps({"response": d.text}, ensure_ascii=False))
-                if d.finish_reason:
-                    yield sse(json.dumps({"finish_reason": d.finish_reason, "usage": run.usage().model_dump()}))
-        except ClientDisconnected:
-            return
-        except OpenAIError as e:
-            yield sse_error(e)
-        yield sse("[DONE]")
+    def pieces(d: Any) -> list[str]:
+        out = [sse(json.dumps({"response": d.text}, ensure_ascii=False))] if d.text else []
+        if d.finish_reason:
+            out.append(sse(json.dumps({"finish_reason": d.finish_reason, "usage": run.usage().model_dump()})))
+        return out
 
-    return RunStreamingResponse(events(), run, stream, headers=SSE_HEADERS)
+    return RunStreamingResponse(sse_events(stream, pieces), run, stream, headers=SSE_HEADERS)

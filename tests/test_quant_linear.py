@@ -191,6 +191,23 @@ def test_q_kernels_are_batch_invariant() -> None:
         assert torch.equal(fn(x[5:11]), full[5:11])
 
 
+def test_q_kernels_add_the_bias_as_torch_would() -> None:
+    """The bias is added in the kernels' epilogue, rounded exactly as ``y + bias``."""
+    if not cgemv.available():
+        pytest.skip("no C compiler / AVX2")
+    g = torch.Generator().manual_seed(5)
+    w = _weight(72, 256, seed=5)
+    x = torch.randn(6, 256, generator=g)
+    bias = torch.randn(72, generator=g)
+    q, s = quantize_int8_per_channel(w)
+    blk = kernels.BlockInt4Weight.from_canonical(*quantize_int4_groupwise(w, 32), 32)
+    assert torch.equal(cgemv.gemm_q8(x, q, s, bias), cgemv.gemm_q8(x, q, s) + bias)
+    assert torch.equal(
+        cgemv.gemm_q4(x, blk.codes, blk.scales, blk.zeros, 32, bias),
+        cgemv.gemm_q4(x, blk.codes, blk.scales, blk.zeros, 32) + bias,
+    )
+
+
 def test_block_int4_layout_round_trips() -> None:
     w = _weight(96, 256)
     q, s, z = quantize_int4_groupwise(w, 32)

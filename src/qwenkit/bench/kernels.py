@@ -72,6 +72,8 @@ def _candidates(w: torch.Tensor) -> dict[str, tuple[Runner, int]]:
     out["int8/bf16act"] = (p8.mm_bf16, n * k)
     if cgemv.available():
         out["int8/qwenkit-avx2"] = (lambda x, q=q, s=s: cgemv.gemm_int8(x, q, s, None), n * k)
+        if cgemv.supports_q(k):
+            out["int8/qwenkit-q8act"] = (lambda x, q=q, s=s: cgemv.gemm_q8(x, q, s), n * k + n * 4)
     out["int8/deq+fp32"] = (p8.mm_dequant_fp32, n * k)
     dyn = kernels.DynamicInt8Weight.from_canonical(q, s)
     if dyn is not None:
@@ -83,6 +85,9 @@ def _candidates(w: torch.Tensor) -> dict[str, tuple[Runner, int]]:
         p4 = kernels.Int4Weight.from_canonical(qp, sc, ze, g)
         out[f"int4g{g}/bf16act"] = (p4.mm_bf16, n * k // 2 + (k // g) * n * 4)
         out[f"int4g{g}/deq+fp32"] = (p4.mm_dequant_fp32, n * k // 2 + (k // g) * n * 4)
+        if cgemv.available() and cgemv.supports_q(k, g):
+            b4 = kernels.BlockInt4Weight.from_canonical(qp, sc, ze, g)
+            out[f"int4g{g}/qwenkit-q8act"] = (b4.mm_q, n * k // 2 + (k // g) * n * 4)
     return out
 
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from qwenkit.cpu import ops
 from qwenkit.engine.kv_cache import KVCache
 
 
@@ -73,6 +74,11 @@ class SequenceGroup:
             real = t[None, :] < query_lens[:, None]  # (S, Tq)
             self.out_index = torch.arange(self.num_seqs * self.tq)[real.flatten()].to(device)
         self._views: dict[tuple[int | None, bool], _KeyView] = {}
+
+    def all_visible(self, window: int | None) -> bool:
+        """Every query sees every cached key of its sequence (no window cuts any off; sink
+        tokens only ever add visibility)."""
+        return window is None or int(self.context_lens.max()) <= window
 
     def key_view(self, window: int | None, sinks: bool) -> _KeyView:
         key = (window, sinks)
@@ -173,8 +179,17 @@ class PagedAttentionMetadata:
         window: int | None,
         sinks: bool,
     ) -> torch.Tensor:
-        view = g.key_view(window, sinks)
         n_heads, head_dim = q.shape[1], q.shape[2]
+        if g.tq == 1 and g.all_visible(window) and ops.enabled(q, k_pool):
+            # Decode, every cached key visible: the fused C kernel reads the pool through the
+            # block tables in place (no gather copy, no mask).
+            out = ops.decode_attention(
+                q[g.token_start : g.token_start + g.num_seqs], k_pool, v_pool, g.block_tables,
+                g.context_lens, scale=scale,
+            )  # fmt: skip
+            if out is not None:
+                return out
+        view = g.key_view(window, sinks)
         n_kv = k_pool.shape[2]
         shape = (g.num_seqs, view.num_keys, n_kv, head_dim)
         kg = k_pool.index_select(0, view.blocks).view(shape).transpose(1, 2)  # (S, Hkv, L, D)

@@ -12,6 +12,8 @@ from typing import Protocol, runtime_checkable
 import torch
 import torch.nn.functional as F
 
+from qwenkit.cpu import ops
+
 
 @runtime_checkable
 class AttentionBackend(Protocol):
@@ -110,6 +112,7 @@ class ContiguousKVCache:
         self.max_length = max_length
         self.length = 0  # tokens stored before the current step
         self._step = 0  # tokens written by the current step
+        self._decode_index: tuple[int, torch.Tensor, torch.Tensor] | None = None  # decode kernel's tables
 
     def begin(self, num_new_tokens: int) -> None:
         self.length += self._step
@@ -134,6 +137,15 @@ class ContiguousKVCache:
         assert k.shape[1] == self._step, "call begin(num_new_tokens) before the forward"
         self.k[layer_idx, :, start:end] = k
         self.v[layer_idx, :, start:end] = v
+        if k.shape[1] == 1 and (sliding_window is None or end <= sliding_window) and ops.enabled(q, self.k):
+            # decode, every key visible: the fused C kernel reads the cache in place
+            if self._decode_index is None or self._decode_index[0] != end:
+                b = q.shape[0]  # sequence b is "block" b of its layer; built once per step
+                self._decode_index = (end, torch.arange(b).unsqueeze(1), torch.full((b,), end))
+            _, tables, ctx = self._decode_index
+            out = ops.decode_attention(q[:, 0], self.k[layer_idx], self.v[layer_idx], tables, ctx, scale=scale)
+            if out is not None:
+                return out.unsqueeze(1)  # (B, 1, Hq, D)
         return causal_attention(
             q,
             self.k[layer_idx, :, :end],

@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qwenkit.cpu import ops
+
 
 class RMSNorm(nn.Module):
     def __init__(self, hidden_size: int, eps: float) -> None:
@@ -21,6 +23,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(hidden_size))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if ops.enabled(x, self.weight):  # CPU inference: one fused pass, same formula
+            return ops.rms_norm(x, self.weight, self.eps)
         # Numerics (HF): normalise in fp32, cast back to the input dtype *before* the weight.
         dtype = x.dtype
         h = x.float()
@@ -139,6 +143,8 @@ class SwiGLU(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = self.gate_up_proj(x)  # (..., 2 * I)
+        if ops.enabled(gate_up):  # CPU inference: one fused pass
+            return self.down_proj(ops.silu_and_mul(gate_up))
         gate, up = gate_up.split(self.intermediate_size, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 

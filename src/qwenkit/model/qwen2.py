@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from qwenkit.config import ModelConfig
+from qwenkit.cpu import ops
 from qwenkit.model.attention import AttentionBackend, attend
 from qwenkit.model.layers import (
     MergedLinear,
@@ -52,10 +53,17 @@ class Qwen2Attention(nn.Module):
     ) -> torch.Tensor:
         b, t, _ = hidden_states.shape
         qkv = self.qkv_proj(hidden_states)  # (B, T, q + 2 kv)
-        qk, v = qkv.split([self.q_size + self.kv_size, self.kv_size], dim=-1)
-        # q and k heads side by side: one rotary pass for both (same math as apply_rotary)
-        qk = rotate(qk.view(b, t, self.num_heads + self.num_kv_heads, self.head_dim), *rope)
-        q, k = qk.split([self.num_heads, self.num_kv_heads], dim=2)  # (B, T, Hq, D), (B, T, Hkv, D)
+        heads = self.num_heads + self.num_kv_heads
+        if ops.enabled(qkv, *rope) and ops.rope_(qkv, *rope, heads, self.head_dim):
+            # CPU inference: q and k rotated in place inside qkv (same rounding as `rotate`)
+            q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+            q = q.view(b, t, self.num_heads, self.head_dim)
+            k = k.view(b, t, self.num_kv_heads, self.head_dim)
+        else:
+            qk, v = qkv.split([self.q_size + self.kv_size, self.kv_size], dim=-1)
+            # q and k heads side by side: one rotary pass for both (same math as apply_rotary)
+            qk = rotate(qk.view(b, t, heads, self.head_dim), *rope)
+            q, k = qk.split([self.num_heads, self.num_kv_heads], dim=2)  # (B, T, Hq, D), (B, T, Hkv, D)
         v = v.view(b, t, self.num_kv_heads, self.head_dim)
         o = attend(
             self.layer_idx,

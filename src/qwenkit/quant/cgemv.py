@@ -9,79 +9,35 @@ Why: torch's `_weight_int8pack_mm` / `_weight_int4pack_mm_for_cpu` need bf16 act
 extra cast passes, bf16 rounding of x and y) and reach only ~4-10 GB/s at M=1 here, while decode
 is bound by streaming the weights (~20 GB/s available), and they fall off quickly as M grows.
 
-Build: ``gcc -O3 -mavx2 -mfma -fopenmp -shared -fPIC`` into the qwenkit cache
-(``$QWENKIT_HOME/kernels`` or the platform cache dir), keyed by the source hash; about a second.
-Set ``QWENKIT_CKERNELS=0`` to disable them (the torch kernels are used instead). Without a C
-compiler or AVX2/FMA, `available()` is False and nothing changes.
+Built with the rest of qwenkit's C kernels by `qwenkit.cpu.build` (sources in
+`qwenkit/cpu/csrc`). Set ``QWENKIT_CKERNELS=0`` to disable them (the torch kernels are used
+instead). Without a C compiler or AVX2/FMA, `available()` is False and nothing changes.
 """
 from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
-import logging
-import os
-import shutil
-import subprocess
-import tempfile
-from pathlib import Path
 
 import torch
 
-logger = logging.getLogger(__name__)
+from qwenkit.cpu import build
 
-_SRCS = tuple(Path(__file__).with_name("csrc") / f for f in ("gemv_avx2.c", "qgemm_avx2.c"))
 _P = ctypes.c_void_p
 _I = ctypes.c_int64
 
 
-def _cache_dir() -> Path:
-    home = os.environ.get("QWENKIT_HOME")
-    if home:
-        return Path(home) / "kernels"
-    import platformdirs
-
-    return Path(platformdirs.user_cache_dir("qwenkit")) / "kernels"
-
-
-def _cpu_ok() -> bool:
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return " avx2" in flags and " fma" in flags
-
-
 @functools.lru_cache(maxsize=1)
 def _lib() -> ctypes.CDLL | None:
-    if os.environ.get("QWENKIT_CKERNELS", "1") == "0" or not _cpu_ok():
+    lib = build.lib()
+    if lib is None:
         return None
-    cc = shutil.which(os.environ.get("CC", "gcc")) or shutil.which("cc")
-    if cc is None:
-        logger.info("no C compiler: using torch's weight-only kernels")
-        return None
-    src = b"".join(p.read_bytes() for p in _SRCS)
-    tag = hashlib.sha256(src + cc.encode()).hexdigest()[:16]
-    out = _cache_dir() / f"qk_gemv_{tag}.so"
-    if not out.is_file():
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
-            tmp_so = Path(tmp) / out.name
-            cmd = [cc, "-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC",
-                   *map(str, _SRCS), "-o", str(tmp_so)]  # fmt: skip
-            proc = subprocess.run(cmd, capture_output=True, text=True)
-            if proc.returncode != 0:
-                logger.warning("building the C kernels failed, using torch kernels:\n%s", proc.stderr[-2000:])
-                return None
-            os.replace(tmp_so, out)  # atomic: concurrent builders race harmlessly
-    lib = ctypes.CDLL(str(out))
     lib.qk_gemm_int8.argtypes = [_P, _P, _P, _P, _P, _I, _I, _I]
     lib.qk_gemm_int8.restype = None
     lib.qk_quant_act.argtypes = [_P, _P, _P, _P, _I, _I]
     lib.qk_quant_act.restype = None
-    lib.qk_gemm_q8.argtypes = [_P, _P, _P, _P, _P, _I, _I, _I]
+    lib.qk_gemm_q8.argtypes = [_P, _P, _P, _P, _P, _P, _I, _I, _I]
     lib.qk_gemm_q8.restype = None
-    lib.qk_gemm_q4.argtypes = [_P, _P, _P, _P, _P, _P, _P, _I, _I, _I, _I]
+    lib.qk_gemm_q4.argtypes = [_P, _P, _P, _P, _P, _P, _P, _P, _I, _I, _I, _I]
     lib.qk_gemm_q4.restype = None
     return lib
 
@@ -142,20 +98,32 @@ def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, t
     return _quant_act(lib, x.float().contiguous())
 
 
-def _prologue(x: torch.Tensor, n: int) -> tuple[ctypes.CDLL, int, int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Quantize x (M, K) and allocate y (M, n): what every int8-activation kernel call starts with."""
+def _prologue(x: torch.Tensor, n: int) -> tuple[ctypes.CDLL, int, int, int, int, int, torch.Tensor, torch.Tensor]:
+    """Quantize x (M, K) and allocate y (M, n): what every int8-activation kernel call starts with.
+    Returns the library, M, K, the addresses of the int8 codes, block scales and block sums (one
+    scratch buffer, kept alive by the returned tensor), the scratch buffer and y."""
     lib = _lib()
     assert lib is not None and x.dtype == torch.float32 and x.device.type == "cpu"
     x = x.contiguous()
     m, k = x.shape
-    xq, dx, xs = _quant_act(lib, x)
-    return lib, m, k, xq, dx, xs, torch.empty(m, n, dtype=torch.float32)
+    nb = m * (k // QBLOCK)
+    scratch = torch.empty(2 * nb + (m * k + 3) // 4, dtype=torch.float32)  # dx | xs | xq
+    base = scratch.data_ptr()
+    dx, xs, xq = base, base + 4 * nb, base + 8 * nb
+    lib.qk_quant_act(x.data_ptr(), xq, dx, xs, m, k)
+    return lib, m, k, xq, dx, xs, scratch, torch.empty(m, n, dtype=torch.float32)
 
 
-def _gemm_q8_impl(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def _gemm_q8_impl(
+    x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
     n = qweight.shape[0]
-    lib, m, k, xq, dx, _, y = _prologue(x, n)
-    lib.qk_gemm_q8(xq.data_ptr(), dx.data_ptr(), qweight.data_ptr(), scales.data_ptr(), y.data_ptr(), m, n, k)
+    lib, m, k, xq, dx, _, _scratch, y = _prologue(x, n)
+    lib.qk_gemm_q8(xq, dx, qweight.data_ptr(), scales.data_ptr(), _ptr(bias), y.data_ptr(), m, n, k)
     return y
 
 
@@ -163,18 +131,23 @@ _gemm_q8_op = torch.library.custom_op("qwenkit::gemm_q8", mutates_args=())(_gemm
 
 
 @_gemm_q8_op.register_fake
-def _(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+def _(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     return x.new_empty(x.shape[0], qweight.shape[0])
 
 
 def _gemm_q4_impl(
-    x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int
+    x: torch.Tensor,
+    codes: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    group_size: int,
+    bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     n = codes.shape[0]
-    lib, m, k, xq, dx, xs, y = _prologue(x, n)
+    lib, m, k, xq, dx, xs, _scratch, y = _prologue(x, n)
     lib.qk_gemm_q4(
-        xq.data_ptr(), dx.data_ptr(), xs.data_ptr(), codes.data_ptr(), scales.data_ptr(), zeros.data_ptr(),
-        y.data_ptr(), m, n, k, group_size,
+        xq, dx, xs, codes.data_ptr(), scales.data_ptr(), zeros.data_ptr(), _ptr(bias), y.data_ptr(),
+        m, n, k, group_size,
     )  # fmt: skip
     return y
 
@@ -183,7 +156,14 @@ _gemm_q4_op = torch.library.custom_op("qwenkit::gemm_q4", mutates_args=())(_gemm
 
 
 @_gemm_q4_op.register_fake
-def _(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int) -> torch.Tensor:
+def _(
+    x: torch.Tensor,
+    codes: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    group_size: int,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
     return x.new_empty(x.shape[0], codes.shape[0])
 
 
@@ -196,21 +176,29 @@ def supports_q(k: int, group_size: int | None = None) -> bool:
     return ok
 
 
-def gemm_q8(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """x (M, K) fp32 -> (M, N): int8 (N, K) per-channel weights, x quantized to int8 per 32."""
+def gemm_q8(
+    x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """x (M, K) fp32 -> (M, N): int8 (N, K) per-channel weights, x quantized to int8 per 32;
+    + bias (N,) fp32 if given (added in the kernel, rounded as ``y + bias``)."""
     if torch.compiler.is_compiling():
-        return _gemm_q8_op(x, qweight, scales)
-    return _gemm_q8_impl(x, qweight, scales)  # eager: skip the op dispatch (~30 us a call)
+        return _gemm_q8_op(x, qweight, scales, bias)
+    return _gemm_q8_impl(x, qweight, scales, bias)  # eager: skip the op dispatch (~30 us a call)
 
 
 def gemm_q4(
-    x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int
+    x: torch.Tensor,
+    codes: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    group_size: int,
+    bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """x (M, K) fp32 -> (M, N): int4 codes in the paired-block layout (`pack_q4`), bf16 scales/zeros
-    (N, K/group_size) with w = (c - 8) * s + z; x quantized to int8 per 32."""
+    (N, K/group_size) with w = (c - 8) * s + z; x quantized to int8 per 32; + bias as `gemm_q8`."""
     if torch.compiler.is_compiling():
-        return _gemm_q4_op(x, codes, scales, zeros, group_size)
-    return _gemm_q4_impl(x, codes, scales, zeros, group_size)
+        return _gemm_q4_op(x, codes, scales, zeros, group_size, bias)
+    return _gemm_q4_impl(x, codes, scales, zeros, group_size, bias)
 
 
 def pack_q4(codes: torch.Tensor) -> torch.Tensor:

@@ -75,11 +75,11 @@ class QuantizedLinear(nn.Module):
         if x2.dtype != torch.float32:
             x2 = x2.float()
         if x2.shape[0] <= self.small_m:
-            y = self._mm_small(x2)
+            y = self._mm_small(x2, self.bias)
         else:
             y = self._mm_large(x2)
-        if self.bias is not None:
-            y = y + self.bias
+            if self.bias is not None:
+                y = y + self.bias
         return y.reshape(*lead, self.out_features)
 
     def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -92,7 +92,8 @@ class QuantizedLinear(nn.Module):
         )
 
     # subclasses
-    def _mm_small(self, x: torch.Tensor) -> torch.Tensor:
+    def _mm_small(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """x @ W.T + bias for small M (the C kernels add the bias in their epilogue)."""
         raise NotImplementedError
 
     def _mm_large(self, x: torch.Tensor) -> torch.Tensor:
@@ -134,16 +135,15 @@ class Int8Linear(QuantizedLinear):
     def _weight(self) -> kernels.Int8Weight:
         return kernels.Int8Weight(self.qweight, self.scales)
 
-    def _mm_small(self, x: torch.Tensor) -> torch.Tensor:
+    def _mm_small(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if x.is_cuda:
-            return F.linear(x, self.qweight.to(x.dtype)) * self.scales
-        if cgemv.available():  # AVX2 (qwenkit/quant/csrc): int8 activations, else fp32 ones
+            return _add_bias(F.linear(x, self.qweight.to(x.dtype)) * self.scales, bias)
+        if cgemv.available():  # AVX2 (qwenkit/cpu/csrc): int8 activations, else fp32 ones
             if cgemv.supports_q(self.in_features):
-                return cgemv.gemm_q8(x, self.qweight, self.scales)
-            return cgemv.gemm_int8(x, self.qweight, self.scales, None)
-        return torch.ops.aten._weight_int8pack_mm(
-            x.to(torch.bfloat16), self.qweight, self.scales_bf16
-        ).float()
+                return cgemv.gemm_q8(x, self.qweight, self.scales, bias)
+            return cgemv.gemm_int8(x, self.qweight, self.scales, bias)
+        y = torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16), self.qweight, self.scales_bf16)
+        return _add_bias(y.float(), bias)
 
     def _mm_large(self, x: torch.Tensor) -> torch.Tensor:
         if x.is_cuda:
@@ -209,14 +209,15 @@ class Int4Linear(QuantizedLinear):
             self.packed, self.scales_and_zeros, self.group_size, self.out_features, self.in_features
         )
 
-    def _mm_small(self, x: torch.Tensor) -> torch.Tensor:
+    def _mm_small(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if x.is_cuda:
-            return self._mm_cuda(x)
+            return _add_bias(self._mm_cuda(x), bias)
         if self._block_layout:
-            return cgemv.gemm_q4(x, self.codes, self.scales, self.zeros, self.group_size)
-        return torch.ops.aten._weight_int4pack_mm_for_cpu(
+            return cgemv.gemm_q4(x, self.codes, self.scales, self.zeros, self.group_size, bias)
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(
             x.to(torch.bfloat16), self.packed, self.group_size, self.scales_and_zeros
-        ).float()
+        )
+        return _add_bias(y.float(), bias)
 
     def _mm_large(self, x: torch.Tensor) -> torch.Tensor:
         if x.is_cuda:
@@ -240,6 +241,10 @@ class Int4Linear(QuantizedLinear):
         else:
             q, s, z = self._weight().to_canonical()
         return {"qweight": q, "scales": s.to(torch.bfloat16), "zeros": z.to(torch.bfloat16)}
+
+
+def _add_bias(y: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return y if bias is None else y + bias
 
 
 def _merged_meta(linear: nn.Linear) -> dict[str, object]:

@@ -5,20 +5,12 @@
  *
  * Activations stay fp32 (no bf16 rounding); the weights are converted in registers. Rows are
  * split across OpenMP threads (the libgomp that torch already loaded). Built at first use by
- * qwenkit/quant/cgemv.py with: gcc -O3 -mavx2 -mfma -fopenmp -shared -fPIC.
+ * qwenkit/cpu/build.py.
  */
-#include <immintrin.h>
+#include "qk_simd.h"
 #include <stdint.h>
 
 #define MB 4 /* activation rows per pass over a weight row */
-
-static inline float hsum256(__m256 v) {
-    __m128 lo = _mm256_castps256_ps128(v), hi = _mm256_extractf128_ps(v, 1);
-    lo = _mm_add_ps(lo, hi);
-    lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
-    lo = _mm_add_ss(lo, _mm_movehdup_ps(lo));
-    return _mm_cvtss_f32(lo);
-}
 
 static inline __m256 i8_to_ps(__m128i v8) { return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v8)); }
 
@@ -48,7 +40,7 @@ void qk_gemm_int8(const float *x, const int8_t *q, const float *s, const float *
                 }
             }
             for (int i = 0; i < mb; i++) {
-                float t = hsum256(acc[i]);
+                float t = hsum_ps(acc[i]);
                 const float *xr = x + (m0 + i) * K;
                 for (int64_t kk = k; kk < K; kk++) t += (float)row[kk] * xr[kk];
                 t *= s[n];

@@ -12,38 +12,22 @@
  *
  *   qk_quant_act:  x (M, K) fp32 -> xq (M, K) int8, dx (M, K/32) fp32 scales,
  *                  xs (M, K/32) = dx * (block sums of xq) (for the int4 zero points).
- *   qk_gemm_q8:    y[m,n] = s[n] * sum_b dx[m,b] * <q[n, b], xq[m, b]>
+ *   qk_gemm_q8:    y[m,n] = s[n] * sum_b dx[m,b] * <q[n, b], xq[m, b]>  (+ bias[n], both kernels,
+ *                  when bias is not NULL)
  *                  q int8 (N, K), s fp32 (N,)  -- int8 per output channel, symmetric.
  *   qk_gemm_q4:    y[m,n] = sum_b (sc[n,g(b)] dx[m,b] <c[n,b], xq[m,b]>) + zp[n,g] * xs[m,b]
  *                  with w = (c - 8) * sc + z  (c in 0..15), zp = z - 8 sc; codes packed per
  *                  64 columns as 32 bytes: byte j = c[j] | c[j + 32] << 4; sc, z bf16 (N, G),
  *                  G = K / group_size, group_size a multiple of 32, K a multiple of 64.
  *
- * K must be a multiple of 32 (64 for int4). Built by qwenkit/quant/cgemv.py with
- * gcc -O3 -mavx2 -mfma -mf16c -fopenmp -shared -fPIC.
+ * K must be a multiple of 32 (64 for int4). Built by qwenkit/cpu/build.py.
  */
-#include <immintrin.h>
+#include "qk_simd.h"
 #include <stdint.h>
 #include <string.h>
 
 #define QB 32 /* activation / weight block */
 #define MB 4  /* activation rows per pass over a weight row */
-
-static inline float hsum_ps(__m256 v) {
-    __m128 lo = _mm256_castps256_ps128(v), hi = _mm256_extractf128_ps(v, 1);
-    lo = _mm_add_ps(lo, hi);
-    lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
-    lo = _mm_add_ss(lo, _mm_movehdup_ps(lo));
-    return _mm_cvtss_f32(lo);
-}
-
-static inline float hmax_ps(__m256 v) {
-    __m128 lo = _mm256_castps256_ps128(v), hi = _mm256_extractf128_ps(v, 1);
-    lo = _mm_max_ps(lo, hi);
-    lo = _mm_max_ps(lo, _mm_movehl_ps(lo, lo));
-    lo = _mm_max_ss(lo, _mm_movehdup_ps(lo));
-    return _mm_cvtss_f32(lo);
-}
 
 static inline float bf16_to_f32(uint16_t h) {
     uint32_t u = (uint32_t)h << 16;
@@ -100,7 +84,7 @@ ALWAYS_INLINE __m256i q8_dot(__m256i aw, __m256i w, const int8_t *xb, __m256i on
     return _mm256_madd_epi16(_mm256_maddubs_epi16(aw, _mm256_sign_epi8(xv, w)), ones);
 }
 
-ALWAYS_INLINE void q8_row(const int R, const int8_t *row, const int8_t *xq, const float *dx, float s,
+ALWAYS_INLINE void q8_row(const int R, const int8_t *row, const int8_t *xq, const float *dx, float s, float bias,
                           float *y, int64_t ystride, int64_t nb, int64_t K) {
     const __m256i ones = _mm256_set1_epi16(1);
     __m256 a0[MB], a1[MB];
@@ -124,11 +108,11 @@ ALWAYS_INLINE void q8_row(const int R, const int8_t *row, const int8_t *xq, cons
             a0[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(q8_dot(aw0, w0, xq + i * K + b * QB, ones)),
                                     _mm256_broadcast_ss(dx + i * nb + b), a0[i]);
     }
-    for (int i = 0; i < R; i++) y[i * ystride] = s * hsum_ps(_mm256_add_ps(a0[i], a1[i]));
+    for (int i = 0; i < R; i++) y[i * ystride] = s * hsum_ps(_mm256_add_ps(a0[i], a1[i])) + bias;
 }
 
-void qk_gemm_q8(const int8_t *xq, const float *dx, const int8_t *q, const float *s, float *y,
-                int64_t M, int64_t N, int64_t K) {
+void qk_gemm_q8(const int8_t *xq, const float *dx, const int8_t *q, const float *s, const float *bias,
+                float *y, int64_t M, int64_t N, int64_t K) {
     const int64_t nb = K / QB;
 #pragma omp parallel for schedule(static)
     for (int64_t n = 0; n < N; n++) {
@@ -138,11 +122,12 @@ void qk_gemm_q8(const int8_t *xq, const float *dx, const int8_t *q, const float 
             const int8_t *x0 = xq + m0 * K;
             const float *d0 = dx + m0 * nb;
             float *y0 = y + m0 * N + n;
+            const float b = bias ? bias[n] : 0.0f;
             switch (mb) {
-                case 1: q8_row(1, row, x0, d0, s[n], y0, N, nb, K); break;
-                case 2: q8_row(2, row, x0, d0, s[n], y0, N, nb, K); break;
-                case 3: q8_row(3, row, x0, d0, s[n], y0, N, nb, K); break;
-                default: q8_row(4, row, x0, d0, s[n], y0, N, nb, K); break;
+                case 1: q8_row(1, row, x0, d0, s[n], b, y0, N, nb, K); break;
+                case 2: q8_row(2, row, x0, d0, s[n], b, y0, N, nb, K); break;
+                case 3: q8_row(3, row, x0, d0, s[n], b, y0, N, nb, K); break;
+                default: q8_row(4, row, x0, d0, s[n], b, y0, N, nb, K); break;
             }
         }
     }
@@ -157,7 +142,7 @@ ALWAYS_INLINE __m256i q4_dot(__m256i cv, const int8_t *xb, __m256i ones) {
  * blocks: 32 bytes hold block 2p in their low nibbles and block 2p + 1 in their high nibbles, so
  * one 256-bit load + two ANDs (+ one shift) unpack 64 codes. nb is even (K % 64 == 0). */
 ALWAYS_INLINE void q4_row(const int R, const uint8_t *row, const int8_t *xq, const float *comb, const float *zsum,
-                          float *y, int64_t ystride, int64_t nb, int64_t K) {
+                          float bias, float *y, int64_t ystride, int64_t nb, int64_t K) {
     const __m256i ones = _mm256_set1_epi16(1);
     const __m256i low4 = _mm256_set1_epi8(0x0F);
     __m256 a0[MB], a1[MB];
@@ -172,11 +157,11 @@ ALWAYS_INLINE void q4_row(const int R, const uint8_t *row, const int8_t *xq, con
             a1[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(q4_dot(c1, xr + (b + 1) * QB, ones)), _mm256_broadcast_ss(cr + b + 1), a1[i]);
         }
     }
-    for (int i = 0; i < R; i++) y[i * ystride] = hsum_ps(_mm256_add_ps(a0[i], a1[i])) + zsum[i];
+    for (int i = 0; i < R; i++) y[i * ystride] = (hsum_ps(_mm256_add_ps(a0[i], a1[i])) + zsum[i]) + bias;
 }
 
 void qk_gemm_q4(const int8_t *xq, const float *dx, const float *xs, const uint8_t *codes,
-                const uint16_t *sc, const uint16_t *z, float *y, int64_t M, int64_t N, int64_t K,
+                const uint16_t *sc, const uint16_t *z, const float *bias, float *y, int64_t M, int64_t N, int64_t K,
                 int64_t group_size) {
     const int64_t nb = K / QB;
     const int64_t bpg = group_size / QB; /* blocks per group */
@@ -226,11 +211,12 @@ void qk_gemm_q4(const int8_t *xq, const float *dx, const float *xs, const uint8_
                 }
                 const int8_t *x0 = xq + m0 * K;
                 float *y0 = y + m0 * N + n;
+                const float bn = bias ? bias[n] : 0.0f;
                 switch (mb) {
-                    case 1: q4_row(1, row, x0, comb, zsum, y0, N, nb, K); break;
-                    case 2: q4_row(2, row, x0, comb, zsum, y0, N, nb, K); break;
-                    case 3: q4_row(3, row, x0, comb, zsum, y0, N, nb, K); break;
-                    default: q4_row(4, row, x0, comb, zsum, y0, N, nb, K); break;
+                    case 1: q4_row(1, row, x0, comb, zsum, bn, y0, N, nb, K); break;
+                    case 2: q4_row(2, row, x0, comb, zsum, bn, y0, N, nb, K); break;
+                    case 3: q4_row(3, row, x0, comb, zsum, bn, y0, N, nb, K); break;
+                    default: q4_row(4, row, x0, comb, zsum, bn, y0, N, nb, K); break;
                 }
             }
         }

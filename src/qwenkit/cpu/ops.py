@@ -1,0 +1,140 @@
+"""Fused CPU ops for inference: one C call instead of a chain of small eager torch ops.
+
+In the decode step every tensor outside the big projections is a few KB, so each eager torch op
+costs its dispatch and allocation (~3-10 us here), not its arithmetic: a Qwen2 layer spent
+~0.5 ms/token in ~40 of them. These ops (`csrc/ops_avx2.c`) do the same math in one pass:
+
+* `rms_norm` — RMSNorm (HF numerics: fp32, x * rsqrt(mean(x^2) + eps), then * weight);
+* `silu_and_mul` — SwiGLU's silu(gate) * up over the fused gate|up projection output;
+* `rope_` — rotate_half RoPE applied in place to the q and k heads of the fused qkv output;
+* `decode_attention` — one query per sequence over its cached keys (all of them visible), with
+  GQA, reading keys through a block table (the engine's paged cache, or one block per sequence
+  for a contiguous cache) — no gather copy, no mask.
+
+`enabled(*tensors)` says when the layers may call them: CPU fp32 tensors, the library built, no
+autograd graph to record (training keeps the torch expressions), and not under `torch.compile`
+(inductor fuses the torch expressions itself). Everywhere else the callers run torch.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+
+import torch
+
+from qwenkit.cpu import build
+
+_P = ctypes.c_void_p
+_I = ctypes.c_int64
+_F = ctypes.c_float
+ATTN_HEAD_DIMS = (64, 128)  # compiled into qk_attn_decode (query and output in registers)
+
+
+@functools.lru_cache(maxsize=1)
+def _lib() -> ctypes.CDLL | None:
+    lib = build.lib()
+    if lib is None:
+        return None
+    lib.qk_rms_norm.argtypes = [_P, _P, _P, _I, _I, _F]
+    lib.qk_silu_mul.argtypes = [_P, _P, _I, _I]
+    lib.qk_rope.argtypes = [_P, _I, _I, _I, _I, _P, _P]
+    lib.qk_attn_decode.argtypes = [_P, _I, _P, _P, _P, _I, _P, _I, _I, _P, _I, _I, _I, _I, _F]
+    for f in (lib.qk_rms_norm, lib.qk_silu_mul, lib.qk_rope, lib.qk_attn_decode):
+        f.restype = None
+    return lib
+
+
+def enabled(*tensors: torch.Tensor) -> bool:
+    """Whether the fused C ops may replace the torch expressions for these tensors."""
+    if _lib() is None or torch.compiler.is_compiling():
+        return False
+    grad = torch.is_grad_enabled()
+    for t in tensors:  # (called ~5 times per layer and token: only cheap attributes here)
+        if not t.is_cpu or t.dtype is not torch.float32 or (grad and t.requires_grad):
+            return False
+    return True
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm over the last dim; x (..., H) fp32 -> (..., H)."""
+    x = x.contiguous()
+    h = x.shape[-1]
+    y = torch.empty_like(x)
+    _lib().qk_rms_norm(x.data_ptr(), weight.data_ptr(), y.data_ptr(), x.numel() // h, h, eps)
+    return y
+
+
+def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """(..., 2I) -> silu(gate_up[..., :I]) * gate_up[..., I:], (..., I)."""
+    gate_up = gate_up.contiguous()
+    i = gate_up.shape[-1] // 2
+    y = gate_up.new_empty(*gate_up.shape[:-1], i)
+    _lib().qk_silu_mul(gate_up.data_ptr(), y.data_ptr(), gate_up.numel() // (2 * i), i)
+    return y
+
+
+def rope_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_heads: int, head_dim: int) -> bool:
+    """Rotate heads 0..num_heads-1 of each row of x (..., W) in place (rows = tokens; the heads
+    are the first num_heads * head_dim columns). cos/sin: one (head_dim,) row per token.
+    Returns False (and does nothing) when the layouts do not fit; the caller then uses torch."""
+    rows = x.numel() // x.shape[-1] if x.numel() else 0
+    if (
+        x.stride(-1) != 1
+        or not _rows_uniform(x)
+        or cos.numel() != rows * head_dim
+        or not (cos.is_contiguous() and sin.is_contiguous())
+        or num_heads * head_dim > x.shape[-1]
+    ):
+        return False
+    stride = x.stride(-2) if x.dim() >= 2 else x.shape[-1]
+    _lib().qk_rope(x.data_ptr(), rows, stride, num_heads, head_dim, cos.data_ptr(), sin.data_ptr())
+    return True
+
+
+def _rows_uniform(x: torch.Tensor) -> bool:
+    """The rows of x (all dims but the last) sit at one constant stride."""
+    if x.dim() < 2:
+        return True
+    stride = x.stride(-2)
+    expected = stride * x.shape[-2]
+    for d in range(x.dim() - 3, -1, -1):
+        if x.shape[d] != 1 and x.stride(d) != expected:
+            return False
+        expected *= x.shape[d]
+    return True
+
+
+def decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    *,
+    scale: float,
+) -> torch.Tensor | None:
+    """q (S, Hq, D): one query per sequence; k_cache / v_cache (blocks, block_size, Hkv, D);
+    block_tables (S, max_blocks) int64; context_lens (S,) int64: sequence s attends to its
+    first context_lens[s] cached positions, all visible. -> (S, Hq, D), or None when the layouts
+    do not fit (the caller then uses torch)."""
+    s, hq, d = q.shape
+    hkv = k_cache.shape[2]
+    if (
+        d not in ATTN_HEAD_DIMS
+        or hq % hkv
+        or q.stride(2) != 1
+        or q.stride(1) != d
+        or not (k_cache.is_contiguous() and v_cache.is_contiguous())
+        or block_tables.dtype != torch.int64
+        or context_lens.dtype != torch.int64
+    ):
+        return None
+    tables = block_tables.contiguous()
+    ctx = context_lens.contiguous()
+    out = q.new_empty(s, hq, d)
+    bs = k_cache.shape[1]
+    _lib().qk_attn_decode(
+        q.data_ptr(), q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(), tables.data_ptr(),
+        tables.shape[1], ctx.data_ptr(), bs * hkv * d, bs, out.data_ptr(), s, hq, hkv, d, scale,
+    )  # fmt: skip
+    return out

@@ -28,6 +28,13 @@
 
 #define QB 32 /* activation / weight block */
 #define MB 4  /* activation rows per pass over a weight row */
+/* Weight rows are prefetched this many rows ahead: the hardware prefetcher alone left the
+ * cold-weight stream at ~17.5 GB/s (lm_head, M=1), with it ~20.9 (distances 2..8 measured). */
+#define PREFETCH_ROWS 4
+
+static inline void prefetch_bytes(const void *p, int64_t n) {
+    for (int64_t off = 0; off < n; off += 64) _mm_prefetch((const char *)p + off, _MM_HINT_T0);
+}
 
 static inline float bf16_to_f32(uint16_t h) {
     uint32_t u = (uint32_t)h << 16;
@@ -117,6 +124,7 @@ void qk_gemm_q8(const int8_t *xq, const float *dx, const int8_t *q, const float 
 #pragma omp parallel for schedule(static)
     for (int64_t n = 0; n < N; n++) {
         const int8_t *row = q + n * K;
+        if (n + PREFETCH_ROWS < N) prefetch_bytes(q + (n + PREFETCH_ROWS) * K, K);
         for (int64_t m0 = 0; m0 < M; m0 += MB) {
             const int64_t mb = M - m0 < MB ? M - m0 : MB;
             const int8_t *x0 = xq + m0 * K;
@@ -174,6 +182,11 @@ void qk_gemm_q4(const int8_t *xq, const float *dx, const float *xs, const uint8_
         for (int64_t n = 0; n < N; n++) {
             const uint8_t *row = codes + n * (K / 2);
             const uint16_t *scn = sc + n * G, *zn = z + n * G;
+            if (n + PREFETCH_ROWS < N) {
+                prefetch_bytes(codes + (n + PREFETCH_ROWS) * (K / 2), K / 2);
+                prefetch_bytes(sc + (n + PREFETCH_ROWS) * G, 2 * G);
+                prefetch_bytes(z + (n + PREFETCH_ROWS) * G, 2 * G);
+            }
             for (int64_t m0 = 0; m0 < M; m0 += MB) {
                 const int64_t mb = M - m0 < MB ? M - m0 : MB;
                 float zsum[MB];

@@ -1,0 +1,25 @@
+"""The side-by-side bench's bookkeeping: best-of-rounds merge and the ratio table."""
+from __future__ import annotations
+
+from qwenkit.bench.decode import EngineResult, best_of, format_report
+
+
+def _r(engine: str, dec: float, p512: float, rss: float = 100.0, error: str | None = None) -> EngineResult:
+    return EngineResult(engine, "m", 2, decode_tps=dec, prefill_tps={"512": p512}, ttft_s={"512": 512 / p512},
+                        peak_rss_mb=rss, error=error)  # fmt: skip
+
+
+def test_best_of_takes_each_metric_from_its_best_round() -> None:
+    best = best_of([_r("qwenkit", 20.0, 150.0, 900), _r("qwenkit", 25.0, 120.0, 800), _r("qwenkit", 0, 1, error="x")])
+    assert best.decode_tps == 25.0
+    assert best.prefill_tps["512"] == 150.0
+    assert abs(best.ttft_s["512"] - 512 / 150.0) < 1e-12
+    assert best.peak_rss_mb == 900
+    assert len(best.rounds) == 3 and best.rounds[2]["error"] == "x"
+    assert best_of([_r("a", 0, 1, error="boom")]).error == "boom"
+
+
+def test_report_prints_ratios_against_each_engine() -> None:
+    table = format_report([_r("qwenkit", 30.0, 150.0), _r("llama.cpp", 25.0, 100.0), _r("transformers", 6.0, 160.0)])
+    assert "| qwenkit / llama.cpp | 1.20× | 1.50× |" in table
+    assert "| qwenkit / transformers | 5.00× | 0.94× |" in table

@@ -80,38 +80,42 @@ QBLOCK = 32  # activation / weight block of qgemm_avx2.c
 MAX_BLOCKS = 1024  # per-thread scratch of qk_gemm_q4: K <= 32768
 
 
-def _quant_act(lib: ctypes.CDLL, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _quant_act(lib: ctypes.CDLL, x: torch.Tensor) -> torch.Tensor:
+    """Quantize x (M, K) fp32 contiguous into one scratch buffer laid out dx | xs | xq (block
+    scales (M, K/32) fp32, block sums (M, K/32) fp32, codes (M, K) int8); returns the buffer."""
     m, k = x.shape
-    xq = torch.empty(m, k, dtype=torch.int8)
-    dx = torch.empty(m, k // QBLOCK, dtype=torch.float32)
-    xs = torch.empty(m, k // QBLOCK, dtype=torch.float32)
-    lib.qk_quant_act(x.data_ptr(), xq.data_ptr(), dx.data_ptr(), xs.data_ptr(), m, k)
-    return xq, dx, xs
+    nb = m * (k // QBLOCK)
+    scratch = torch.empty(2 * nb + (m * k + 3) // 4, dtype=torch.float32)
+    base = scratch.data_ptr()
+    lib.qk_quant_act(x.data_ptr(), base + 8 * nb, base, base + 4 * nb, m, k)
+    return scratch
 
 
 def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """x (M, K) fp32 -> (int8 codes (M, K), block scales (M, K/32), block sums of the dequantized
-    codes (M, K/32)),
-    as the int8-activation kernels see x (exposed for tests)."""
+    codes (M, K/32)), as the int8-activation kernels see x (exposed for tests)."""
     lib = _lib()
     assert lib is not None
-    return _quant_act(lib, x.float().contiguous())
+    x = x.float().contiguous()
+    m, k = x.shape
+    nb = m * (k // QBLOCK)
+    scratch = _quant_act(lib, x)
+    xq = scratch[2 * nb :].view(torch.int8)[: m * k].view(m, k)
+    return xq, scratch[:nb].view(m, -1), scratch[nb : 2 * nb].view(m, -1)
 
 
 def _prologue(x: torch.Tensor, n: int) -> tuple[ctypes.CDLL, int, int, int, int, int, torch.Tensor, torch.Tensor]:
     """Quantize x (M, K) and allocate y (M, n): what every int8-activation kernel call starts with.
-    Returns the library, M, K, the addresses of the int8 codes, block scales and block sums (one
-    scratch buffer, kept alive by the returned tensor), the scratch buffer and y."""
+    Returns the library, M, K, the addresses of the int8 codes, block scales and block sums (in
+    one scratch buffer, `_quant_act`, kept alive by the returned tensor), the buffer and y."""
     lib = _lib()
     assert lib is not None and x.dtype == torch.float32 and x.device.type == "cpu"
     x = x.contiguous()
     m, k = x.shape
     nb = m * (k // QBLOCK)
-    scratch = torch.empty(2 * nb + (m * k + 3) // 4, dtype=torch.float32)  # dx | xs | xq
+    scratch = _quant_act(lib, x)
     base = scratch.data_ptr()
-    dx, xs, xq = base, base + 4 * nb, base + 8 * nb
-    lib.qk_quant_act(x.data_ptr(), xq, dx, xs, m, k)
-    return lib, m, k, xq, dx, xs, scratch, torch.empty(m, n, dtype=torch.float32)
+    return lib, m, k, base + 8 * nb, base, base + 4 * nb, scratch, torch.empty(m, n, dtype=torch.float32)
 
 
 def _ptr(t: torch.Tensor | None) -> int | None:

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from qwenkit.cpu import ops
+from qwenkit.cpu.decode_step import DecodeKV, decode_kv_ok
 from qwenkit.engine.kv_cache import KVCache
 
 
@@ -143,6 +144,19 @@ class PagedAttentionMetadata:
         self.slot_mapping = slot_mapping
         self.groups = groups
         self.streaming_window = streaming_window
+
+    def decode_kv(self, window: int | None) -> DecodeKV | None:
+        """The fused decode step's view (`qwenkit.cpu.decode_step`) when the step is all
+        decodes whose queries see every cached key (under `window`), else None."""
+        if len(self.groups) != 1 or self.groups[0].tq != 1:
+            return None
+        g = self.groups[0]
+        if self.streaming_window is not None:
+            window = min(window or self.streaming_window, self.streaming_window)
+        kv = self.kv_cache
+        if not g.all_visible(window) or not decode_kv_ok(kv.k_cache) or self.slot_mapping.device.type != "cpu":
+            return None
+        return DecodeKV(kv.k_cache, kv.v_cache, self.slot_mapping.contiguous(), g.block_tables.contiguous(), g.context_lens.contiguous())
 
     def attend(
         self,

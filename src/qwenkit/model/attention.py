@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from qwenkit.cpu import ops
+from qwenkit.cpu.decode_step import DecodeKV, decode_kv_ok
 
 
 @runtime_checkable
@@ -113,6 +114,8 @@ class ContiguousKVCache:
         self.length = 0  # tokens stored before the current step
         self._step = 0  # tokens written by the current step
         self._decode_index: tuple[int, torch.Tensor, torch.Tensor] | None = None  # decode kernel's tables
+        self._layers_k = list(self.k.unbind(0))  # per-layer pools for the fused decode step
+        self._layers_v = list(self.v.unbind(0))
 
     def begin(self, num_new_tokens: int) -> None:
         self.length += self._step
@@ -122,6 +125,17 @@ class ContiguousKVCache:
                 f"{self.max_length}"
             )
         self._step = num_new_tokens
+
+    def decode_kv(self, window: int | None) -> DecodeKV | None:
+        """The fused decode step's view (`qwenkit.cpu.decode_step`): sequence b is block b of
+        each layer's pool; None unless this step adds one token that sees every key."""
+        end = self.length + 1
+        if self._step != 1 or (window is not None and end > window) or not decode_kv_ok(self._layers_k):
+            return None
+        b = self.k.shape[1]
+        slots = torch.arange(b) * self.max_length + self.length
+        tables = torch.arange(b).unsqueeze(1)
+        return DecodeKV(self._layers_k, self._layers_v, slots, tables, torch.full((b,), end))
 
     def attend(
         self,

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from qwenkit.config import ModelConfig
-from qwenkit.cpu import ops
+from qwenkit.cpu import decode_step, ops
 from qwenkit.model.attention import AttentionBackend, attend
 from qwenkit.model.layers import (
     MergedLinear,
@@ -115,6 +115,12 @@ class Qwen2Model(nn.Module):
     ) -> torch.Tensor:
         h = self.embed_tokens(input_ids)  # (B, T, hidden)
         rope = self.rotary_emb(positions, h.dtype)  # cos, sin: (B, T, 1, D)
+        if attn_metadata is not None:
+            # CPU decode with quantized linears: the whole layer stack in one C call (same
+            # kernels, same results); None when it does not apply
+            out = decode_step.run(self, h, rope, attn_metadata)
+            if out is not None:
+                return out
         for layer in self.layers:
             h = layer(rope, h, attn_metadata)
         return self.norm(h)

@@ -23,3 +23,14 @@ def test_report_prints_ratios_against_each_engine() -> None:
     table = format_report([_r("qwenkit", 30.0, 150.0), _r("llama.cpp", 25.0, 100.0), _r("transformers", 6.0, 160.0)])
     assert "| qwenkit / llama.cpp | 1.20× | 1.50× |" in table
     assert "| qwenkit / transformers | 5.00× | 0.94× |" in table
+
+
+def test_batched_decode_columns_best_of_and_ratios() -> None:
+    a = EngineResult("qwenkit", "m", 2, batch_tps={"1": 30.0, "16": 120.0})
+    b = EngineResult("qwenkit", "m", 2, batch_tps={"1": 33.0, "16": 100.0})
+    best = best_of([a, b])
+    assert best.batch_tps == {"1": 33.0, "16": 120.0}
+    other = EngineResult("llama.cpp", "m", 2, batch_tps={"1": 30.0, "16": 60.0})
+    table = format_report([best, other])
+    assert "batch@1 tok/s | batch@16 tok/s" in table and "decode tok/s" not in table
+    assert "| qwenkit / llama.cpp | 1.10× | 2.00× |" in table

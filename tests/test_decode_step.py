@@ -103,9 +103,9 @@ def test_declines_when_it_does_not_apply(monkeypatch: pytest.MonkeyPatch) -> Non
     # more rows than the linears' small-M kernel takes
     model = _model("int8")
     plan = decode_step.plan_for(model.model)
-    assert plan is not None and plan.max_rows == 24
+    assert plan is not None and plan.max_rows == 64
     spy.ran = spy.declined = 0
-    _decode_contiguous(model, ids.expand(25, 6), prefill=3)
+    _decode_contiguous(model, ids.expand(65, 6), prefill=3)
     assert spy.ran == 0 and spy.declined == 4  # the prefill and 3 decode steps
     # autograd: the modules run
     with torch.enable_grad():

@@ -1,6 +1,6 @@
-"""CLI hook: `qwenkit bench decode|prefill|all|kernels`.
+"""CLI hook: `qwenkit bench decode|batch|prefill|all|throughput|kernels`.
 
-The main CLI registers it with ``add_bench_parser(subparsers)``. `decode`, `prefill` and `all`
+The main CLI registers it with ``add_bench_parser(subparsers)``. `decode`, `batch`, `prefill` and `all`
 run `qwenkit.bench.decode` (qwenkit vs llama.cpp vs transformers, one subprocess per engine);
 `kernels` runs the linear-kernel micro-benchmark on the real projection shapes.
 """
@@ -61,8 +61,9 @@ def add_bench_parser(subparsers: Any) -> argparse.ArgumentParser:
     sub = bench.add_subparsers(dest="bench_command", required=True)
     for mode, helptext in (
         ("decode", "single-stream decode tok/s vs llama.cpp and transformers"),
+        ("batch", "aggregate decode tok/s of 1/4/16/64 sequences stepping together vs llama.cpp and transformers"),
         ("prefill", "prefill tok/s and TTFT at 128/512/2048 tokens vs llama.cpp and transformers"),
-        ("all", "decode and prefill in one run"),
+        ("all", "decode, batched decode and prefill in one run"),
     ):
         p = sub.add_parser(mode, help=helptext)
         add_arguments(p)

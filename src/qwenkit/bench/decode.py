@@ -43,6 +43,8 @@ from typing import Any, Callable, Sequence
 ENGINES = ("qwenkit", "llama.cpp", "transformers")
 DEFAULT_PREFILL = (128, 512, 2048)
 DECODE_PROMPT = 64
+BATCH_PROMPT = 32  # prompt tokens per sequence in the batched decode
+DEFAULT_BATCH = (1, 4, 16, 64)
 
 
 @dataclass
@@ -56,6 +58,7 @@ class EngineResult:
     ttft_s: dict[str, float] = field(default_factory=dict)
     decode_tps: float = 0.0
     decode_tokens: int = 0
+    batch_tps: dict[str, float] = field(default_factory=dict)  # B -> aggregate decode tok/s
     peak_rss_mb: float = 0.0
     rss_mb: float = 0.0
     loadavg_before: float = 0.0
@@ -71,6 +74,8 @@ def best_of(rounds: Sequence[EngineResult]) -> EngineResult:
         return rounds[-1]
     best = EngineResult(**{k: v for k, v in asdict(ok[0]).items() if k != "rounds"})
     best.decode_tps = max(r.decode_tps for r in ok)
+    for b in ok[0].batch_tps:
+        best.batch_tps[b] = max(r.batch_tps.get(b, 0.0) for r in ok)
     for n in ok[0].prefill_tps:
         best.prefill_tps[n] = max(r.prefill_tps.get(n, 0.0) for r in ok)
         best.ttft_s[n] = min(r.ttft_s.get(n, float("inf")) for r in ok)
@@ -117,6 +122,27 @@ class QwenkitEngine:
         self.session.decode(tok, n - 1)
         return (time.perf_counter() - t0) / (n - 1)
 
+    def decode_batch(self, prompts: list[list[int]], n: int) -> float:
+        """Seconds per step of len(prompts) sequences decoding together through the serving
+        engine (paged KV cache, continuous batching), counted once every sequence is past its
+        prefill."""
+        from qwenkit.engine.llm_engine import LLMEngine
+        from qwenkit.sampling_params import SamplingParams
+
+        b = len(prompts)
+        engine = LLMEngine(self.lm.model, self.lm.tokenizer, max_num_seqs=b,
+                           max_model_len=max(map(len, prompts)) + n + 8)  # fmt: skip
+        params = SamplingParams(temperature=0.0, max_tokens=n + 2, ignore_eos=True)
+        for i, p in enumerate(prompts):
+            engine.add_request(f"b{i}", p, params)
+        started: set[str] = set()
+        while len(started) < b:  # every prefill done (they may take several chunked steps)
+            started.update(o.request_id for o in engine.step() if o.outputs[0].token_ids)
+        t0 = time.perf_counter()
+        for _ in range(n):
+            engine.step()
+        return (time.perf_counter() - t0) / n
+
 
 class LlamaCppEngine:
     def __init__(self, model: str, threads: int, n_ctx: int) -> None:
@@ -128,6 +154,8 @@ class LlamaCppEngine:
             n_batch=512, verbose=False,
         )  # fmt: skip
         import llama_cpp
+
+        self.threads = threads
 
         self.config = {"llama_cpp_python": llama_cpp.__version__, "n_batch": 512,
                        "system_info": llama_cpp.llama_print_system_info().decode(errors="replace")}  # fmt: skip
@@ -148,6 +176,50 @@ class LlamaCppEngine:
         dt = time.perf_counter() - t0
         gen.close()
         return dt / (n - 1)
+
+    def decode_batch(self, prompts: list[list[int]], n: int) -> float:
+        """Seconds per `llama_decode` of one batch holding the next token of every sequence
+        (llama.cpp's parallel decoding, as llama-server and batched-bench run it: one context,
+        one sequence id per stream), greedy, after one batch with all the prompts."""
+        import numpy as np
+
+        import llama_cpp as L
+
+        b, plen = len(prompts), max(map(len, prompts))
+        cp = L.llama_context_default_params()
+        cp.n_ctx = b * (plen + n + 8)
+        cp.n_batch, cp.n_ubatch = max(512, b * plen), 512  # all prompts in one llama_decode
+        cp.n_seq_max = b
+        cp.n_threads = cp.n_threads_batch = self.threads
+        ctx = L.llama_init_from_model(self.llm._model.model, cp)
+        if not ctx:
+            raise RuntimeError("llama.cpp: could not create a batched context")
+        batch = L.llama_batch_init(max(b * plen, b), 0, 1)
+        n_vocab = L.llama_vocab_n_tokens(L.llama_model_get_vocab(self.llm._model.model))
+        try:
+            def submit(items: list[tuple[int, int, int, bool]]) -> None:
+                batch.n_tokens = len(items)
+                for i, (tok, pos, seq, want) in enumerate(items):
+                    batch.token[i], batch.pos[i], batch.n_seq_id[i] = tok, pos, 1
+                    batch.seq_id[i][0], batch.logits[i] = seq, want
+                if L.llama_decode(ctx, batch) != 0:
+                    raise RuntimeError("llama_decode failed")
+
+            def argmax(i: int) -> int:
+                return int(np.ctypeslib.as_array(L.llama_get_logits_ith(ctx, i), shape=(n_vocab,)).argmax())
+
+            items = [(t, j, s, j == len(p) - 1) for s, p in enumerate(prompts) for j, t in enumerate(p)]
+            submit(items)
+            toks = [argmax(i) for i, it in enumerate(items) if it[3]]
+            pos = [len(p) for p in prompts]
+            t0 = time.perf_counter()
+            for step in range(n):
+                submit([(toks[s], pos[s] + step, s, True) for s in range(b)])
+                toks = [argmax(s) for s in range(b)]
+            return (time.perf_counter() - t0) / n
+        finally:
+            L.llama_batch_free(batch)
+            L.llama_free(ctx)
 
 
 class TransformersEngine:
@@ -183,6 +255,22 @@ class TransformersEngine:
                 tok = out.logits[:, -1].argmax(-1, keepdim=True)
             return (time.perf_counter() - t0) / (n - 1)
 
+    def decode_batch(self, prompts: list[list[int]], n: int) -> float:
+        """Seconds per step of the sequences as one (B, 1) batch with a shared DynamicCache
+        (equal prompt lengths: no padding)."""
+        torch = self.torch
+        from transformers import DynamicCache
+
+        with torch.inference_mode():
+            cache = DynamicCache()
+            out = self.model(torch.tensor(prompts), past_key_values=cache, use_cache=True, logits_to_keep=1)
+            tok = out.logits[:, -1].argmax(-1, keepdim=True)  # (B, 1)
+            t0 = time.perf_counter()
+            for _ in range(n):
+                out = self.model(tok, past_key_values=cache, use_cache=True)
+                tok = out.logits[:, -1].argmax(-1, keepdim=True)
+            return (time.perf_counter() - t0) / n
+
 
 def _gguf_path(model: str) -> Path:
     from qwenkit.loaders.load import resolve
@@ -200,7 +288,7 @@ def run_worker(engine: str, args: argparse.Namespace, token_ids: list[int]) -> E
     torch.set_num_threads(args.threads)
     res = EngineResult(engine, args.model, args.threads, loadavg_before=os.getloadavg()[0])
     t0 = time.perf_counter()
-    max_len = max([*args.prefill, DECODE_PROMPT + args.decode_tokens]) + 16
+    max_len = max([*args.prefill, DECODE_PROMPT + args.decode_tokens, BATCH_PROMPT + args.batch_steps]) + 16
     if engine == "qwenkit":
         eng: Any = QwenkitEngine(args.model, args.quantization, args.compile)
     elif engine == "llama.cpp":
@@ -215,6 +303,13 @@ def run_worker(engine: str, args: argparse.Namespace, token_ids: list[int]) -> E
         eng.decode(token_ids[:DECODE_PROMPT], 8)  # warm-up (compile, allocator, caches)
         spt = _median_time(lambda: eng.decode(token_ids[:DECODE_PROMPT], args.decode_tokens), args.repeats)
         res.decode_tps, res.decode_tokens = 1.0 / spt, args.decode_tokens
+    if args.mode in ("batch", "all") and args.batch:
+        for b in args.batch:
+            # B different prompts of BATCH_PROMPT tokens (windows of the bench text)
+            prompts = [token_ids[i : i + BATCH_PROMPT] for i in range(b)]
+            eng.decode_batch(prompts, 2)  # warm-up
+            spt = _median_time(lambda: eng.decode_batch(prompts, args.batch_steps), max(1, args.repeats - 1))
+            res.batch_tps[str(b)] = b / spt
     if args.mode in ("prefill", "all"):
         eng.prefill(token_ids[: min(args.prefill)])  # warm-up
         for n in args.prefill:
@@ -251,7 +346,8 @@ def _spawn(engine: str, args: argparse.Namespace, ids_file: str) -> EngineResult
 def _forward_args(args: argparse.Namespace) -> list[str]:
     out = [args.model, "--threads", str(args.threads), "--repeats", str(args.repeats),
            "--decode-tokens", str(args.decode_tokens), "--prefill", ",".join(map(str, args.prefill)),
-           "--quantization", args.quantization, "--mode", args.mode]  # fmt: skip
+           "--quantization", args.quantization, "--mode", args.mode,
+           "--batch", ",".join(map(str, args.batch)), "--batch-steps", str(args.batch_steps)]  # fmt: skip
     if args.compile:
         out.append("--compile")
     return out
@@ -260,10 +356,15 @@ def _forward_args(args: argparse.Namespace) -> list[str]:
 def format_report(results: Sequence[EngineResult]) -> str:
     by = {r.engine: r for r in results}
     ours = by.get("qwenkit")
-    cols = ["decode"] + [f"prefill@{n}" for n in sorted({int(k) for r in results for k in r.prefill_tps})]
+    cols = ["decode"] if any(r.decode_tps for r in results) else []
+    cols += [f"batch@{b}" for b in sorted({int(k) for r in results for k in r.batch_tps})]
+    cols += [f"prefill@{n}" for n in sorted({int(k) for r in results for k in r.prefill_tps})]
 
     def val(r: EngineResult, c: str) -> float:
-        return r.decode_tps if c == "decode" else r.prefill_tps.get(c.split("@")[1], 0.0)
+        if c == "decode":
+            return r.decode_tps
+        kind, n = c.split("@")
+        return (r.batch_tps if kind == "batch" else r.prefill_tps).get(n, 0.0)
 
     lines = ["| engine | " + " | ".join(f"{c} tok/s" for c in cols)
              + " | TTFT@512 s | peak RSS MB | load avg |",
@@ -323,7 +424,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--decode-tokens", type=int, default=64)
     p.add_argument("--prefill", default=",".join(map(str, DEFAULT_PREFILL)),
                    type=lambda s: [int(x) for x in str(s).split(",") if x])  # fmt: skip
-    p.add_argument("--quantization", default="auto", help=f"{', '.join(method_names())} or a policy spec")
+    p.add_argument("--batch", default=",".join(map(str, DEFAULT_BATCH)),
+                   type=lambda s: [int(x) for x in str(s).split(",") if x],
+                   help="batch sizes for the aggregate decode (modes batch and all; '' = none)")  # fmt: skip
+    p.add_argument("--batch-steps", type=int, default=24, help="timed decode steps per batch size")
+    p.add_argument("--quantization", "-q", default="auto", help=f"{', '.join(method_names())} or a policy spec")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
                    help="torch.compile the qwenkit decode step")  # fmt: skip
     p.add_argument("--json", default=None, help="write all results here")
@@ -332,7 +437,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(ap)
-    ap.add_argument("--mode", choices=["decode", "prefill", "all"], default="all")
+    ap.add_argument("--mode", choices=["decode", "batch", "prefill", "all"], default="all")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--ids-file", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)

@@ -195,7 +195,7 @@ def run(
     return x.view(h.shape)
 
 
-def decode_kv_ok(k_cache: Sequence[torch.Tensor], q_dtype: torch.dtype = torch.float32) -> bool:
+def decode_kv_ok(k_cache: Sequence[torch.Tensor]) -> bool:
     """Whether a cache's per-layer pools have the layout the fused step reads."""
     t = k_cache[0]
-    return t.dtype == torch.float32 and t.is_cpu and t.is_contiguous() and q_dtype == torch.float32
+    return t.dtype == torch.float32 and t.is_cpu and t.is_contiguous()

@@ -134,8 +134,16 @@ class ContiguousKVCache:
             return None
         b = self.k.shape[1]
         slots = torch.arange(b) * self.max_length + self.length
-        tables = torch.arange(b).unsqueeze(1)
-        return DecodeKV(self._layers_k, self._layers_v, slots, tables, torch.full((b,), end))
+        tables, ctx = self._decode_tables(end)
+        return DecodeKV(self._layers_k, self._layers_v, slots, tables, ctx)
+
+    def _decode_tables(self, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Block tables and context lengths of a decode step ending at `end`: sequence b is
+        "block" b of each layer's pool. Built once per step, shared by every layer."""
+        if self._decode_index is None or self._decode_index[0] != end:
+            b = self.k.shape[1]
+            self._decode_index = (end, torch.arange(b).unsqueeze(1), torch.full((b,), end))
+        return self._decode_index[1], self._decode_index[2]
 
     def attend(
         self,
@@ -153,10 +161,7 @@ class ContiguousKVCache:
         self.v[layer_idx, :, start:end] = v
         if k.shape[1] == 1 and (sliding_window is None or end <= sliding_window) and ops.enabled(q, self.k):
             # decode, every key visible: the fused C kernel reads the cache in place
-            if self._decode_index is None or self._decode_index[0] != end:
-                b = q.shape[0]  # sequence b is "block" b of its layer; built once per step
-                self._decode_index = (end, torch.arange(b).unsqueeze(1), torch.full((b,), end))
-            _, tables, ctx = self._decode_index
+            tables, ctx = self._decode_tables(end)
             out = ops.decode_attention(q[:, 0], self.k[layer_idx], self.v[layer_idx], tables, ctx, scale=scale)
             if out is not None:
                 return out.unsqueeze(1)  # (B, 1, Hq, D)

@@ -100,10 +100,11 @@ def test_int4_cpu_layout_round_trips() -> None:
     assert torch.equal(packed.dequantize(32, 96), dequantize_int4(q, s, z)[32:96])
 
 
-def _act_half_step(x: torch.Tensor) -> torch.Tensor:
-    """Per element, half the int8 step of its block of 32 (the activation rounding bound)."""
+def _act_half_step(x: torch.Tensor, qmax: int) -> torch.Tensor:
+    """Per element, half the step of its block of 32 quantized to [-qmax, qmax] (the activation
+    rounding bound)."""
     xb = x.reshape(*x.shape[:-1], -1, cgemv.QBLOCK)
-    d = xb.abs().amax(-1, keepdim=True) / 127.0
+    d = xb.abs().amax(-1, keepdim=True) / qmax
     return (d / 2).expand_as(xb).reshape(x.shape)
 
 
@@ -128,12 +129,16 @@ def test_fast_paths_match_reference(fmt: str, shape: tuple[int, int], m: int, mo
         ref = qlin.reference_forward(x)
         scale = x.abs() @ wq.abs().t()  # (2, m, N)
         fp32_bound = 1e-5 * scale
+        large_bound = fp32_bound
         if cgemv.available() and cgemv.supports_q(k, None if fmt == "int8" else int(fmt.removeprefix("int4-g"))):
-            small_bound = _act_half_step(x) @ wq.abs().t() * (1 + 1e-3) + fp32_bound
+            qmax = cgemv.Q8_ACT_MAX if fmt == "int8" else cgemv.Q4_ACT_MAX
+            small_bound = _act_half_step(x, qmax) @ wq.abs().t() * (1 + 1e-3) + fp32_bound
+            if fmt == "int8":  # int8 runs its int8-activation kernel at every M
+                large_bound = small_bound
         else:
             small_bound = 2**-8 * (scale + ref.abs())
-        for small_m, bound in ((10_000, small_bound), (0, fp32_bound)):
-            qlin.small_m = small_m  # force the small-M (bf16) or the large-M (fp32) kernel
+        for small_m, bound in ((10_000, small_bound), (0, large_bound)):
+            qlin.small_m = small_m  # force the small-M or the large-M kernel
             got = qlin(x)
             assert got.shape == ref.shape and got.dtype == torch.float32
             assert bool(((got - ref).abs() <= bound + 1e-6).all()), (small_m, (got - ref).abs().max())
@@ -157,15 +162,27 @@ def test_q_kernels_equal_their_math(m: int, k: int) -> None:
         pytest.skip("no C compiler / AVX2")
     w = _weight(72, k, seed=k)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)) * 3
-    xq, dx, xs = cgemv.quantize_activations(x)
-    xd = (xq.float().view(m, -1, 32) * dx[..., None]).view(m, k)
-    assert bool(((xd - x).abs() <= _act_half_step(x) * (1 + 1e-6)).all())
-    xb = xd.view(m, -1, 32)
-    assert bool(((xs - xb.sum(-1)).abs() <= 1e-6 * xb.abs().sum(-1) + 1e-7).all())  # fp32 summation order
+
+    def dequantized_activations(qmax: int) -> torch.Tensor:
+        xq, dx, xs = cgemv.quantize_activations(x, qmax)
+        assert int(xq.abs().max()) == qmax  # each block's largest element takes the top code
+        xd = (xq.float().view(m, -1, 32) * dx[..., None]).view(m, k)
+        # half a step, plus the fp32 roundings of the scale and of x * (1 / scale) at a tie
+        assert bool(((xd - x).abs() <= _act_half_step(x, qmax) * (1 + 1e-6) + 2**-21 * x.abs()).all())
+        xb = xd.view(m, -1, 32)
+        assert bool(((xs - xb.sum(-1)).abs() <= 1e-6 * xb.abs().sum(-1) + 1e-7).all())  # fp32 summation order
+        return xd
+
+    xd = dequantized_activations(cgemv.Q8_ACT_MAX)
     q, s = quantize_int8_per_channel(w)
-    want = xd @ dequantize_int8(q, s).t()
-    tol = 1e-5 * (xd.abs() @ dequantize_int8(q, s).abs().t()) + 1e-6
-    assert bool(((cgemv.gemm_q8(x, q, s) - want).abs() <= tol).all())
+    wd = dequantize_int8(q, s)
+    want = xd @ wd.t()
+    # the kernel sums <w + 128, x> and subtracts 128 * sum(x) per row: fp32 rounding of terms
+    # up to |w| + 128 in size (w = q * s), hence the second term of the bound
+    tol = 1e-5 * (xd.abs() @ (wd.abs() + 128 * s[:, None]).t()) + 1e-6
+    got = cgemv.gemm_q8(x, q, s)
+    assert bool(((got - want).abs() <= tol).all()), (got - want).abs().max()
+    xd = dequantized_activations(cgemv.Q4_ACT_MAX)
     for g in (32, 128):
         q4, s4, z4 = quantize_int4_groupwise(w, g)
         blk = kernels.BlockInt4Weight.from_canonical(q4, s4, z4, g)
@@ -189,6 +206,14 @@ def test_q_kernels_are_batch_invariant() -> None:
         for i in (0, 3, 4, 10):
             assert torch.equal(fn(x[i : i + 1]), full[i : i + 1])
         assert torch.equal(fn(x[5:11]), full[5:11])
+    # int8 at prefill sizes: rows in several 64-row chunks, an odd number of output rows (the
+    # kernel's 2-row weight tiles end in a 1-row tile)
+    q, s = quantize_int8_per_channel(_weight(81, 896, seed=6))
+    x = torch.randn(150, 896, generator=torch.Generator().manual_seed(7))
+    full = cgemv.gemm_q8(x, q, s)
+    for i in (0, 63, 64, 130, 149):
+        assert torch.equal(cgemv.gemm_q8(x[i : i + 1], q, s), full[i : i + 1])
+    assert torch.equal(cgemv.gemm_q8(x[60:140], q, s), full[60:140])
 
 
 def test_q_kernels_add_the_bias_as_torch_would() -> None:

@@ -8,6 +8,7 @@ import torch
 
 from qwenkit.config import ModelConfig
 from qwenkit.model import ContiguousKVCache, Qwen2ForCausalLM
+from qwenkit.quant import cgemv
 from qwenkit.quant import (
     Int4Linear,
     Int8Embedding,
@@ -78,7 +79,7 @@ def dequantized_twin(fp32: Qwen2ForCausalLM, quantized: Qwen2ForCausalLM) -> Qwe
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_swap_equals_fp32_model_with_dequantized_weights(method: str) -> None:
+def test_swap_equals_fp32_model_with_dequantized_weights(method: str, monkeypatch: pytest.MonkeyPatch) -> None:
     model = tiny()
     x = ids()
     with torch.no_grad():
@@ -87,10 +88,14 @@ def test_swap_equals_fp32_model_with_dequantized_weights(method: str) -> None:
         quantize_model(model, method)
         twin = dequantized_twin(fp32, model)
         want = twin(x)
-        set_small_m(model, 0)
-        got_fp32_path = model(x)
         set_small_m(model, 10_000)
-        got_bf16_path = model(x)
+        got_kernel_path = model(x)  # the small-M kernels (int8 activations, or bf16 without C)
+        set_small_m(model, 0)
+        with monkeypatch.context() as mp:
+            # without the C kernels every large-M linear dequantizes and runs fp32 GEMMs (with
+            # them, int8 keeps its int8-activation kernel at every M)
+            mp.setattr(cgemv, "available", lambda: False)
+            got_fp32_path = model(x)
     policy = parse(method)
     assert isinstance(model.model.embed_tokens, Int8Embedding)
     qkv = model.model.layers[0].self_attn.qkv_proj
@@ -99,9 +104,10 @@ def test_swap_equals_fp32_model_with_dequantized_weights(method: str) -> None:
     assert not any(p.device.type == "meta" for p in model.parameters())
     assert got_fp32_path.shape == ref.shape and got_fp32_path.dtype == torch.float32
     torch.testing.assert_close(got_fp32_path, want, rtol=1e-4, atol=1e-4)
-    # bf16 activations through 4 layers: ~2^-8 relative per projection
-    rel = (got_bf16_path - want).norm() / want.norm()
-    assert rel < 0.02, rel
+    # activations rounded to 7 bits per block of 32 (int8 weights; 8 bits for int4, bf16 without
+    # the C kernels) before each of the 4 layers' projections: ~2^-7 relative each
+    rel = (got_kernel_path - want).norm() / want.norm()
+    assert rel < 0.04, rel
     if method == "int8":  # loose sanity bound against the unquantized random model
         assert (got_fp32_path - ref).norm() / ref.norm() < 0.05
 

@@ -3,7 +3,9 @@
 * `csrc/gemv_avx2.c` — int8 weights x fp32 activations (weights widened in registers).
 * `csrc/qgemm_avx2.c` — int8 / int4 weights x int8 activations: x is quantized once per call in
   blocks of 32 (fp32 scale per block, as llama.cpp's Q8 activations) and each 32-weight block
-  costs one `vpmaddubsw` + `vpmaddwd` + convert + FMA per activation row.
+  costs one `vpmaddubsw` + `vpmaddwd` + convert + FMA per activation row. For int8 weights the
+  activations take 7 bits (|xq| <= 63) so the weights can enter `vpmaddubsw` as unsigned bytes
+  (w + 128) without saturating; int4 codes are unsigned already and keep 8-bit activations.
 
 Why: torch's `_weight_int8pack_mm` / `_weight_int4pack_mm_for_cpu` need bf16 activations (two
 extra cast passes, bf16 rounding of x and y) and reach only ~4-10 GB/s at M=1 here, while decode
@@ -33,9 +35,9 @@ def _lib() -> ctypes.CDLL | None:
         return None
     lib.qk_gemm_int8.argtypes = [_P, _P, _P, _P, _P, _I, _I, _I]
     lib.qk_gemm_int8.restype = None
-    lib.qk_quant_act.argtypes = [_P, _P, _P, _P, _I, _I]
+    lib.qk_quant_act.argtypes = [_P, _P, _P, _P, _I, _I, _I]
     lib.qk_quant_act.restype = None
-    lib.qk_gemm_q8.argtypes = [_P, _P, _P, _P, _P, _P, _I, _I, _I]
+    lib.qk_gemm_q8.argtypes = [_P, _P, _P, _P, _P, _P, _P, _I, _I, _I]
     lib.qk_gemm_q8.restype = None
     lib.qk_gemm_q4.argtypes = [_P, _P, _P, _P, _P, _P, _P, _P, _I, _I, _I, _I]
     lib.qk_gemm_q4.restype = None
@@ -78,34 +80,41 @@ def gemm_int8(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bias
 # ----------------------------------------------------------------- int8-activation kernels
 QBLOCK = 32  # activation / weight block of qgemm_avx2.c
 MAX_BLOCKS = 1024  # per-thread scratch of qk_gemm_q4: K <= 32768
+Q8_ACT_MAX = 63  # activation code range of qk_gemm_q8 (7 bits: u8 x s8 pairs cannot saturate)
+Q4_ACT_MAX = 127  # of qk_gemm_q4 (codes 0..15: 8-bit activations are safe)
 
 
-def _quant_act(lib: ctypes.CDLL, x: torch.Tensor) -> torch.Tensor:
-    """Quantize x (M, K) fp32 contiguous into one scratch buffer laid out dx | xs | xq (block
-    scales (M, K/32) fp32, block sums (M, K/32) fp32, codes (M, K) int8); returns the buffer."""
+def _quant_act(lib: ctypes.CDLL, x: torch.Tensor, qmax: int) -> torch.Tensor:
+    """Quantize x (M, K) fp32 contiguous to codes in [-qmax, qmax] into one scratch buffer laid
+    out dx | xs | xq (block scales (M, K/32) fp32, block sums (M, K/32) fp32, codes (M, K) int8);
+    returns the buffer."""
     m, k = x.shape
     nb = m * (k // QBLOCK)
     scratch = torch.empty(2 * nb + (m * k + 3) // 4, dtype=torch.float32)
     base = scratch.data_ptr()
-    lib.qk_quant_act(x.data_ptr(), base + 8 * nb, base, base + 4 * nb, m, k)
+    lib.qk_quant_act(x.data_ptr(), base + 8 * nb, base, base + 4 * nb, m, k, qmax)
     return scratch
 
 
-def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """x (M, K) fp32 -> (int8 codes (M, K), block scales (M, K/32), block sums of the dequantized
-    codes (M, K/32)), as the int8-activation kernels see x (exposed for tests)."""
+def quantize_activations(x: torch.Tensor, qmax: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x (M, K) fp32 -> (int8 codes (M, K) in [-qmax, qmax], block scales (M, K/32), block sums
+    of the dequantized codes (M, K/32)), as the int8-activation kernels see x: qmax =
+    `Q8_ACT_MAX` for `gemm_q8`, `Q4_ACT_MAX` for `gemm_q4` (exposed for tests)."""
     lib = _lib()
     assert lib is not None
     x = x.float().contiguous()
     m, k = x.shape
     nb = m * (k // QBLOCK)
-    scratch = _quant_act(lib, x)
+    scratch = _quant_act(lib, x, qmax)
     xq = scratch[2 * nb :].view(torch.int8)[: m * k].view(m, k)
     return xq, scratch[:nb].view(m, -1), scratch[nb : 2 * nb].view(m, -1)
 
 
-def _prologue(x: torch.Tensor, n: int) -> tuple[ctypes.CDLL, int, int, int, int, int, torch.Tensor, torch.Tensor]:
-    """Quantize x (M, K) and allocate y (M, n): what every int8-activation kernel call starts with.
+def _prologue(
+    x: torch.Tensor, n: int, qmax: int
+) -> tuple[ctypes.CDLL, int, int, int, int, int, torch.Tensor, torch.Tensor]:
+    """Quantize x (M, K) to codes in [-qmax, qmax] and allocate y (M, n): what every
+    int8-activation kernel call starts with.
     Returns the library, M, K, the addresses of the int8 codes, block scales and block sums (in
     one scratch buffer, `_quant_act`, kept alive by the returned tensor), the buffer and y."""
     lib = _lib()
@@ -113,7 +122,7 @@ def _prologue(x: torch.Tensor, n: int) -> tuple[ctypes.CDLL, int, int, int, int,
     x = x.contiguous()
     m, k = x.shape
     nb = m * (k // QBLOCK)
-    scratch = _quant_act(lib, x)
+    scratch = _quant_act(lib, x, qmax)
     base = scratch.data_ptr()
     return lib, m, k, base + 8 * nb, base, base + 4 * nb, scratch, torch.empty(m, n, dtype=torch.float32)
 
@@ -126,8 +135,8 @@ def _gemm_q8_impl(
     x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None
 ) -> torch.Tensor:
     n = qweight.shape[0]
-    lib, m, k, xq, dx, _, _scratch, y = _prologue(x, n)
-    lib.qk_gemm_q8(xq, dx, qweight.data_ptr(), scales.data_ptr(), _ptr(bias), y.data_ptr(), m, n, k)
+    lib, m, k, xq, dx, xs, _scratch, y = _prologue(x, n, Q8_ACT_MAX)
+    lib.qk_gemm_q8(xq, dx, xs, qweight.data_ptr(), scales.data_ptr(), _ptr(bias), y.data_ptr(), m, n, k)
     return y
 
 
@@ -148,7 +157,7 @@ def _gemm_q4_impl(
     bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     n = codes.shape[0]
-    lib, m, k, xq, dx, xs, _scratch, y = _prologue(x, n)
+    lib, m, k, xq, dx, xs, _scratch, y = _prologue(x, n, Q4_ACT_MAX)
     lib.qk_gemm_q4(
         xq, dx, xs, codes.data_ptr(), scales.data_ptr(), zeros.data_ptr(), _ptr(bias), y.data_ptr(),
         m, n, k, group_size,
@@ -183,7 +192,7 @@ def supports_q(k: int, group_size: int | None = None) -> bool:
 def gemm_q8(
     x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """x (M, K) fp32 -> (M, N): int8 (N, K) per-channel weights, x quantized to int8 per 32;
+    """x (M, K) fp32 -> (M, N): int8 (N, K) per-channel weights, x quantized to 7 bits per 32;
     + bias (N,) fp32 if given (added in the kernel, rounded as ``y + bias``)."""
     if torch.compiler.is_compiling():
         return _gemm_q8_op(x, qweight, scales, bias)

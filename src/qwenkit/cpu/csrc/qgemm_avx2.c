@@ -1,17 +1,19 @@
-/* Weight-only int8 / int4 small-M GEMM with int8 activations, AVX2, OpenMP over output rows.
+/* Weight-only int8 / int4 GEMM with int8 activations, AVX2, OpenMP over output rows.
  *
  * Decode reads every weight once per token, so the kernel must stream the weights at memory
- * speed with as few instructions per byte as possible. Widening weights to fp32 (gemv_avx2.c)
- * costs ~19 instructions per 32 weights; here the activations are quantized once per call to
- * int8 in blocks of 32 (one fp32 scale per block, as llama.cpp's Q8 activations), and each block
- * of 32 weights costs one `vpmaddubsw` + one `vpmaddwd` + one convert + one FMA per activation
- * row. The unpacked weight block is reused for every activation row (batched decode).
+ * speed with as few instructions per byte as possible; batched decode and prefill are bound by
+ * the integer dot products. Widening weights to fp32 (gemv_avx2.c) costs ~19 instructions per
+ * 32 weights; here the activations are quantized once per call in blocks of 32 (one fp32 scale
+ * per block, as llama.cpp's Q8 activations), and each block of 32 weights costs one
+ * `vpmaddubsw` + one `vpmaddwd` + one convert + one FMA per activation row. An unpacked weight
+ * block is reused for every activation row of a tile.
  * Batch-invariant: a row's result does not depend on M or on the row's place in the batch
  * (the same instructions in the same order for every row), so a request's greedy tokens do
  * not change with what else the engine is running.
  *
- *   qk_quant_act:  x (M, K) fp32 -> xq (M, K) int8, dx (M, K/32) fp32 scales,
- *                  xs (M, K/32) = dx * (block sums of xq) (for the int4 zero points).
+ *   qk_quant_act:  x (M, K) fp32 -> xq (M, K) int8 with |xq| <= qmax, dx (M, K/32) fp32 scales,
+ *                  xs (M, K/32) = dx * (block sums of xq). qmax = 63 (7 bits) for qk_gemm_q8,
+ *                  127 for qk_gemm_q4.
  *   qk_gemm_q8:    y[m,n] = s[n] * sum_b dx[m,b] * <q[n, b], xq[m, b]>  (+ bias[n], both kernels,
  *                  when bias is not NULL)
  *                  q int8 (N, K), s fp32 (N,)  -- int8 per output channel, symmetric.
@@ -24,6 +26,7 @@
  */
 #include "qk_simd.h"
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #define QB 32 /* activation / weight block */
@@ -48,15 +51,15 @@ static inline __m256 load_bf16x8(const uint16_t *p) {
     return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
 }
 
-static void quant_block(const float *x, int8_t *q, float *d_out, float *s_out) {
+static void quant_block(const float *x, int8_t *q, float *d_out, float *s_out, float qmax) {
     const __m256 sign = _mm256_set1_ps(-0.0f);
     __m256 v0 = _mm256_loadu_ps(x), v1 = _mm256_loadu_ps(x + 8);
     __m256 v2 = _mm256_loadu_ps(x + 16), v3 = _mm256_loadu_ps(x + 24);
     __m256 am = _mm256_max_ps(_mm256_max_ps(_mm256_andnot_ps(sign, v0), _mm256_andnot_ps(sign, v1)),
                               _mm256_max_ps(_mm256_andnot_ps(sign, v2), _mm256_andnot_ps(sign, v3)));
     float amax = hmax_ps(am);
-    float d = amax / 127.0f;
-    float id = amax > 0.0f ? 127.0f / amax : 0.0f;
+    float d = amax / qmax;
+    float id = amax > 0.0f ? qmax / amax : 0.0f;
     *d_out = d;
     __m256 m = _mm256_set1_ps(id);
     /* cvtps rounds to nearest even (the default MXCSR mode) */
@@ -71,74 +74,98 @@ static void quant_block(const float *x, int8_t *q, float *d_out, float *s_out) {
     _mm256_storeu_si256((__m256i *)q, p);
 }
 
-void qk_quant_act(const float *x, int8_t *xq, float *dx, float *xs, int64_t M, int64_t K) {
+void qk_quant_act(const float *x, int8_t *xq, float *dx, float *xs, int64_t M, int64_t K, int64_t qmax) {
     const int64_t nb = K / QB;
     const int64_t total = M * nb;
 #pragma omp parallel for schedule(static) if (total >= 4096)
     for (int64_t t = 0; t < total; t++) {
         int64_t m = t / nb, b = t % nb;
-        quant_block(x + m * K + b * QB, xq + m * K + b * QB, dx + t, xs + t);
+        quant_block(x + m * K + b * QB, xq + m * K + b * QB, dx + t, xs + t, (float)qmax);
     }
 }
 
-/* ---- one weight row x R activation rows (R a compile-time constant after inlining, so the
- * accumulators live in registers). Every row gets the same instructions in the same order:
- * even blocks into a0, odd blocks into a1, y = hsum(a0 + a1) -- whatever R is. */
+/* ---- int8: a tile of NR weight rows x R activation rows (NR, R compile-time constants after
+ * inlining, so the accumulators live in registers: 2 x 4 fp32 vectors).
+ *
+ * The weights are signed int8 (w, |w| <= 127) and `vpmaddubsw` multiplies unsigned by signed
+ * bytes, so each weight block is flipped once to unsigned, w ^ 0x80 = w + 128 (one XOR per
+ * weight block, shared by every activation row; signed x signed needed a `vpsignb` per weight
+ * block *and* activation row, ~30% of the instructions). Pairs of u8 x s8 products are summed
+ * in int16, which cannot saturate when |x| <= 63 (2 * 255 * 63 = 32130): the activations of this
+ * kernel are quantized to 7 bits (qk_quant_act with qmax = 63). The +128 offset adds
+ * 128 * sum_k x to each dot product, one constant per activation row (128 * sum of its block
+ * sums xs), subtracted in the epilogue: y = s[n] * (sum_b dx_b <w_n + 128, xq_b> - corr_m) + bias.
+ * Each (row, weight row) pair gets the same instructions in the same order whatever the tile:
+ * one fp32 accumulator, block by block, then one horizontal sum (batch invariance). */
 #define ALWAYS_INLINE static inline __attribute__((always_inline))
+#define NRW 2  /* weight rows per tile */
+#define MC 64  /* activation rows per chunk: a chunk's codes stay in L2 while all weights pass */
 
-ALWAYS_INLINE __m256i q8_dot(__m256i aw, __m256i w, const int8_t *xb, __m256i ones) {
-    __m256i xv = _mm256_loadu_si256((const __m256i *)xb);
-    return _mm256_madd_epi16(_mm256_maddubs_epi16(aw, _mm256_sign_epi8(xv, w)), ones);
-}
-
-ALWAYS_INLINE void q8_row(const int R, const int8_t *row, const int8_t *xq, const float *dx, float s, float bias,
-                          float *y, int64_t ystride, int64_t nb, int64_t K) {
-    const __m256i ones = _mm256_set1_epi16(1);
-    __m256 a0[MB], a1[MB];
-    for (int i = 0; i < R; i++) a0[i] = a1[i] = _mm256_setzero_ps();
-    int64_t b = 0;
-    for (; b + 1 < nb; b += 2) {
-        __m256i w0 = _mm256_loadu_si256((const __m256i *)(row + b * QB));
-        __m256i w1 = _mm256_loadu_si256((const __m256i *)(row + (b + 1) * QB));
-        __m256i aw0 = _mm256_sign_epi8(w0, w0), aw1 = _mm256_sign_epi8(w1, w1); /* |w| (w != -128) */
+ALWAYS_INLINE void q8_tile(const int NR, const int R, const int8_t *w, const int8_t *xq, const float *dx,
+                           const float *s, const float *corr, const float *bias, float *y, int64_t N, int64_t nb,
+                           int64_t K) {
+    const __m256i ones = _mm256_set1_epi16(1), flip = _mm256_set1_epi8((char)0x80);
+    __m256 acc[NRW][MB];
+    for (int j = 0; j < NR; j++)
+        for (int i = 0; i < R; i++) acc[j][i] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        __m256i wu[NRW];
+        for (int j = 0; j < NR; j++)
+            wu[j] = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(w + j * K + b * QB)), flip);
         for (int i = 0; i < R; i++) {
-            const int8_t *xr = xq + i * K;
-            const float *dr = dx + i * nb;
-            a0[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(q8_dot(aw0, w0, xr + b * QB, ones)), _mm256_broadcast_ss(dr + b), a0[i]);
-            a1[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(q8_dot(aw1, w1, xr + (b + 1) * QB, ones)), _mm256_broadcast_ss(dr + b + 1), a1[i]);
-        }
-    }
-    if (b < nb) {
-        __m256i w0 = _mm256_loadu_si256((const __m256i *)(row + b * QB));
-        __m256i aw0 = _mm256_sign_epi8(w0, w0);
-        for (int i = 0; i < R; i++)
-            a0[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(q8_dot(aw0, w0, xq + i * K + b * QB, ones)),
-                                    _mm256_broadcast_ss(dx + i * nb + b), a0[i]);
-    }
-    for (int i = 0; i < R; i++) y[i * ystride] = s * hsum_ps(_mm256_add_ps(a0[i], a1[i])) + bias;
-}
-
-void qk_gemm_q8(const int8_t *xq, const float *dx, const int8_t *q, const float *s, const float *bias,
-                float *y, int64_t M, int64_t N, int64_t K) {
-    const int64_t nb = K / QB;
-#pragma omp parallel for schedule(static)
-    for (int64_t n = 0; n < N; n++) {
-        const int8_t *row = q + n * K;
-        if (n + PREFETCH_ROWS < N) prefetch_bytes(q + (n + PREFETCH_ROWS) * K, K);
-        for (int64_t m0 = 0; m0 < M; m0 += MB) {
-            const int64_t mb = M - m0 < MB ? M - m0 : MB;
-            const int8_t *x0 = xq + m0 * K;
-            const float *d0 = dx + m0 * nb;
-            float *y0 = y + m0 * N + n;
-            const float b = bias ? bias[n] : 0.0f;
-            switch (mb) {
-                case 1: q8_row(1, row, x0, d0, s[n], b, y0, N, nb, K); break;
-                case 2: q8_row(2, row, x0, d0, s[n], b, y0, N, nb, K); break;
-                case 3: q8_row(3, row, x0, d0, s[n], b, y0, N, nb, K); break;
-                default: q8_row(4, row, x0, d0, s[n], b, y0, N, nb, K); break;
+            const __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + i * K + b * QB));
+            const __m256 d = _mm256_broadcast_ss(dx + i * nb + b);
+            for (int j = 0; j < NR; j++) {
+                __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(wu[j], xv), ones);
+                acc[j][i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), d, acc[j][i]);
             }
         }
     }
+    for (int j = 0; j < NR; j++)
+        for (int i = 0; i < R; i++)
+            y[i * N + j] = s[j] * (hsum_ps(acc[j][i]) - corr[i]) + (bias ? bias[j] : 0.0f);
+}
+
+#define Q8_TILE_R(NR_)                                                                   \
+    switch (mb) {                                                                        \
+        case 1: q8_tile(NR_, 1, Q8_ARGS); break;                                         \
+        case 2: q8_tile(NR_, 2, Q8_ARGS); break;                                         \
+        case 3: q8_tile(NR_, 3, Q8_ARGS); break;                                         \
+        default: q8_tile(NR_, 4, Q8_ARGS); break;                                        \
+    }
+
+void qk_gemm_q8(const int8_t *xq, const float *dx, const float *xs, const int8_t *q, const float *s,
+                const float *bias, float *y, int64_t M, int64_t N, int64_t K) {
+    const int64_t nb = K / QB;
+    const int64_t pairs = (N + NRW - 1) / NRW;
+    float corr_small[MC];
+    float *corr = M <= MC ? corr_small : (float *)malloc((size_t)M * sizeof(float));
+    for (int64_t m = 0; m < M; m++) {
+        float c = 0.0f;
+        for (int64_t b = 0; b < nb; b++) c += xs[m * nb + b];
+        corr[m] = 128.0f * c;
+    }
+    for (int64_t mc = 0; mc < M; mc += MC) {
+        const int64_t mend = mc + MC < M ? mc + MC : M;
+#pragma omp parallel for schedule(static)
+        for (int64_t p = 0; p < pairs; p++) {
+            const int64_t n = p * NRW;
+            const int nr = N - n < NRW ? (int)(N - n) : NRW;
+            const int8_t *w = q + n * K;
+            if (mc == 0 && n + PREFETCH_ROWS + NRW <= N) prefetch_bytes(q + (n + PREFETCH_ROWS) * K, NRW * K);
+            for (int64_t m0 = mc; m0 < mend; m0 += MB) {
+                const int64_t mb = mend - m0 < MB ? mend - m0 : MB;
+#define Q8_ARGS w, xq + m0 * K, dx + m0 * nb, s + n, corr + m0, bias ? bias + n : NULL, y + m0 * N + n, N, nb, K
+                if (nr == NRW) {
+                    Q8_TILE_R(NRW)
+                } else {
+                    Q8_TILE_R(1)
+                }
+#undef Q8_ARGS
+            }
+        }
+    }
+    if (corr != corr_small) free(corr);
 }
 
 ALWAYS_INLINE __m256i q4_dot(__m256i cv, const int8_t *xb, __m256i ones) {

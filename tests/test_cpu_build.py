@@ -1,0 +1,27 @@
+"""The C kernels build on any machine that can build them.
+
+Every kernel test skips when `build.lib()` is None (no compiler, no AVX2), so a compile error in
+`csrc/` would otherwise turn those tests into skips and the suite green. This test fails instead,
+with the compiler's message, wherever a C compiler and an AVX2/FMA CPU are present."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+
+import pytest
+
+from qwenkit.cpu import build
+
+
+def test_c_kernels_build_where_they_can() -> None:
+    if os.environ.get("QWENKIT_CKERNELS", "1") == "0":
+        pytest.skip("C kernels disabled by QWENKIT_CKERNELS=0")
+    cc = shutil.which(os.environ.get("CC", "gcc")) or shutil.which("cc")
+    if cc is None or not build.cpu_ok():
+        pytest.skip("no C compiler or no AVX2/FMA: the torch kernels are used")
+    if build.lib() is None:
+        proc = subprocess.run(
+            [cc, *build.FLAGS, *map(str, build.SOURCES), "-o", os.devnull], capture_output=True, text=True
+        )
+        pytest.fail(f"the C kernels did not build:\n{proc.stderr[-3000:]}")

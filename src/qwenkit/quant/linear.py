@@ -37,10 +37,10 @@ from qwenkit.quant.numerics import (
     quantize_int8_per_channel,
 )
 
-# Crossover of "small-M kernel" vs "dequantize + fp32 GEMM" (rows M of x), measured on the 0.5B
-# gate_up / lm_head shapes with 2 threads (`qwenkit bench kernels --m 16,32,64`): at M=32 the
-# int8-activation kernels take 0.70x / 0.79x the time of dequantize + fp32 GEMM, at M=64
-# 0.89x / 0.97x (int8), ~0.5x (int4, whose dequantize is dearer). Both switch above 64 rows.
+# Rows M of x up to which `_mm_small` runs (above: `_mm_large`). int4: its int8-activation kernel
+# takes ~0.5x the time of dequantize + fp32 GEMM at M=64 (`qwenkit bench kernels`); above 64 rows
+# prefill dequantizes. int8 on CPU runs its kernel in both (with the C kernels), so the limit
+# only matters for the torch fallback and the fused decode step's row cap (decode_step.py).
 # None = the format's own default.
 DEFAULT_SMALL_M: int | None = None
 INT8_SMALL_M = 64

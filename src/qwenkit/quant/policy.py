@@ -108,13 +108,15 @@ def resolve_method(method: str) -> str:
     tokens; fp32 ppl 2.2575; int4 with the least-squares search of `numerics`; ``@decode`` =
     through the int8-activation decode kernels):
 
-        int8 -0.07% (top-1 0.993) | int8@decode 0.00% (0.992)
-        mixed +0.70% (0.971) | int4-g32 +0.73% (0.970) | int4-all@decode +1.03% (0.958)
+        int8 +0.15% (top-1 0.989; 7-bit activations, prefill and decode alike)
+        mixed +0.70% (0.971) | int4-g32 +0.73% (0.970) | int4-all@decode +1.03% (0.959)
 
-    Every one passes the bar. Decode speed per token of the 0.5B (2 threads, this CPU):
-    int4-all ~11% faster than int8 in one stream (the int4 kernel is not yet at the memory
-    roof), but at 16 rows the int8 kernel is ~20% faster than the int4 one (`qwenkit bench
-    kernels`), and int8 keeps the best quality. So int8; ``int4-all`` is the single-stream pick.
+    Every one passes the bar. Speed on the 0.5B (2 threads, this CPU): int4-all is ~1.7x int8
+    in one stream (fewer bytes per token; int8 is at the memory roof), but from 16 rows on the
+    int8 kernel (unsigned-weight trick, `csrc/qgemm_avx2.c`) is the fastest: batched decode
+    ~2x llama.cpp, and prefill runs it too (~1.3x transformers' fp32 GEMMs at 512 tokens) while
+    int4 prefill dequantizes to fp32. int8 also keeps the best quality. So int8; ``int4-all``
+    is the single-stream pick.
     """
     return AUTO_METHOD if method == "auto" else method
 

@@ -6,7 +6,6 @@ with the compiler's message, wherever a C compiler and an AVX2/FMA CPU are prese
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 
 import pytest
@@ -15,9 +14,9 @@ from qwenkit.cpu import build
 
 
 def test_c_kernels_build_where_they_can() -> None:
-    if os.environ.get("QWENKIT_CKERNELS", "1") == "0":
+    if build.disabled():
         pytest.skip("C kernels disabled by QWENKIT_CKERNELS=0")
-    cc = shutil.which(os.environ.get("CC", "gcc")) or shutil.which("cc")
+    cc = build.compiler()
     if cc is None or not build.cpu_ok():
         pytest.skip("no C compiler or no AVX2/FMA: the torch kernels are used")
     if build.lib() is None:

@@ -47,12 +47,22 @@ def cpu_ok() -> bool:
     return " avx2" in flags and " fma" in flags and " f16c" in flags
 
 
+def disabled() -> bool:
+    """``QWENKIT_CKERNELS=0``: the user turned the C kernels off."""
+    return os.environ.get("QWENKIT_CKERNELS", "1") == "0"
+
+
+def compiler() -> str | None:
+    """The C compiler to build with: ``$CC`` (default gcc), else ``cc``; None when there is none."""
+    return shutil.which(os.environ.get("CC", "gcc")) or shutil.which("cc")
+
+
 @functools.lru_cache(maxsize=1)
 def lib() -> ctypes.CDLL | None:
     """The compiled library, or None (disabled, no compiler, no AVX2, or the build failed)."""
-    if os.environ.get("QWENKIT_CKERNELS", "1") == "0" or not cpu_ok():
+    if disabled() or not cpu_ok():
         return None
-    cc = shutil.which(os.environ.get("CC", "gcc")) or shutil.which("cc")
+    cc = compiler()
     if cc is None:
         logger.info("no C compiler: using torch kernels")
         return None

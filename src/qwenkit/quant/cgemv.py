@@ -35,8 +35,9 @@ def _lib() -> ctypes.CDLL | None:
         return None
     lib.qk_gemm_int8.argtypes = [_P, _P, _P, _P, _P, _I, _I, _I]
     lib.qk_gemm_int8.restype = None
-    lib.qk_quant_act.argtypes = [_P, _P, _P, _P, _I, _I, _I]
-    lib.qk_quant_act.restype = None
+    for quant in (lib.qk_quant_act_q8, lib.qk_quant_act_q4):
+        quant.argtypes = [_P, _P, _P, _P, _I, _I]
+        quant.restype = None
     lib.qk_gemm_q8.argtypes = [_P, _P, _P, _P, _P, _P, _P, _I, _I, _I]
     lib.qk_gemm_q8.restype = None
     lib.qk_gemm_q4.argtypes = [_P, _P, _P, _P, _P, _P, _P, _P, _I, _I, _I, _I]
@@ -80,19 +81,21 @@ def gemm_int8(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bias
 # ----------------------------------------------------------------- int8-activation kernels
 QBLOCK = 32  # activation / weight block of qgemm_avx2.c
 MAX_BLOCKS = 1024  # per-thread scratch of qk_gemm_q4: K <= 32768
-Q8_ACT_MAX = 63  # activation code range of qk_gemm_q8 (7 bits: u8 x s8 pairs cannot saturate)
-Q4_ACT_MAX = 127  # of qk_gemm_q4 (codes 0..15: 8-bit activations are safe)
+# Activation code ranges, fixed in C by each kernel's quantizer (qk_quant_act_q8 / _q4):
+Q8_ACT_MAX = 63  # qk_gemm_q8: 7 bits (its u8 x s8 pairs cannot saturate)
+Q4_ACT_MAX = 127  # qk_gemm_q4: 8 bits (its codes 0..15 are unsigned already)
+_QUANTIZERS = {Q8_ACT_MAX: "qk_quant_act_q8", Q4_ACT_MAX: "qk_quant_act_q4"}
 
 
 def _quant_act(lib: ctypes.CDLL, x: torch.Tensor, qmax: int) -> torch.Tensor:
-    """Quantize x (M, K) fp32 contiguous to codes in [-qmax, qmax] into one scratch buffer laid
-    out dx | xs | xq (block scales (M, K/32) fp32, block sums (M, K/32) fp32, codes (M, K) int8);
-    returns the buffer."""
+    """Quantize x (M, K) fp32 contiguous to codes in [-qmax, qmax] (qmax one of the kernels'
+    ranges above) into one scratch buffer laid out dx | xs | xq (block scales (M, K/32) fp32,
+    block sums (M, K/32) fp32, codes (M, K) int8); returns the buffer."""
     m, k = x.shape
     nb = m * (k // QBLOCK)
     scratch = torch.empty(2 * nb + (m * k + 3) // 4, dtype=torch.float32)
     base = scratch.data_ptr()
-    lib.qk_quant_act(x.data_ptr(), base + 8 * nb, base, base + 4 * nb, m, k, qmax)
+    getattr(lib, _QUANTIZERS[qmax])(x.data_ptr(), base + 8 * nb, base, base + 4 * nb, m, k)
     return scratch
 
 

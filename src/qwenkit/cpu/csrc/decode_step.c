@@ -12,7 +12,8 @@
  *   then:       out = rms_norm(h, norm)
  *
  * Linears are int8 per channel (qk_gemm_q8) or int4 group-wise (qk_gemm_q4), each layer's own
- * format; activations are quantized once per linear (qk_quant_act). One query per sequence,
+ * format; activations are quantized once per linear, by that kernel's own quantizer
+ * (qk_quant_act_q8 / qk_quant_act_q4). One query per sequence,
  * every cached key visible; the KV cache is addressed through block tables (a contiguous cache
  * is one block per sequence), new keys go to `slots` (block * bs + offset).
  */
@@ -25,7 +26,8 @@ void qk_rope(float *x, int64_t T, int64_t stride, int64_t H, int64_t D, const fl
 void qk_attn_decode(const float *q, int64_t q_stride, const float *kbase, const float *vbase, const int64_t *tables,
                     int64_t tstride, const int64_t *ctx, int64_t block_stride, int64_t bs, float *out, int64_t S,
                     int64_t Hq, int64_t Hkv, int64_t D, float scale);
-void qk_quant_act(const float *x, int8_t *xq, float *dx, float *xs, int64_t M, int64_t K, int64_t qmax);
+void qk_quant_act_q8(const float *x, int8_t *xq, float *dx, float *xs, int64_t M, int64_t K);
+void qk_quant_act_q4(const float *x, int8_t *xq, float *dx, float *xs, int64_t M, int64_t K);
 void qk_gemm_q8(const int8_t *xq, const float *dx, const float *xs, const int8_t *q, const float *s, const float *bias,
                 float *y, int64_t M, int64_t N, int64_t K);
 void qk_gemm_q4(const int8_t *xq, const float *dx, const float *xs, const uint8_t *codes, const uint16_t *sc,
@@ -60,11 +62,13 @@ static void linear(const qk_linear *l, const float *x, float *y, int64_t M, floa
     const int64_t nb = M * (l->K / QB);
     float *dx = qs, *xs = qs + nb;
     int8_t *xq = (int8_t *)(qs + 2 * nb);
-    qk_quant_act(x, xq, dx, xs, M, l->K, l->kind == 1 ? 63 : 127); /* as cgemv.Q8_ACT_MAX / Q4_ACT_MAX */
-    if (l->kind == 1)
+    if (l->kind == 1) {
+        qk_quant_act_q8(x, xq, dx, xs, M, l->K);
         qk_gemm_q8(xq, dx, xs, (const int8_t *)l->w, l->s, l->bias, y, M, l->N, l->K);
-    else
+    } else {
+        qk_quant_act_q4(x, xq, dx, xs, M, l->K);
         qk_gemm_q4(xq, dx, xs, (const uint8_t *)l->w, l->sc, l->z, l->bias, y, M, l->N, l->K, l->group_size);
+    }
 }
 
 static void add_(float *h, const float *t, int64_t n) {

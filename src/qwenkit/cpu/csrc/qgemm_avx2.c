@@ -11,9 +11,9 @@
  * (the same instructions in the same order for every row), so a request's greedy tokens do
  * not change with what else the engine is running.
  *
- *   qk_quant_act:  x (M, K) fp32 -> xq (M, K) int8 with |xq| <= qmax, dx (M, K/32) fp32 scales,
- *                  xs (M, K/32) = dx * (block sums of xq). qmax = 63 (7 bits) for qk_gemm_q8,
- *                  127 for qk_gemm_q4.
+ *   qk_quant_act_q8 / _q4:  x (M, K) fp32 -> xq (M, K) int8 with |xq| <= qmax, dx (M, K/32)
+ *                  fp32 scales, xs (M, K/32) = dx * (block sums of xq); qmax = 63 (7 bits) for
+ *                  qk_gemm_q8, 127 for qk_gemm_q4.
  *   qk_gemm_q8:    y[m,n] = s[n] * sum_b dx[m,b] * <q[n, b], xq[m, b]>  (+ bias[n], both kernels,
  *                  when bias is not NULL)
  *                  q int8 (N, K), s fp32 (N,)  -- int8 per output channel, symmetric.
@@ -74,14 +74,23 @@ static void quant_block(const float *x, int8_t *q, float *d_out, float *s_out, f
     _mm256_storeu_si256((__m256i *)q, p);
 }
 
-void qk_quant_act(const float *x, int8_t *xq, float *dx, float *xs, int64_t M, int64_t K, int64_t qmax) {
+static void quant_act(const float *x, int8_t *xq, float *dx, float *xs, int64_t M, int64_t K, float qmax) {
     const int64_t nb = K / QB;
     const int64_t total = M * nb;
 #pragma omp parallel for schedule(static) if (total >= 4096)
     for (int64_t t = 0; t < total; t++) {
         int64_t m = t / nb, b = t % nb;
-        quant_block(x + m * K + b * QB, xq + m * K + b * QB, dx + t, xs + t, (float)qmax);
+        quant_block(x + m * K + b * QB, xq + m * K + b * QB, dx + t, xs + t, qmax);
     }
+}
+
+/* Each kernel's own activation quantizer (the code range is the kernel's business). */
+void qk_quant_act_q8(const float *x, int8_t *xq, float *dx, float *xs, int64_t M, int64_t K) {
+    quant_act(x, xq, dx, xs, M, K, 63.0f); /* 7 bits: see qk_gemm_q8 */
+}
+
+void qk_quant_act_q4(const float *x, int8_t *xq, float *dx, float *xs, int64_t M, int64_t K) {
+    quant_act(x, xq, dx, xs, M, K, 127.0f);
 }
 
 /* ---- int8: a tile of NR weight rows x R activation rows (NR, R compile-time constants after
@@ -92,7 +101,7 @@ void qk_quant_act(const float *x, int8_t *xq, float *dx, float *xs, int64_t M, i
  * weight block, shared by every activation row; signed x signed needed a `vpsignb` per weight
  * block *and* activation row, ~30% of the instructions). Pairs of u8 x s8 products are summed
  * in int16, which cannot saturate when |x| <= 63 (2 * 255 * 63 = 32130): the activations of this
- * kernel are quantized to 7 bits (qk_quant_act with qmax = 63). The +128 offset adds
+ * kernel are quantized to 7 bits (qk_quant_act_q8). The +128 offset adds
  * 128 * sum_k x to each dot product, one constant per activation row (128 * sum of its block
  * sums xs), subtracted in the epilogue: y = s[n] * (sum_b dx_b <w_n + 128, xq_b> - corr_m) + bias.
  * Each (row, weight row) pair gets the same instructions in the same order whatever the tile:

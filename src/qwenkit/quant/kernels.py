@@ -10,9 +10,10 @@ CPU facts that shape this file (measured, see docs in `qwenkit.quant.linear`):
 
 Layouts:
 - `Int8Weight`: int8 (N, K) + scales (N,), the same on every device.
-- `Int4Weight`: on CPU, `_convert_weight_to_int4pack_for_cpu`'s layout, uint8 (N/32, K, 16):
-  byte [b, k, d] holds code(row 32b+d, col k) in its low nibble and code(row 32b+16+d, col k)
-  in its high nibble (probed on torch 2.13; `unpack_cpu` inverts it and a test checks it).
+- `Int4Weight`: on CPU, `_convert_weight_to_int4pack_for_cpu`'s layout, which depends on the
+  CPU torch runs on (torch 2.13: row blocks of 32 under AVX2, of 64 with another tail order under
+  AVX-512), so it is opaque here: the canonical nibbles are kept beside it for dequantize and
+  export (twice the code bytes; this is the fallback used only without qwenkit's C kernels).
   On CUDA, `_convert_weight_to_int4pack`'s opaque int32 tiling plus a canonical copy is not
   kept: the CUDA int4 module is built once from the canonical form and never dequantized.
   Scales and zeros are one (G, N, 2) tensor in the activation dtype, as the kernels want.
@@ -102,7 +103,8 @@ class DynamicInt8Weight:
 
 @dataclass
 class Int4Weight:
-    packed: torch.Tensor  # CPU: uint8 (N/32 * K * 16) in the kernel's layout
+    packed: torch.Tensor  # CPU: uint8, torch's (CPU-dependent) int4pack layout
+    qweight: torch.Tensor  # uint8 (N, K/2) canonical nibbles (numerics.py)
     scales_and_zeros: torch.Tensor  # bf16 (G, N, 2)
     group_size: int
     n: int
@@ -119,22 +121,16 @@ class Int4Weight:
         codes = unpack_int4(qweight).to(torch.int32)  # (N, K)
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 2)
         sz = torch.stack((scales, zeros), dim=-1).transpose(0, 1)  # (G, N, 2)
-        return cls(packed, sz.to(torch.bfloat16).contiguous(), group_size, n, 2 * half_k)
+        return cls(packed, qweight.contiguous(), sz.to(torch.bfloat16).contiguous(), group_size, n, 2 * half_k)
 
     # ---- layout conversion
     def codes(self, lo: int = 0, hi: int | None = None) -> torch.Tensor:
-        """uint8 codes (hi - lo, K) of rows [lo, hi); lo/hi multiples of 32."""
-        hi = self.n if hi is None else hi
-        b = _INT4_BLOCK_N
-        p = self.packed.view(self.n // b, self.k, b // 2)[lo // b : hi // b]  # (nb, K, 16)
-        c = torch.cat((p & 0xF, p >> 4), dim=-1)  # (nb, K, 32)
-        return c.transpose(1, 2).reshape(hi - lo, self.k)
+        """uint8 codes (hi - lo, K) of rows [lo, hi)."""
+        return unpack_int4(self.qweight[lo:hi])
 
     def to_canonical(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        c = self.codes()
-        qweight = c[:, 0::2] | (c[:, 1::2] << 4)  # (N, K/2)
         sz = self.scales_and_zeros.transpose(0, 1)  # (N, G, 2)
-        return qweight.contiguous(), sz[..., 0].contiguous(), sz[..., 1].contiguous()
+        return self.qweight, sz[..., 0].contiguous(), sz[..., 1].contiguous()
 
     def dequantize(self, lo: int = 0, hi: int | None = None) -> torch.Tensor:
         hi = self.n if hi is None else hi

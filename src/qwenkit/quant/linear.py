@@ -197,6 +197,7 @@ class Int4Linear(QuantizedLinear):
         else:
             w = kernels.Int4Weight.from_canonical(qweight, scales, zeros, group_size)
             self.register_buffer("packed", w.packed)
+            self.register_buffer("qweight", w.qweight)
             self.register_buffer("scales_and_zeros", w.scales_and_zeros)
 
     @property
@@ -212,7 +213,7 @@ class Int4Linear(QuantizedLinear):
         if self._block_layout:
             return kernels.BlockInt4Weight(self.codes, self.scales, self.zeros, self.group_size)
         return kernels.Int4Weight(
-            self.packed, self.scales_and_zeros, self.group_size, self.out_features, self.in_features
+            self.packed, self.qweight, self.scales_and_zeros, self.group_size, self.out_features, self.in_features
         )
 
     def _mm_small(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

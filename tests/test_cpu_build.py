@@ -21,6 +21,13 @@ def test_c_kernels_build_where_they_can() -> None:
         pytest.skip("no C compiler or no AVX2/FMA: the torch kernels are used")
     if build.lib() is None:
         proc = subprocess.run(
-            [cc, *build.FLAGS, *map(str, build.SOURCES), "-o", os.devnull], capture_output=True, text=True
+            [cc, *build.flags(), *map(str, build.SOURCES), "-o", os.devnull], capture_output=True, text=True
         )
         pytest.fail(f"the C kernels did not build:\n{proc.stderr[-3000:]}")
+
+
+def test_vnni_build_where_the_cpu_has_it() -> None:
+    """On an AVX512-VNNI CPU the GEMMs must use it (a silent AVX2 fallback halves their speed)."""
+    if build.lib() is None:
+        pytest.skip("C kernels not built here")
+    assert build.isa() == ("avx512-vnni" if build.vnni_ok() else "avx2")

@@ -100,12 +100,20 @@ def test_int4_cpu_layout_round_trips() -> None:
     assert torch.equal(packed.dequantize(32, 96), dequantize_int4(q, s, z)[32:96])
 
 
-def _act_half_step(x: torch.Tensor, qmax: int) -> torch.Tensor:
-    """Per element, half the step of its block of 32 quantized to [-qmax, qmax] (the activation
-    rounding bound)."""
-    xb = x.reshape(*x.shape[:-1], -1, cgemv.QBLOCK)
-    d = xb.abs().amax(-1, keepdim=True) / qmax
-    return (d / 2).expand_as(xb).reshape(x.shape)
+def _act_half_step(x: torch.Tensor, kernel: str) -> torch.Tensor:
+    """Per element, half the step of its activation block as `kernel` quantizes it (the
+    activation rounding bound); a row's last block may be shorter."""
+    qmax, blk = cgemv.act_format(kernel)
+    out = torch.empty_like(x)
+    for c0 in range(0, x.shape[-1], blk):
+        xb = x[..., c0 : c0 + blk]
+        out[..., c0 : c0 + blk] = (xb.abs().amax(-1, keepdim=True) / qmax / 2).expand_as(xb)
+    return out
+
+
+def _dequant_acts(xq: torch.Tensor, dx: torch.Tensor, blk: int) -> torch.Tensor:
+    """codes (M, K) * their block's scale (M, ceil(K / blk))."""
+    return xq.float() * dx.repeat_interleave(blk, -1)[:, : xq.shape[1]]
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
@@ -131,8 +139,8 @@ def test_fast_paths_match_reference(fmt: str, shape: tuple[int, int], m: int, mo
         fp32_bound = 1e-5 * scale
         large_bound = fp32_bound
         if cgemv.available() and cgemv.supports_q(k, None if fmt == "int8" else int(fmt.removeprefix("int4-g"))):
-            qmax = cgemv.Q8_ACT_MAX if fmt == "int8" else cgemv.Q4_ACT_MAX
-            small_bound = _act_half_step(x, qmax) @ wq.abs().t() * (1 + 1e-3) + fp32_bound
+            kernel = "q8" if fmt == "int8" else "q4"
+            small_bound = _act_half_step(x, kernel) @ wq.abs().t() * (1 + 1e-3) + fp32_bound
             if fmt == "int8":  # int8 runs its int8-activation kernel at every M
                 large_bound = small_bound
         else:
@@ -153,27 +161,31 @@ def test_merged_linear_metadata_survives(fmt: str) -> None:
     assert set(q.canonical_state()) >= {"qweight", "scales"}
 
 
-@pytest.mark.parametrize("k", [128, 896, 4864])
+@pytest.mark.parametrize("k", [128, 224, 896, 4864])
 @pytest.mark.parametrize("m", [1, 3, 4, 5, 17])
 def test_q_kernels_equal_their_math(m: int, k: int) -> None:
     """int8-activation kernels = fp32 product of the dequantized activations and weights
-    (every M around the 4-row blocking, K with an odd number of 8-group chunks, g32 and g128)."""
+    (every M around the 4-row blocking, K with an odd number of 8-group chunks, K = 224 with a
+    short last int8 activation block, g32 and g128)."""
     if not cgemv.available():
         pytest.skip("no C compiler / AVX2")
     w = _weight(72, k, seed=k)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)) * 3
 
-    def dequantized_activations(qmax: int) -> torch.Tensor:
-        xq, dx, xs = cgemv.quantize_activations(x, qmax)
+    def dequantized_activations(kernel: str) -> torch.Tensor:
+        qmax, blk = cgemv.act_format(kernel)
+        xq, dx, xs = cgemv.quantize_activations(x, kernel)
+        assert dx.shape == xs.shape == (m, -(-k // blk))
         assert int(xq.abs().max()) == qmax  # each block's largest element takes the top code
-        xd = (xq.float().view(m, -1, 32) * dx[..., None]).view(m, k)
+        xd = _dequant_acts(xq, dx, blk)
         # half a step, plus the fp32 roundings of the scale and of x * (1 / scale) at a tie
-        assert bool(((xd - x).abs() <= _act_half_step(x, qmax) * (1 + 1e-6) + 2**-21 * x.abs()).all())
-        xb = xd.view(m, -1, 32)
-        assert bool(((xs - xb.sum(-1)).abs() <= 1e-6 * xb.abs().sum(-1) + 1e-7).all())  # fp32 summation order
+        assert bool(((xd - x).abs() <= _act_half_step(x, kernel) * (1 + 1e-6) + 2**-21 * x.abs()).all())
+        bsum = torch.stack([xd[:, c0 : c0 + blk].sum(-1) for c0 in range(0, k, blk)], -1)
+        babs = torch.stack([xd[:, c0 : c0 + blk].abs().sum(-1) for c0 in range(0, k, blk)], -1)
+        assert bool(((xs - bsum).abs() <= 1e-6 * babs + 1e-7).all())  # fp32 summation order
         return xd
 
-    xd = dequantized_activations(cgemv.Q8_ACT_MAX)
+    xd = dequantized_activations("q8")
     q, s = quantize_int8_per_channel(w)
     wd = dequantize_int8(q, s)
     want = xd @ wd.t()
@@ -182,7 +194,9 @@ def test_q_kernels_equal_their_math(m: int, k: int) -> None:
     tol = 1e-5 * (xd.abs() @ (wd.abs() + 128 * s[:, None]).t()) + 1e-6
     got = cgemv.gemm_q8(x, q, s)
     assert bool(((got - want).abs() <= tol).all()), (got - want).abs().max()
-    xd = dequantized_activations(cgemv.Q4_ACT_MAX)
+    if k % 64:  # the int4 kernel takes pairs of 32-column blocks
+        return
+    xd = dequantized_activations("q4")
     for g in (32, 128):
         q4, s4, z4 = quantize_int4_groupwise(w, g)
         blk = kernels.BlockInt4Weight.from_canonical(q4, s4, z4, g)

@@ -1,11 +1,13 @@
-"""qwenkit's AVX2 small-M kernels, compiled at first use, called via ctypes.
+"""qwenkit's int8-activation GEMM kernels (AVX2 / AVX512-VNNI), compiled at first use, via ctypes.
 
 * `csrc/gemv_avx2.c` — int8 weights x fp32 activations (weights widened in registers).
-* `csrc/qgemm_avx2.c` — int8 / int4 weights x int8 activations: x is quantized once per call in
-  blocks of 32 (fp32 scale per block, as llama.cpp's Q8 activations) and each 32-weight block
-  costs one `vpmaddubsw` + `vpmaddwd` + convert + FMA per activation row. For int8 weights the
-  activations take 7 bits (|xq| <= 63) so the weights can enter `vpmaddubsw` as unsigned bytes
-  (w + 128) without saturating; int4 codes are unsigned already and keep 8-bit activations.
+* `csrc/qgemm_avx2.c` — int8 / int4 weights x int8 activations: x is quantized once per call
+  (one fp32 scale per block, as llama.cpp's Q8 activations) and the weights stay int8 / int4
+  through integer dot products (`vpdpbusd` with AVX512-VNNI, else `vpmaddubsw` + `vpmaddwd`).
+  int8 weights: activation blocks of 128 summed in int32, codes of 8 bits with VNNI and 7 bits
+  on AVX2 (there the weights enter `vpmaddubsw` as unsigned bytes w + 128, whose int16 pair sums
+  must not saturate); `q8_act_format()` says which. int4: blocks of 32 (the weight group unit),
+  8-bit codes.
 
 Why: torch's `_weight_int8pack_mm` / `_weight_int4pack_mm_for_cpu` need bf16 activations (two
 extra cast passes, bf16 rounding of x and y) and reach only ~4-10 GB/s at M=1 here, while decode
@@ -35,6 +37,9 @@ def _lib() -> ctypes.CDLL | None:
         return None
     lib.qk_gemm_int8.argtypes = [_P, _P, _P, _P, _P, _I, _I, _I]
     lib.qk_gemm_int8.restype = None
+    for fn in (lib.qk_q8_act_max, lib.qk_q8_act_block):
+        fn.argtypes = []
+        fn.restype = ctypes.c_int64
     for quant in (lib.qk_quant_act_q8, lib.qk_quant_act_q4):
         quant.argtypes = [_P, _P, _P, _P, _I, _I]
         quant.restype = None
@@ -79,45 +84,63 @@ def gemm_int8(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bias
 
 
 # ----------------------------------------------------------------- int8-activation kernels
-QBLOCK = 32  # activation / weight block of qgemm_avx2.c
+QBLOCK = 32  # the unit of K of qgemm_avx2.c (int4 activation / weight block)
 MAX_BLOCKS = 1024  # per-thread scratch of qk_gemm_q4: K <= 32768
-# Activation code ranges, fixed in C by each kernel's quantizer (qk_quant_act_q8 / _q4):
-Q8_ACT_MAX = 63  # qk_gemm_q8: 7 bits (its u8 x s8 pairs cannot saturate)
-Q4_ACT_MAX = 127  # qk_gemm_q4: 8 bits (its codes 0..15 are unsigned already)
-_QUANTIZERS = {Q8_ACT_MAX: "qk_quant_act_q8", Q4_ACT_MAX: "qk_quant_act_q4"}
+Q4_ACT_MAX = 127  # qk_gemm_q4's activation codes: 8 bits (its codes 0..15 are unsigned already)
+Q4_ACT_BLOCK = QBLOCK
+KERNELS = ("q8", "q4")
 
 
-def _quant_act(lib: ctypes.CDLL, x: torch.Tensor, qmax: int) -> torch.Tensor:
-    """Quantize x (M, K) fp32 contiguous to codes in [-qmax, qmax] (qmax one of the kernels'
-    ranges above) into one scratch buffer laid out dx | xs | xq (block scales (M, K/32) fp32,
-    block sums (M, K/32) fp32, codes (M, K) int8); returns the buffer."""
+@functools.lru_cache(maxsize=1)
+def q8_act_format() -> tuple[int, int]:
+    """(code range, block) of qk_gemm_q8's activations, fixed in C by the build: (127, 128) with
+    AVX512-VNNI, (63, 128) on AVX2 (7 bits: its u8 x s8 pairs cannot saturate)."""
+    lib = _lib()
+    assert lib is not None
+    return int(lib.qk_q8_act_max()), int(lib.qk_q8_act_block())
+
+
+def act_format(kernel: str) -> tuple[int, int]:
+    """(code range, block of columns with one scale) of the activations `kernel` ("q8" for
+    `gemm_q8`, "q4" for `gemm_q4`) quantizes x to."""
+    if kernel not in KERNELS:
+        raise ValueError(f"unknown kernel {kernel!r}; one of {KERNELS}")
+    return q8_act_format() if kernel == "q8" else (Q4_ACT_MAX, Q4_ACT_BLOCK)
+
+
+def _quant_act(lib: ctypes.CDLL, x: torch.Tensor, kernel: str) -> torch.Tensor:
+    """Quantize x (M, K) fp32 contiguous as `kernel`'s quantizer does into one scratch buffer
+    laid out dx | xs | xq (block scales, block sums: room for (M, K/32) fp32 each, the first
+    (M, ceil(K / block)) used; codes (M, K) int8); returns the buffer."""
     m, k = x.shape
     nb = m * (k // QBLOCK)
     scratch = torch.empty(2 * nb + (m * k + 3) // 4, dtype=torch.float32)
     base = scratch.data_ptr()
-    getattr(lib, _QUANTIZERS[qmax])(x.data_ptr(), base + 8 * nb, base, base + 4 * nb, m, k)
+    quant = lib.qk_quant_act_q8 if kernel == "q8" else lib.qk_quant_act_q4
+    quant(x.data_ptr(), base + 8 * nb, base, base + 4 * nb, m, k)
     return scratch
 
 
-def quantize_activations(x: torch.Tensor, qmax: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """x (M, K) fp32 -> (int8 codes (M, K) in [-qmax, qmax], block scales (M, K/32), block sums
-    of the dequantized codes (M, K/32)), as the int8-activation kernels see x: qmax =
-    `Q8_ACT_MAX` for `gemm_q8`, `Q4_ACT_MAX` for `gemm_q4` (exposed for tests)."""
+def quantize_activations(x: torch.Tensor, kernel: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x (M, K) fp32 -> (int8 codes (M, K), block scales (M, B), block sums of the dequantized
+    codes (M, B)) as `kernel` ("q8" / "q4", see `act_format`) sees x; B = ceil(K / block), a
+    row's last block covering the rest (exposed for tests)."""
     lib = _lib()
     assert lib is not None
     x = x.float().contiguous()
     m, k = x.shape
     nb = m * (k // QBLOCK)
-    scratch = _quant_act(lib, x, qmax)
+    nblk = -(-k // act_format(kernel)[1])
+    scratch = _quant_act(lib, x, kernel)
     xq = scratch[2 * nb :].view(torch.int8)[: m * k].view(m, k)
-    return xq, scratch[:nb].view(m, -1), scratch[nb : 2 * nb].view(m, -1)
+    return xq, scratch[: m * nblk].view(m, nblk), scratch[nb : nb + m * nblk].view(m, nblk)
 
 
 def _prologue(
-    x: torch.Tensor, n: int, qmax: int
+    x: torch.Tensor, n: int, kernel: str
 ) -> tuple[ctypes.CDLL, int, int, int, int, int, torch.Tensor, torch.Tensor]:
-    """Quantize x (M, K) to codes in [-qmax, qmax] and allocate y (M, n): what every
-    int8-activation kernel call starts with.
+    """Quantize x (M, K) as `kernel` does and allocate y (M, n): what every int8-activation
+    kernel call starts with.
     Returns the library, M, K, the addresses of the int8 codes, block scales and block sums (in
     one scratch buffer, `_quant_act`, kept alive by the returned tensor), the buffer and y."""
     lib = _lib()
@@ -125,7 +148,7 @@ def _prologue(
     x = x.contiguous()
     m, k = x.shape
     nb = m * (k // QBLOCK)
-    scratch = _quant_act(lib, x, qmax)
+    scratch = _quant_act(lib, x, kernel)
     base = scratch.data_ptr()
     return lib, m, k, base + 8 * nb, base, base + 4 * nb, scratch, torch.empty(m, n, dtype=torch.float32)
 
@@ -138,7 +161,7 @@ def _gemm_q8_impl(
     x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None
 ) -> torch.Tensor:
     n = qweight.shape[0]
-    lib, m, k, xq, dx, xs, _scratch, y = _prologue(x, n, Q8_ACT_MAX)
+    lib, m, k, xq, dx, xs, _scratch, y = _prologue(x, n, "q8")
     lib.qk_gemm_q8(xq, dx, xs, qweight.data_ptr(), scales.data_ptr(), _ptr(bias), y.data_ptr(), m, n, k)
     return y
 
@@ -160,7 +183,7 @@ def _gemm_q4_impl(
     bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     n = codes.shape[0]
-    lib, m, k, xq, dx, xs, _scratch, y = _prologue(x, n, Q4_ACT_MAX)
+    lib, m, k, xq, dx, xs, _scratch, y = _prologue(x, n, "q4")
     lib.qk_gemm_q4(
         xq, dx, xs, codes.data_ptr(), scales.data_ptr(), zeros.data_ptr(), _ptr(bias), y.data_ptr(),
         m, n, k, group_size,
@@ -195,7 +218,7 @@ def supports_q(k: int, group_size: int | None = None) -> bool:
 def gemm_q8(
     x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """x (M, K) fp32 -> (M, N): int8 (N, K) per-channel weights, x quantized to 7 bits per 32;
+    """x (M, K) fp32 -> (M, N): int8 (N, K) per-channel weights, x quantized per 128 (`act_format`);
     + bias (N,) fp32 if given (added in the kernel, rounded as ``y + bias``)."""
     if torch.compiler.is_compiling():
         return _gemm_q8_op(x, qweight, scales, bias)

@@ -1,19 +1,19 @@
-/* Weight-only int8 / int4 GEMM with int8 activations, AVX2, OpenMP over output rows.
+/* Weight-only int8 / int4 GEMM with int8 activations, AVX2 or AVX512-VNNI, OpenMP over rows.
  *
  * Decode reads every weight once per token, so the kernel must stream the weights at memory
  * speed with as few instructions per byte as possible; batched decode and prefill are bound by
  * the integer dot products. Widening weights to fp32 (gemv_avx2.c) costs ~19 instructions per
- * 32 weights; here the activations are quantized once per call in blocks of 32 (one fp32 scale
- * per block, as llama.cpp's Q8 activations), and each block of 32 weights costs one
- * `vpmaddubsw` + one `vpmaddwd` + one convert + one FMA per activation row. An unpacked weight
- * block is reused for every activation row of a tile.
+ * 32 weights; here the activations are quantized once per call (one fp32 scale per block, as
+ * llama.cpp's Q8 activations) and the weights stay int8 / int4 through integer dot products.
+ * An unpacked weight vector is reused for every activation row of a tile.
  * Batch-invariant: a row's result does not depend on M or on the row's place in the batch
  * (the same instructions in the same order for every row), so a request's greedy tokens do
  * not change with what else the engine is running.
  *
- *   qk_quant_act_q8 / _q4:  x (M, K) fp32 -> xq (M, K) int8 with |xq| <= qmax, dx (M, K/32)
- *                  fp32 scales, xs (M, K/32) = dx * (block sums of xq); qmax = 63 (7 bits) for
- *                  qk_gemm_q8, 127 for qk_gemm_q4.
+ *   qk_quant_act_q8: x (M, K) fp32 -> xq (M, K) int8, |xq| <= Q8_QMAX, one fp32 scale dx per
+ *                  block of QA8 columns (VNNI: 127 and 128, AVX2: 63 and 32; the last block of
+ *                  a row takes the rest), dx (M, ceil(K/QA8)), xs = dx * (block sums of xq).
+ *   qk_quant_act_q4: the same with blocks of 32 and |xq| <= 127: dx, xs (M, K/32).
  *   qk_gemm_q8:    y[m,n] = s[n] * sum_b dx[m,b] * <q[n, b], xq[m, b]>  (+ bias[n], both kernels,
  *                  when bias is not NULL)
  *                  q int8 (N, K), s fp32 (N,)  -- int8 per output channel, symmetric.
@@ -22,15 +22,48 @@
  *                  64 columns as 32 bytes: byte j = c[j] | c[j + 32] << 4; sc, z bf16 (N, G),
  *                  G = K / group_size, group_size a multiple of 32, K a multiple of 64.
  *
- * K must be a multiple of 32 (64 for int4). Built by qwenkit/cpu/build.py.
+ * K must be a multiple of 32 (64 for int4). Built by qwenkit/cpu/build.py, with AVX512-VNNI where
+ * the CPU has it (see DOT_ACC).
  */
 #include "qk_simd.h"
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
-#define QB 32 /* activation / weight block */
+#define QB 32 /* int4 activation / weight block; the unit of K everywhere */
 #define MB 4  /* activation rows per pass over a weight row */
+
+/* acc (8 int32) += <u8 x 32, s8 x 32>, lane j summing bytes 4j..4j+3 (ones: int16 1s).
+ * AVX512-VNNI: one vpdpbusd (no intermediate rounding or saturation). AVX2: vpmaddubsw sums
+ * byte pairs in int16 (saturating: the callers keep |u * s| pair sums < 2^15), vpmaddwd pairs
+ * of pairs into int32, vpaddd. */
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+#define DOT_ACC(acc, u, s, ones) _mm256_dpbusd_epi32((acc), (u), (s))
+#define QK_ISA 2
+/* int8 activations: 8-bit codes (vpdpbusd cannot saturate), one scale per 128 columns, the
+ * dot products of a block summed in int32: one vpdpbusd per 32 weights and row, the convert and
+ * the FMA once per 128 (3 fp ops per 32 before: 1.7x at 16 rows, 1.35x at 64+, warm weights) */
+#define Q8_QMAX 127.0f
+#define QA8 128
+/* int8 tile: 3 weight rows x 4 activation rows = 12 int32 + 12 fp32 accumulators (32 ymm regs) */
+#define NRW 3
+#else
+#define DOT_ACC(acc, u, s, ones) _mm256_add_epi32((acc), _mm256_madd_epi16(_mm256_maddubs_epi16((u), (s)), (ones)))
+#define QK_ISA 1
+/* 7 bits: the u8 x s8 pairs of vpmaddubsw cannot saturate (2 * 255 * 63 = 32130); one scale
+ * per 32 columns (7 bits over 128 would cost quality, and the sums could not stay in int32
+ * for free: 16 ymm registers hold 2 x 4 fp32 accumulators and little else) */
+#define Q8_QMAX 63.0f
+#define QA8 32
+#define NRW 2
+#endif
+
+/* Which dot product the library was built with: 1 = AVX2, 2 = AVX512-VNNI. */
+int64_t qk_isa(void) { return QK_ISA; }
+/* The int8 kernel's activation code range and block (cgemv reads them). */
+int64_t qk_q8_act_max(void) { return (int64_t)Q8_QMAX; }
+int64_t qk_q8_act_block(void) { return QA8; }
+
 /* Weight rows are prefetched this many rows ahead: the hardware prefetcher alone left the
  * cold-weight stream at ~17.5 GB/s (lm_head, M=1), with it ~20.9 (distances 2..8 measured). */
 #define PREFETCH_ROWS 4
@@ -51,83 +84,111 @@ static inline __m256 load_bf16x8(const uint16_t *p) {
     return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
 }
 
-static void quant_block(const float *x, int8_t *q, float *d_out, float *s_out, float qmax) {
+static inline __m256 absmax32(const float *x, __m256 am) {
     const __m256 sign = _mm256_set1_ps(-0.0f);
-    __m256 v0 = _mm256_loadu_ps(x), v1 = _mm256_loadu_ps(x + 8);
-    __m256 v2 = _mm256_loadu_ps(x + 16), v3 = _mm256_loadu_ps(x + 24);
-    __m256 am = _mm256_max_ps(_mm256_max_ps(_mm256_andnot_ps(sign, v0), _mm256_andnot_ps(sign, v1)),
-                              _mm256_max_ps(_mm256_andnot_ps(sign, v2), _mm256_andnot_ps(sign, v3)));
+    for (int o = 0; o < QB; o += 8) am = _mm256_max_ps(am, _mm256_andnot_ps(sign, _mm256_loadu_ps(x + o)));
+    return am;
+}
+
+/* One block of ns * 32 values (ns = 1..4) -> codes with |q| <= qmax, scale and code-sum term. */
+static void quant_block(const float *x, int8_t *q, float *d_out, float *s_out, float qmax, int ns) {
+    __m256 am = _mm256_setzero_ps();
+    for (int u = 0; u < ns; u++) am = absmax32(x + u * QB, am);
     float amax = hmax_ps(am);
     float d = amax / qmax;
     float id = amax > 0.0f ? qmax / amax : 0.0f;
     *d_out = d;
-    __m256 m = _mm256_set1_ps(id);
-    /* cvtps rounds to nearest even (the default MXCSR mode) */
-    __m256i i0 = _mm256_cvtps_epi32(_mm256_mul_ps(v0, m)), i1 = _mm256_cvtps_epi32(_mm256_mul_ps(v1, m));
-    __m256i i2 = _mm256_cvtps_epi32(_mm256_mul_ps(v2, m)), i3 = _mm256_cvtps_epi32(_mm256_mul_ps(v3, m));
-    /* block sum of the *quantized* x: the zero-point term then sees the same x as the codes
-     * term, so the result is exactly dequant(W) @ dequant(xq) (errors do not fail to cancel) */
-    __m256i is = _mm256_add_epi32(_mm256_add_epi32(i0, i1), _mm256_add_epi32(i2, i3));
+    const __m256 m = _mm256_set1_ps(id);
+    __m256i is = _mm256_setzero_si256();
+    for (int u = 0; u < ns; u++) {
+        const float *xu = x + u * QB;
+        /* cvtps rounds to nearest even (the default MXCSR mode) */
+        __m256i i0 = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xu), m));
+        __m256i i1 = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xu + 8), m));
+        __m256i i2 = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xu + 16), m));
+        __m256i i3 = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xu + 24), m));
+        is = _mm256_add_epi32(is, _mm256_add_epi32(_mm256_add_epi32(i0, i1), _mm256_add_epi32(i2, i3)));
+        __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(i0, i1), _mm256_packs_epi32(i2, i3));
+        p = _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+        _mm256_storeu_si256((__m256i *)(q + u * QB), p);
+    }
+    /* block sum of the *quantized* x (an exact integer < 2^24): the zero-point / +128 terms then
+     * see the same x as the codes term, so the result is exactly dequant(W) @ dequant(xq) */
     *s_out = d * hsum_ps(_mm256_cvtepi32_ps(is));
-    __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(i0, i1), _mm256_packs_epi32(i2, i3));
-    p = _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
-    _mm256_storeu_si256((__m256i *)q, p);
 }
 
-static void quant_act(const float *x, int8_t *xq, float *dx, float *xs, int64_t M, int64_t K, float qmax) {
-    const int64_t nb = K / QB;
+/* Blocks of `blk` columns (a multiple of 32; a row's last block takes what is left). */
+static void quant_act(const float *x, int8_t *xq, float *dx, float *xs, int64_t M, int64_t K, float qmax,
+                      int64_t blk) {
+    const int64_t nb = (K + blk - 1) / blk;
     const int64_t total = M * nb;
-#pragma omp parallel for schedule(static) if (total >= 4096)
+#pragma omp parallel for schedule(static) if (total * blk >= 131072)
     for (int64_t t = 0; t < total; t++) {
         int64_t m = t / nb, b = t % nb;
-        quant_block(x + m * K + b * QB, xq + m * K + b * QB, dx + t, xs + t, qmax);
+        int64_t len = K - b * blk < blk ? K - b * blk : blk;
+        quant_block(x + m * K + b * blk, xq + m * K + b * blk, dx + t, xs + t, qmax, (int)(len / QB));
     }
 }
 
-/* Each kernel's own activation quantizer (the code range is the kernel's business). */
+/* Each kernel's own activation quantizer (the code range and block are the kernel's business). */
 void qk_quant_act_q8(const float *x, int8_t *xq, float *dx, float *xs, int64_t M, int64_t K) {
-    quant_act(x, xq, dx, xs, M, K, 63.0f); /* 7 bits: see qk_gemm_q8 */
+    quant_act(x, xq, dx, xs, M, K, Q8_QMAX, QA8);
 }
 
 void qk_quant_act_q4(const float *x, int8_t *xq, float *dx, float *xs, int64_t M, int64_t K) {
-    quant_act(x, xq, dx, xs, M, K, 127.0f);
+    quant_act(x, xq, dx, xs, M, K, 127.0f, QB);
 }
 
 /* ---- int8: a tile of NR weight rows x R activation rows (NR, R compile-time constants after
- * inlining, so the accumulators live in registers: 2 x 4 fp32 vectors).
+ * inlining, so the accumulators live in registers).
  *
- * The weights are signed int8 (w, |w| <= 127) and `vpmaddubsw` multiplies unsigned by signed
- * bytes, so each weight block is flipped once to unsigned, w ^ 0x80 = w + 128 (one XOR per
- * weight block, shared by every activation row; signed x signed needed a `vpsignb` per weight
- * block *and* activation row, ~30% of the instructions). Pairs of u8 x s8 products are summed
- * in int16, which cannot saturate when |x| <= 63 (2 * 255 * 63 = 32130): the activations of this
- * kernel are quantized to 7 bits (qk_quant_act_q8). The +128 offset adds
+ * The weights are signed int8 (w, |w| <= 127) and the u8 x s8 dot products take unsigned bytes
+ * first, so each weight vector is flipped once to unsigned, w ^ 0x80 = w + 128 (one XOR per
+ * weight vector, shared by every activation row of the tile). The +128 offset adds
  * 128 * sum_k x to each dot product, one constant per activation row (128 * sum of its block
  * sums xs), subtracted in the epilogue: y = s[n] * (sum_b dx_b <w_n + 128, xq_b> - corr_m) + bias.
- * Each (row, weight row) pair gets the same instructions in the same order whatever the tile:
- * one fp32 accumulator, block by block, then one horizontal sum (batch invariance). */
+ * Inside an activation block the dot products add up in int32 (exact: |lane| <= 16 * 255 * 127);
+ * per block one convert + one FMA by the block's scale. Each (row, weight row) pair gets the same instructions in the
+ * same order whatever the tile: one int32 sum per block, one fp32 accumulator, then one
+ * horizontal sum (batch invariance). */
 #define ALWAYS_INLINE static inline __attribute__((always_inline))
-#define NRW 2  /* weight rows per tile */
-#define MC 64  /* activation rows per chunk: a chunk's codes stay in L2 while all weights pass */
+#define MC 64 /* activation rows per chunk: a chunk's codes stay in L2 while all weights pass */
+
+/* ns sub-blocks of 32 columns starting at column c0 into the int32 sums ia. */
+ALWAYS_INLINE void q8_sub(const int NR, const int R, const int ns, const int8_t *w, const int8_t *xq, int64_t c0,
+                          int64_t K, __m256i ia[NRW][MB]) {
+    const __m256i flip = _mm256_set1_epi8((char)0x80);
+    const __m256i ones = _mm256_set1_epi16(1);
+    (void)ones;
+    for (int u = 0; u < ns; u++) {
+        __m256i wu[NRW];
+        for (int j = 0; j < NR; j++)
+            wu[j] = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(w + j * K + c0 + u * QB)), flip);
+        for (int i = 0; i < R; i++) {
+            const __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + i * K + c0 + u * QB));
+            for (int j = 0; j < NR; j++) ia[j][i] = DOT_ACC(ia[j][i], wu[j], xv, ones);
+        }
+    }
+}
 
 ALWAYS_INLINE void q8_tile(const int NR, const int R, const int8_t *w, const int8_t *xq, const float *dx,
                            const float *s, const float *corr, const float *bias, float *y, int64_t N, int64_t nb,
                            int64_t K) {
-    const __m256i ones = _mm256_set1_epi16(1), flip = _mm256_set1_epi8((char)0x80);
     __m256 acc[NRW][MB];
+    __m256i ia[NRW][MB];
     for (int j = 0; j < NR; j++)
         for (int i = 0; i < R; i++) acc[j][i] = _mm256_setzero_ps();
+    const int64_t nfull = K / QA8;
     for (int64_t b = 0; b < nb; b++) {
-        __m256i wu[NRW];
         for (int j = 0; j < NR; j++)
-            wu[j] = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(w + j * K + b * QB)), flip);
+            for (int i = 0; i < R; i++) ia[j][i] = _mm256_setzero_si256();
+        if (b < nfull)
+            q8_sub(NR, R, QA8 / QB, w, xq, b * QA8, K, ia);
+        else
+            q8_sub(NR, R, (int)((K - b * QA8) / QB), w, xq, b * QA8, K, ia); /* the row's short last block */
         for (int i = 0; i < R; i++) {
-            const __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + i * K + b * QB));
             const __m256 d = _mm256_broadcast_ss(dx + i * nb + b);
-            for (int j = 0; j < NR; j++) {
-                __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(wu[j], xv), ones);
-                acc[j][i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), d, acc[j][i]);
-            }
+            for (int j = 0; j < NR; j++) acc[j][i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(ia[j][i]), d, acc[j][i]);
         }
     }
     for (int j = 0; j < NR; j++)
@@ -145,8 +206,8 @@ ALWAYS_INLINE void q8_tile(const int NR, const int R, const int8_t *w, const int
 
 void qk_gemm_q8(const int8_t *xq, const float *dx, const float *xs, const int8_t *q, const float *s,
                 const float *bias, float *y, int64_t M, int64_t N, int64_t K) {
-    const int64_t nb = K / QB;
-    const int64_t pairs = (N + NRW - 1) / NRW;
+    const int64_t nb = (K + QA8 - 1) / QA8;
+    const int64_t tiles = (N + NRW - 1) / NRW;
     float corr_small[MC];
     float *corr = M <= MC ? corr_small : (float *)malloc((size_t)M * sizeof(float));
     for (int64_t m = 0; m < M; m++) {
@@ -157,7 +218,7 @@ void qk_gemm_q8(const int8_t *xq, const float *dx, const float *xs, const int8_t
     for (int64_t mc = 0; mc < M; mc += MC) {
         const int64_t mend = mc + MC < M ? mc + MC : M;
 #pragma omp parallel for schedule(static)
-        for (int64_t p = 0; p < pairs; p++) {
+        for (int64_t p = 0; p < tiles; p++) {
             const int64_t n = p * NRW;
             const int nr = N - n < NRW ? (int)(N - n) : NRW;
             const int8_t *w = q + n * K;
@@ -167,7 +228,13 @@ void qk_gemm_q8(const int8_t *xq, const float *dx, const float *xs, const int8_t
 #define Q8_ARGS w, xq + m0 * K, dx + m0 * nb, s + n, corr + m0, bias ? bias + n : NULL, y + m0 * N + n, N, nb, K
                 if (nr == NRW) {
                     Q8_TILE_R(NRW)
-                } else {
+                }
+#if NRW > 2
+                else if (nr == 2) {
+                    Q8_TILE_R(2)
+                }
+#endif
+                else {
                     Q8_TILE_R(1)
                 }
 #undef Q8_ARGS
@@ -179,7 +246,7 @@ void qk_gemm_q8(const int8_t *xq, const float *dx, const float *xs, const int8_t
 
 ALWAYS_INLINE __m256i q4_dot(__m256i cv, const int8_t *xb, __m256i ones) {
     __m256i xv = _mm256_loadu_si256((const __m256i *)xb);
-    return _mm256_madd_epi16(_mm256_maddubs_epi16(cv, xv), ones);
+    return DOT_ACC(_mm256_setzero_si256(), cv, xv, ones); /* codes <= 15: pairs < 2^15 */
 }
 
 /* comb: R x nb combined scales sc * dx; zsum: R zero-point terms. Codes come in pairs of

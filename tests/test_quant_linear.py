@@ -141,8 +141,7 @@ def test_fast_paths_match_reference(fmt: str, shape: tuple[int, int], m: int, mo
         if cgemv.available() and cgemv.supports_q(k, None if fmt == "int8" else int(fmt.removeprefix("int4-g"))):
             kernel = "q8" if fmt == "int8" else "q4"
             small_bound = _act_half_step(x, kernel) @ wq.abs().t() * (1 + 1e-3) + fp32_bound
-            if fmt == "int8":  # int8 runs its int8-activation kernel at every M
-                large_bound = small_bound
+            large_bound = small_bound  # the int8-activation kernels run at every M
         else:
             small_bound = 2**-8 * (scale + ref.abs())
         for small_m, bound in ((10_000, small_bound), (0, large_bound)):
@@ -192,7 +191,7 @@ def test_q_kernels_equal_their_math(m: int, k: int) -> None:
     # the kernel sums <w + 128, x> and subtracts 128 * sum(x) per row: fp32 rounding of terms
     # up to |w| + 128 in size (w = q * s), hence the second term of the bound
     tol = 1e-5 * (xd.abs() @ (wd.abs() + 128 * s[:, None]).t()) + 1e-6
-    got = cgemv.gemm_q8(x, q, s)
+    got = cgemv.gemm_q8(x, cgemv.pack_q8(q), s)
     assert bool(((got - want).abs() <= tol).all()), (got - want).abs().max()
     if k % 64:  # the int4 kernel takes pairs of 32-column blocks
         return
@@ -215,7 +214,8 @@ def test_q_kernels_are_batch_invariant() -> None:
     x = torch.randn(11, 896, generator=torch.Generator().manual_seed(4))
     q, s = quantize_int8_per_channel(w)
     blk = kernels.BlockInt4Weight.from_canonical(*quantize_int4_groupwise(w, 32), 32)
-    for fn in (lambda t: cgemv.gemm_q8(t, q, s), blk.mm_q):
+    qt = cgemv.pack_q8(q)
+    for fn in (lambda t: cgemv.gemm_q8(t, qt, s), blk.mm_q):
         full = fn(x)
         for i in (0, 3, 4, 10):
             assert torch.equal(fn(x[i : i + 1]), full[i : i + 1])
@@ -223,11 +223,12 @@ def test_q_kernels_are_batch_invariant() -> None:
     # int8 at prefill sizes: rows in several 64-row chunks, an odd number of output rows (the
     # kernel's 2-row weight tiles end in a 1-row tile)
     q, s = quantize_int8_per_channel(_weight(81, 896, seed=6))
+    qt = cgemv.pack_q8(q)
     x = torch.randn(150, 896, generator=torch.Generator().manual_seed(7))
-    full = cgemv.gemm_q8(x, q, s)
+    full = cgemv.gemm_q8(x, qt, s)
     for i in (0, 63, 64, 130, 149):
-        assert torch.equal(cgemv.gemm_q8(x[i : i + 1], q, s), full[i : i + 1])
-    assert torch.equal(cgemv.gemm_q8(x[60:140], q, s), full[60:140])
+        assert torch.equal(cgemv.gemm_q8(x[i : i + 1], qt, s), full[i : i + 1])
+    assert torch.equal(cgemv.gemm_q8(x[60:140], qt, s), full[60:140])
 
 
 def test_q_kernels_add_the_bias_as_torch_would() -> None:
@@ -240,7 +241,8 @@ def test_q_kernels_add_the_bias_as_torch_would() -> None:
     bias = torch.randn(72, generator=g)
     q, s = quantize_int8_per_channel(w)
     blk = kernels.BlockInt4Weight.from_canonical(*quantize_int4_groupwise(w, 32), 32)
-    assert torch.equal(cgemv.gemm_q8(x, q, s, bias), cgemv.gemm_q8(x, q, s) + bias)
+    qt = cgemv.pack_q8(q)
+    assert torch.equal(cgemv.gemm_q8(x, qt, s, bias), cgemv.gemm_q8(x, qt, s) + bias)
     assert torch.equal(
         cgemv.gemm_q4(x, blk.codes, blk.scales, blk.zeros, 32, bias),
         cgemv.gemm_q4(x, blk.codes, blk.scales, blk.zeros, 32) + bias,
@@ -283,3 +285,18 @@ def test_large_m_chunking_covers_every_row() -> None:
     q4, s4, z4 = quantize_int4_groupwise(w, 128)
     p4 = kernels.Int4Weight.from_canonical(q4, s4, z4, 128)
     torch.testing.assert_close(p4.mm_dequant_fp32(x), x @ dequantize_int4(q4, s4, z4).t(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 7, 80, 81])
+@pytest.mark.parametrize("nr", [2, 3])
+def test_q8_tiles_round_trip_and_look_up_rows(n: int, nr: int) -> None:
+    """pack_q8 is a permutation of the bytes (every N, tails of each size), unpack_q8 inverts it,
+    and q8_rows finds any row (what a tied int8 embedding looks up) without unpacking."""
+    q = torch.randint(-127, 128, (n, 96), dtype=torch.int8, generator=torch.Generator().manual_seed(n))
+    t = cgemv.pack_q8(q, nr)
+    assert t.shape == q.shape and torch.equal(t.flatten().sort().values, q.flatten().sort().values)
+    assert torch.equal(cgemv.unpack_q8(t, nr), q)
+    ids = torch.tensor([[0, n - 1], [n // 2, n - 1 - (n > 1)]])
+    assert torch.equal(cgemv.q8_rows(t, ids, nr), q[ids])
+    if n >= nr:  # a full tile: 32 bytes of row 0, then 32 of row 1, ...
+        assert torch.equal(t.flatten()[32:64], q[1, :32])

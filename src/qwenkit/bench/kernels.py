@@ -73,7 +73,8 @@ def _candidates(w: torch.Tensor) -> dict[str, tuple[Runner, int]]:
     if cgemv.available():
         out["int8/qwenkit-avx2"] = (lambda x, q=q, s=s: cgemv.gemm_int8(x, q, s, None), n * k)
         if cgemv.supports_q(k):
-            out["int8/qwenkit-q8act"] = (lambda x, q=q, s=s: cgemv.gemm_q8(x, q, s), n * k + n * 4)
+            qt = cgemv.pack_q8(q)
+            out["int8/qwenkit-q8act"] = (lambda x, qt=qt, s=s: cgemv.gemm_q8(x, qt, s), n * k + n * 4)
     out["int8/deq+fp32"] = (p8.mm_dequant_fp32, n * k)
     dyn = kernels.DynamicInt8Weight.from_canonical(q, s)
     if dyn is not None:

@@ -81,7 +81,7 @@ def _linear_desc(lin: nn.Module) -> tuple[_Linear, int, torch.Tensor] | None:
     from qwenkit.quant.linear import Int4Linear, Int8Linear
 
     bias = lin.bias.data_ptr() if getattr(lin, "bias", None) is not None else None
-    if isinstance(lin, Int8Linear) and cgemv.supports_q(lin.in_features) and lin.qweight.is_cpu:
+    if isinstance(lin, Int8Linear) and lin.tile_rows:  # the int8 kernel's tiled layout
         d = _Linear(1, lin.out_features, lin.in_features, 0, lin.qweight.data_ptr(), lin.scales.data_ptr(), None, None, bias)
         return d, lin.small_m, lin.qweight
     if isinstance(lin, Int4Linear) and lin._block_layout:

@@ -37,7 +37,7 @@ def _lib() -> ctypes.CDLL | None:
         return None
     lib.qk_gemm_int8.argtypes = [_P, _P, _P, _P, _P, _I, _I, _I]
     lib.qk_gemm_int8.restype = None
-    for fn in (lib.qk_q8_act_max, lib.qk_q8_act_block):
+    for fn in (lib.qk_q8_act_max, lib.qk_q8_act_block, lib.qk_q8_tile_rows):
         fn.argtypes = []
         fn.restype = ctypes.c_int64
     for quant in (lib.qk_quant_act_q8, lib.qk_quant_act_q4):
@@ -98,6 +98,64 @@ def q8_act_format() -> tuple[int, int]:
     lib = _lib()
     assert lib is not None
     return int(lib.qk_q8_act_max()), int(lib.qk_q8_act_block())
+
+
+@functools.lru_cache(maxsize=1)
+def q8_tile_rows() -> int:
+    """Rows per weight tile of qk_gemm_q8's layout (`pack_q8`): 3 with AVX512-VNNI, 2 on AVX2."""
+    lib = _lib()
+    assert lib is not None
+    return int(lib.qk_q8_tile_rows())
+
+
+def _q8_tiles(n: int, k: int, nr: int) -> list[tuple[int, int]]:
+    """(first row, rows) of the full tiles as one run, then the tail tile."""
+    full = n // nr * nr
+    return [(lo, rows) for lo, rows in ((0, full), (full, n - full)) if rows]
+
+
+def pack_q8(q: torch.Tensor, nr: int | None = None) -> torch.Tensor:
+    """int8 (N, K) row-major -> qk_gemm_q8's tiled layout, same shape and bytes: tiles of `nr`
+    rows (default `q8_tile_rows()`, the last tile holds the N % nr rest), each holding per 32
+    columns 32 bytes of each of its rows in turn. K % 32 == 0."""
+    nr = q8_tile_rows() if nr is None else nr
+    n, k = q.shape
+    parts = []
+    for lo, rows in _q8_tiles(n, k, nr):
+        r = min(rows, nr)
+        t = q[lo : lo + rows].reshape(rows // r, r, k // QBLOCK, QBLOCK)  # (T, r, K/32, 32)
+        parts.append(t.transpose(1, 2).reshape(-1))  # (T, K/32, r, 32)
+    return torch.cat(parts).view(n, k)
+
+
+def unpack_q8(t: torch.Tensor, nr: int | None = None) -> torch.Tensor:
+    """Inverse of `pack_q8`: tiled (N, K) -> row-major int8 (N, K)."""
+    nr = q8_tile_rows() if nr is None else nr
+    n, k = t.shape
+    flat = t.reshape(-1)
+    parts = []
+    for lo, rows in _q8_tiles(n, k, nr):
+        r = min(rows, nr)
+        p = flat[lo * k : (lo + rows) * k].view(rows // r, k // QBLOCK, r, QBLOCK)
+        parts.append(p.transpose(1, 2).reshape(rows, k))
+    return torch.cat(parts)
+
+
+def q8_rows(t: torch.Tensor, ids: torch.Tensor, nr: int | None = None) -> torch.Tensor:
+    """Rows `ids` (any shape) of a `pack_q8`-tiled (N, K) table -> (*ids.shape, K) int8, without
+    unpacking the table (a tied int8 embedding looks its tokens up in the head's tiles)."""
+    nr = q8_tile_rows() if nr is None else nr
+    n, k = t.shape
+    full = n // nr * nr
+    r = ids.reshape(-1).long()
+    col = torch.arange(k, device=t.device)
+    blk, within = col // QBLOCK, col % QBLOCK
+    tail = r >= full
+    width = torch.where(tail, n - full, nr)[:, None]  # rows in the row's tile
+    tile_base = torch.where(tail, full, r // nr * nr) * k  # first byte of the tile
+    j = torch.where(tail, r - full, r % nr)
+    idx = (tile_base + j * QBLOCK)[:, None] + blk[None, :] * width * QBLOCK + within[None, :]
+    return t.reshape(-1)[idx].view(*ids.shape, k)
 
 
 def act_format(kernel: str) -> tuple[int, int]:
@@ -218,7 +276,8 @@ def supports_q(k: int, group_size: int | None = None) -> bool:
 def gemm_q8(
     x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """x (M, K) fp32 -> (M, N): int8 (N, K) per-channel weights, x quantized per 128 (`act_format`);
+    """x (M, K) fp32 -> (M, N): int8 (N, K) per-channel weights in the `pack_q8` layout, x
+    quantized as `act_format("q8")` says;
     + bias (N,) fp32 if given (added in the kernel, rounded as ``y + bias``)."""
     if torch.compiler.is_compiling():
         return _gemm_q8_op(x, qweight, scales, bias)

@@ -230,7 +230,8 @@ def build_quantized_model(
 def _restore_tie(model: nn.Module) -> None:
     emb = model.model.embed_tokens
     if isinstance(emb, Int8Embedding):
-        model.lm_head = Int8Linear(emb.qweight, emb.scales)
+        head = model.lm_head = Int8Linear(emb.qweight, emb.scales)
+        model.model.embed_tokens = Int8Embedding(head.qweight, head.scales, head.tile_rows)  # one table
     else:
         model.lm_head.weight = emb.weight
 

@@ -102,7 +102,7 @@ def _share_tied_tables(model: nn.Module, policy: QuantPolicy, tied: bool) -> Non
     head = model.get_submodule("lm_head")
     emb_name = next(n for n, _ in model.named_modules() if n.endswith("embed_tokens"))
     assert isinstance(head, Int8Linear)
-    _set_module(model, emb_name, Int8Embedding(head.qweight, head.scales))
+    _set_module(model, emb_name, Int8Embedding(head.qweight, head.scales, head.tile_rows))
 
 
 def small_m_of(model: nn.Module) -> int | None:

@@ -10,16 +10,20 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from qwenkit.quant import cgemv
 from qwenkit.quant.numerics import dequantize_int8, quantize_int8_rows
 
 
 class Int8Embedding(nn.Module):
     format = "int8"
 
-    def __init__(self, qweight: torch.Tensor, scales: torch.Tensor) -> None:
+    def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, tile_rows: int = 0) -> None:
+        """qweight (V, H) int8: row-major, or (tile_rows > 0) a tied int8 head's `cgemv.pack_q8`
+        tiles, shared with it as they are."""
         super().__init__()
         assert qweight.dtype == torch.int8 and qweight.dim() == 2
         self.num_embeddings, self.embedding_dim = qweight.shape
+        self.tile_rows = tile_rows
         self.register_buffer("qweight", qweight)
         self.register_buffer("scales", scales.float())
 
@@ -28,14 +32,20 @@ class Int8Embedding(nn.Module):
         return cls(*quantize_int8_rows(embedding.weight.detach()))
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        rows = self.qweight[input_ids].float()  # (..., H)
+        if self.tile_rows:
+            rows = cgemv.q8_rows(self.qweight, input_ids, self.tile_rows).float()  # (..., H)
+        else:
+            rows = self.qweight[input_ids].float()  # (..., H)
         return rows * self.scales[input_ids].unsqueeze(-1)
 
+    def row_major(self) -> torch.Tensor:
+        return cgemv.unpack_q8(self.qweight, self.tile_rows) if self.tile_rows else self.qweight
+
     def dequantize(self) -> torch.Tensor:
-        return dequantize_int8(self.qweight, self.scales)
+        return dequantize_int8(self.row_major(), self.scales)
 
     def canonical_state(self) -> dict[str, torch.Tensor]:
-        return {"qweight": self.qweight, "scales": self.scales.to(torch.bfloat16)}
+        return {"qweight": self.row_major(), "scales": self.scales.to(torch.bfloat16)}
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, int8"

@@ -4,19 +4,19 @@ construction (gpt-fast style: the model code never branches on quantization).
 ``y = x @ W.T + b`` with W stored quantized (int8 per output channel, or int4 group-wise) and
 x, y, b in fp32. The kernel is picked per call by the number of rows M of x:
 
-* ``M <= small_m`` (decode, small batches): qwenkit's AVX2 kernels (`cgemv.py`,
-  `csrc/qgemm_avx2.c`) when they build: x is quantized in blocks of 32 (one fp32 scale each,
-  as llama.cpp's Q8 activations; 7 bits for int8 weights, 8 for int4) and the weights stay
-  int8 / int4 through `vpmaddubsw` integer dot products. int4 then uses qwenkit's block layout
-  (`kernels.BlockInt4Weight`). Without a C compiler: torch's `_weight_int8pack_mm` /
+* On CPU with qwenkit's C kernels (`cgemv.py`, `csrc/qgemm_avx2.c`; AVX512-VNNI or AVX2), every
+  M (decode, batched decode, prefill) runs the int8-activation kernels: x is quantized per
+  block (one fp32 scale each, as llama.cpp's Q8 activations; `cgemv.act_format`) and the weights
+  stay int8 / int4 through integer dot products. int8 weights are stored in the kernel's tiled
+  layout (`cgemv.pack_q8`), int4 in qwenkit's block layout (`kernels.BlockInt4Weight`). int8
+  reaches 440-540 GOP/s at M=512 here (VNNI), int4 180-210, both above torch's fp32 GEMM
+  (~180-200 GFLOP/s) and dequantize + fp32 GEMM; one kernel at every M also makes a row's
+  result independent of the batch (prefill == decode numerics).
+* Without the C kernels: ``M <= small_m`` runs torch's `_weight_int8pack_mm` /
   `_weight_int4pack_mm_for_cpu`, which are fast only with bf16 activations, so x is cast to
-  bf16 around them and y back to fp32. Decode is bandwidth-bound on the weights.
-* ``M > small_m`` (prefill): int8 runs the same int8-activation kernel (it tiles the rows in
-  chunks that stay in L2 and reaches ~210-225 GOP/s here at M=512, above torch's fp32 GEMM at
-  ~140-175 GFLOP/s), so prefill and decode see the same numerics. int4 (and int8 without the C
-  kernels) dequantize W to fp32 a few hundred rows at a time (each chunk stays in cache) and run
-  fp32 GEMMs — plain bf16 and the weight-only kernels collapse at large M. No fp32 copy of the
-  weights is kept, so resident memory stays that of the quantized model.
+  bf16 around them and y back to fp32; larger M dequantizes W to fp32 a few hundred rows at a
+  time (each chunk stays in cache) and runs fp32 GEMMs. No fp32 copy of the weights is kept, so
+  resident memory stays that of the quantized model.
 
 On CUDA both formats run the dequantize-in-GEMM expression gpt-fast uses (int8) or torch's CUDA
 int4 kernel, with activations in the input dtype.
@@ -37,11 +37,9 @@ from qwenkit.quant.numerics import (
     quantize_int8_per_channel,
 )
 
-# Rows M of x up to which `_mm_small` runs (above: `_mm_large`). int4: its int8-activation kernel
-# takes ~0.5x the time of dequantize + fp32 GEMM at M=64 (`qwenkit bench kernels`); above 64 rows
-# prefill dequantizes. int8 on CPU runs its kernel in both (with the C kernels), so the limit
-# only matters for the torch fallback and the fused decode step's row cap (decode_step.py).
-# None = the format's own default.
+# Rows M of x up to which `_mm_small` runs (above: `_mm_large`). With the C kernels both run the
+# same kernel, so the limit only matters for the torch fallback and the fused decode step's row
+# cap (decode_step.py). None = the format's own default.
 DEFAULT_SMALL_M: int | None = None
 INT8_SMALL_M = 64
 INT4_SMALL_M = 64
@@ -123,10 +121,14 @@ class Int8Linear(QuantizedLinear):
         bias: torch.Tensor | None = None,
         **kwargs: object,
     ) -> None:
+        """qweight: row-major int8 (N, K). On CPU with qwenkit's int8 kernel it is stored in
+        that kernel's tiled layout (`cgemv.pack_q8`, `tile_rows` rows a tile), else as given."""
         n, k = qweight.shape
         super().__init__(k, n, bias, **kwargs)  # type: ignore[arg-type]
         assert qweight.dtype == torch.int8 and scales.shape == (n,)
-        self.register_buffer("qweight", qweight.contiguous())
+        tiled = qweight.is_cpu and cgemv.available() and cgemv.supports_q(k)
+        self.tile_rows = cgemv.q8_tile_rows() if tiled else 0
+        self.register_buffer("qweight", cgemv.pack_q8(qweight, self.tile_rows) if tiled else qweight.contiguous())
         self.register_buffer("scales", scales.float().contiguous())
         # The kernel wants scales in the activation dtype; they are bf16-exact (numerics.py).
         self.register_buffer("scales_bf16", self.scales.to(torch.bfloat16), persistent=False)
@@ -136,23 +138,35 @@ class Int8Linear(QuantizedLinear):
         q, s = quantize_int8_per_channel(linear.weight.detach())
         return cls(q, s, linear.bias, **_merged_meta(linear), **kwargs)
 
+    def row_major(self) -> torch.Tensor:
+        """qweight as row-major int8 (N, K) (a new tensor when stored tiled)."""
+        return cgemv.unpack_q8(self.qweight, self.tile_rows) if self.tile_rows else self.qweight
+
+    def _apply(self, fn, recurse: bool = True):  # noqa: ANN001, ANN202 (nn.Module's signature)
+        super()._apply(fn, recurse)
+        if self.tile_rows and not self.qweight.is_cpu:  # moved off the CPU: the kernel stays behind
+            self.qweight = cgemv.unpack_q8(self.qweight, self.tile_rows)
+            self.tile_rows = 0
+        return self
+
     def _weight(self) -> kernels.Int8Weight:
-        return kernels.Int8Weight(self.qweight, self.scales)
+        return kernels.Int8Weight(self.row_major(), self.scales)
 
     def _mm_small(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if x.is_cuda:
             return _add_bias(F.linear(x, self.qweight.to(x.dtype)) * self.scales, bias)
-        if cgemv.available():  # AVX2 (qwenkit/cpu/csrc): int8 activations, else fp32 ones
-            if cgemv.supports_q(self.in_features):
+        if cgemv.available():
+            if self.tile_rows:  # qwenkit/cpu/csrc: int8 activations
                 return cgemv.gemm_q8(x, self.qweight, self.scales, bias)
+            # K % 32 != 0: fp32 activations, weights widened in registers
             return cgemv.gemm_int8(x, self.qweight, self.scales, bias)
-        y = torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16), self.qweight, self.scales_bf16)
+        y = torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16), self.row_major(), self.scales_bf16)
         return _add_bias(y.float(), bias)
 
     def _mm_large(self, x: torch.Tensor) -> torch.Tensor:
         if x.is_cuda:
             return F.linear(x, self.qweight.to(x.dtype)) * self.scales
-        if cgemv.available() and cgemv.supports_q(self.in_features):
+        if self.tile_rows and cgemv.available():
             return cgemv.gemm_q8(x, self.qweight, self.scales)
         return self._weight().mm_dequant_fp32(x)
 
@@ -160,7 +174,7 @@ class Int8Linear(QuantizedLinear):
         return self._weight().dequantize()
 
     def canonical_state(self) -> dict[str, torch.Tensor]:
-        return {"qweight": self.qweight, "scales": self.scales.to(torch.bfloat16)}
+        return {"qweight": self.row_major(), "scales": self.scales.to(torch.bfloat16)}
 
 
 class Int4Linear(QuantizedLinear):
@@ -229,6 +243,8 @@ class Int4Linear(QuantizedLinear):
     def _mm_large(self, x: torch.Tensor) -> torch.Tensor:
         if x.is_cuda:
             return self._mm_cuda(x)
+        if self._block_layout and cgemv.available():  # faster than dequantize + fp32 GEMM at any M
+            return cgemv.gemm_q4(x, self.codes, self.scales, self.zeros, self.group_size)
         return self._weight().mm_dequant_fp32(x)
 
     def _mm_cuda(self, x: torch.Tensor) -> torch.Tensor:

@@ -239,3 +239,40 @@ def test_decode_session_compiled_matches_eager() -> None:
     want = eager.decode(eager.prefill(prompt, 9), 8)
     compiled = DecodeSession(model, compile=True)
     assert compiled.decode(compiled.prefill(prompt, 9), 8) == want
+
+
+@pytest.mark.parametrize("tie", [False, True], ids=["untied", "tied"])
+def test_quantize_while_loading_equals_quantize_after_loading(tie: bool) -> None:
+    """Quantizing each module as its last tensor arrives (the loader's path, which never holds
+    the whole fp32 model) gives the same model as loading everything and then quantizing, in
+    any tensor order; modules are really swapped during the stream, not at the end."""
+    import random
+
+    from qwenkit.loaders.load import build_empty_model
+    from qwenkit.quant.convert import quantize_while_loading
+
+    src = tiny(seed=7, tie_word_embeddings=tie)
+    tensors = [(n, t.clone()) for n, t in src.hf_state_dict()]
+    random.Random(3).shuffle(tensors)
+    ref = build_empty_model(src.config, torch.float32, "cpu")
+    ref.load_weights((n, t.clone()) for n, t in tensors)
+    quantize_model(ref, "mixed")
+
+    model = build_empty_model(src.config, torch.float32, "cpu")
+    swapped_during_stream = []
+
+    def watched():
+        for item in quantize_while_loading(model, "mixed", iter([(n, t.clone()) for n, t in tensors])):
+            swapped_during_stream.append(sum(isinstance(m, (Int8Linear, Int4Linear)) for m in model.modules()))
+            yield item
+
+    loaded = model.load_weights(watched(), adopt=True)
+    assert loaded >= {n for n, _ in model.named_parameters()}
+    quantize_model(model, "mixed")
+    assert swapped_during_stream[-1] >= 4 * model.config.num_hidden_layers - 4  # all but the last few
+    assert model.quant_policy == ref.quant_policy
+    x = ids(1, 12, seed=8)
+    with torch.no_grad():
+        assert torch.equal(model(x), ref(x))
+    if tie:
+        assert model.lm_head.qweight is model.model.embed_tokens.qweight

@@ -133,14 +133,17 @@ class GGUFFile:
             leave=False,
         )
         for t in bar:
-            shape = tuple(int(x) for x in reversed(t.shape))  # GGUF lists dims fastest-first
-            try:
-                w = dequantize(t.data, t.tensor_type, shape)
-            except ValueError as e:
-                raise ModelIntegrityError(f"{self.path}: tensor {t.name!r}: {e}") from None
-            if not torch.isfinite(w).all():
-                raise ModelIntegrityError(
-                    f"{self.path}: tensor {t.name!r} holds NaN or Inf after dequantization "
-                    "(corrupted file?)"
-                )
-            yield gguf_to_hf_name(t.name), w.to(dtype)
+            # no local keeps the tensor while the consumer works and the next one is made
+            yield gguf_to_hf_name(t.name), self._dequantize(t, dequantize).to(dtype)
+
+    def _dequantize(self, t: Any, dequantize: Any) -> torch.Tensor:
+        shape = tuple(int(x) for x in reversed(t.shape))  # GGUF lists dims fastest-first
+        try:
+            w = dequantize(t.data, t.tensor_type, shape)
+        except ValueError as e:
+            raise ModelIntegrityError(f"{self.path}: tensor {t.name!r}: {e}") from None
+        if not torch.isfinite(w).all():
+            raise ModelIntegrityError(
+                f"{self.path}: tensor {t.name!r} holds NaN or Inf after dequantization (corrupted file?)"
+            )
+        return w

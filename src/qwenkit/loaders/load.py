@@ -6,6 +6,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -38,6 +39,14 @@ def resolve(spec: str | os.PathLike[str]) -> ModelSource:
 
     r = resolve_model(spec)
     return ModelSource(format=r.format, path=Path(r.path), name=r.name)
+
+
+def _to_device(
+    weights: Iterator[tuple[str, torch.Tensor]], device: str | torch.device
+) -> Iterator[tuple[str, torch.Tensor]]:
+    # map() keeps no reference to the item it returned; a generator's loop variable would hold
+    # each tensor until the next one exists (loading peak memory)
+    return map(lambda item: (item[0], item[1].to(device)), weights)
 
 
 def build_empty_model(config: ModelConfig, dtype: torch.dtype, device: str | torch.device) -> Qwen2ForCausalLM:
@@ -74,6 +83,7 @@ def load(
     from qwenkit.loaders.gguf import GGUFFile
     from qwenkit.loaders.hf import generation_config, hf_config, iter_hf_weights
     from qwenkit.quant import load_quantized, quantize_model, read_quantization_config, resolve_method
+    from qwenkit.quant.convert import quantize_while_loading
     from qwenkit.tokenizer import Tokenizer
 
     t0 = time.perf_counter()
@@ -97,13 +107,17 @@ def load(
         model = load_quantized(src.path, config, device)
     else:
         model = build_empty_model(config, dtype, device)
-        loaded = model.load_weights((n, t.to(device)) for n, t in weights)
+        method = resolve_method(quantization)
+        stream = _to_device(weights, device)
+        if method != "none":  # each module quantized as soon as it is loaded (peak memory)
+            stream = quantize_while_loading(model, method, stream)
+        loaded = model.load_weights(stream, adopt=src.format == "gguf")  # GGUF: fresh dequantized tensors
         expected = {n for n, _ in model.named_parameters(remove_duplicate=False)}
         missing = expected - loaded
         if missing:
             raise ModelIntegrityError(f"{src.path}: missing tensors {sorted(missing)[:8]}")
-        if resolve_method(quantization) != "none":
-            quantize_model(model, resolve_method(quantization))
+        if method != "none":
+            quantize_model(model, method)  # what is left (tied tables) + the policy record
     dt = time.perf_counter() - t0
     logger.info("loaded %s (%s) in %.1fs", src.name, src.format, dt)
     return LoadedModel(model, tokenizer, config, src, gen, tensor_types, dt)

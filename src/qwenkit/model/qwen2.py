@@ -173,43 +173,62 @@ class Qwen2ForCausalLM(nn.Module):
         return self.lm_head(hidden_states).float()
 
     # ------------------------------------------------------------------ weights
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]], adopt: bool = False) -> set[str]:
         """Load HF-named tensors (e.g. ``model.layers.0.self_attn.q_proj.weight``).
 
+        `adopt`: the tensors are fresh (not views of a file or of each other), so a parameter
+        of the same shape, dtype and device takes the tensor itself instead of a copy (one
+        tensor's memory at a time, not two, while loading).
         Returns the set of our parameter names that were written; the caller checks coverage.
         """
         params = dict(self.named_parameters(remove_duplicate=False))
         modules = dict(self.named_modules())
         loaded: set[str] = set()
-        for name, tensor in weights:
-            if name.endswith("rotary_emb.inv_freq"):
-                continue
-            if self.config.tie_word_embeddings and name == "lm_head.weight":
-                # A tied checkpoint may still carry the head; the tie wins, as in HF.
-                continue
-            *path, leaf, param_name = name.split(".")
-            if leaf in self.packed_modules_mapping:
-                fused, shard = self.packed_modules_mapping[leaf]
-                module_name = ".".join([*path, fused])
-                module = modules.get(module_name)
-                if not isinstance(module, MergedLinear):
-                    raise KeyError(f"checkpoint tensor {name!r} has no matching module")
-                module.load_shard(param_name, shard, tensor)
-                loaded.add(f"{module_name}.{param_name}")
-                continue
-            param = params.get(name)
-            if param is None:
-                raise KeyError(f"checkpoint tensor {name!r} has no matching parameter")
-            if param.shape != tensor.shape:
-                raise ValueError(
-                    f"shape mismatch for {name}: expected {tuple(param.shape)}, "
-                    f"got {tuple(tensor.shape)}"
-                )
-            param.data.copy_(tensor)
-            loaded.add(name)
+        for item in weights:
+            key = self._load_tensor(*item, params, modules, adopt)
+            del item  # not held while the stream makes the next tensor (loading peak memory)
+            if key is not None:
+                loaded.add(key)
         if self.config.tie_word_embeddings and "model.embed_tokens.weight" in loaded:
             loaded.add("lm_head.weight")
         return loaded
+
+    def _load_tensor(
+        self,
+        name: str,
+        tensor: torch.Tensor,
+        params: dict[str, nn.Parameter],
+        modules: dict[str, nn.Module],
+        adopt: bool = False,
+    ) -> str | None:
+        """Copy one checkpoint tensor into its parameter (or fused shard); returns the parameter
+        name written, or None for a tensor that is skipped."""
+        if name.endswith("rotary_emb.inv_freq"):
+            return None
+        if self.config.tie_word_embeddings and name == "lm_head.weight":
+            # A tied checkpoint may still carry the head; the tie wins, as in HF.
+            return None
+        *path, leaf, param_name = name.split(".")
+        if leaf in self.packed_modules_mapping:
+            fused, shard = self.packed_modules_mapping[leaf]
+            module_name = ".".join([*path, fused])
+            module = modules.get(module_name)
+            if not isinstance(module, MergedLinear):
+                raise KeyError(f"checkpoint tensor {name!r} has no matching module")
+            module.load_shard(param_name, shard, tensor)
+            return f"{module_name}.{param_name}"
+        param = params.get(name)
+        if param is None:
+            raise KeyError(f"checkpoint tensor {name!r} has no matching parameter")
+        if param.shape != tensor.shape:
+            raise ValueError(
+                f"shape mismatch for {name}: expected {tuple(param.shape)}, got {tuple(tensor.shape)}"
+            )
+        if adopt and tensor.dtype == param.dtype and tensor.device == param.device and tensor.is_contiguous():
+            param.data = tensor
+        else:
+            param.data.copy_(tensor)
+        return name
 
     def hf_state_dict(self) -> Iterator[tuple[str, torch.Tensor]]:
         """Yield tensors under HF checkpoint names (fused projections split back)."""

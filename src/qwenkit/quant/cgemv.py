@@ -120,12 +120,12 @@ def pack_q8(q: torch.Tensor, nr: int | None = None) -> torch.Tensor:
     columns 32 bytes of each of its rows in turn. K % 32 == 0."""
     nr = q8_tile_rows() if nr is None else nr
     n, k = q.shape
-    parts = []
+    out = torch.empty(n * k, dtype=q.dtype, device=q.device)
     for lo, rows in _q8_tiles(n, k, nr):
         r = min(rows, nr)
         t = q[lo : lo + rows].reshape(rows // r, r, k // QBLOCK, QBLOCK)  # (T, r, K/32, 32)
-        parts.append(t.transpose(1, 2).reshape(-1))  # (T, K/32, r, 32)
-    return torch.cat(parts).view(n, k)
+        out[lo * k : (lo + rows) * k].view(rows // r, k // QBLOCK, r, QBLOCK).copy_(t.transpose(1, 2))
+    return out.view(n, k)
 
 
 def unpack_q8(t: torch.Tensor, nr: int | None = None) -> torch.Tensor:

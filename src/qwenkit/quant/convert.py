@@ -2,11 +2,13 @@
 
 The model code is unchanged (gpt-fast style): `Qwen2Attention.qkv_proj` simply becomes an
 `Int8Linear` or `Int4Linear`. Modules are converted one at a time and the fp32 weight is dropped
-right after, so peak memory is the fp32 model plus one quantized module.
+right after; `quantize_while_loading` does it during the checkpoint load, so the whole fp32
+model never exists.
 """
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -72,27 +74,85 @@ def quantize_model(
         raise ValueError(
             f"quantized models run with fp32 activations; load the model in float32 (got {bad})"
         )
-    tied = bool(getattr(getattr(model, "config", None), "tie_word_embeddings", False))
+    tied = _tied(model)
     for name, module in list(model.named_modules()):
-        role = role_of(name)
-        if role is None or isinstance(module, (QuantizedLinear, Int8Embedding)):
-            continue
-        fmt = policy.format_for(role)
-        if fmt == "none":
-            continue
-        if role == "embed_tokens":
-            assert isinstance(module, nn.Embedding)
-            new: nn.Module = Int8Embedding.from_float(module)
-        else:
-            assert isinstance(module, nn.Linear), f"{name} is {type(module).__name__}"
-            new = quantize_linear(module, fmt, small_m)
-        _set_module(model, name, new)
-        if free_fp32 and not (tied and role in ("embed_tokens", "lm_head")):
-            module.to_empty(device="meta")  # free the fp32 weight now, not at the end
+        if role_of(name) is not None and not isinstance(module, (QuantizedLinear, Int8Embedding)):
+            _quantize_module(model, name, module, policy, small_m, free_fp32 and not (tied and _is_table(name)))
     _share_tied_tables(model, policy, tied)
     model.quant_policy = policy  # type: ignore[assignment]
     logger.info("quantized model: %s", policy.spec)
     return model
+
+
+def _tied(model: nn.Module) -> bool:
+    return bool(getattr(getattr(model, "config", None), "tie_word_embeddings", False))
+
+
+def _is_table(name: str) -> bool:
+    return role_of(name) in ("embed_tokens", "lm_head")
+
+
+def _quantize_module(
+    model: nn.Module, name: str, module: nn.Module, policy: QuantPolicy, small_m: int | None, free: bool
+) -> None:
+    """Swap `name` (a module with a role) for its quantized form; `free` drops its fp32 tensors."""
+    role = role_of(name)
+    fmt = policy.format_for(role)  # type: ignore[arg-type]
+    if fmt == "none":
+        return
+    if role == "embed_tokens":
+        assert isinstance(module, nn.Embedding)
+        new: nn.Module = Int8Embedding.from_float(module)
+    else:
+        assert isinstance(module, nn.Linear), f"{name} is {type(module).__name__}"
+        new = quantize_linear(module, fmt, small_m)
+    _set_module(model, name, new)
+    if free:  # free the fp32 weight now, not at the end
+        for p in module.parameters(recurse=False):
+            p.data = torch.empty(0, dtype=p.dtype, device=p.device)  # also for holders of the Parameter
+        module.to_empty(device="meta")
+
+
+def quantize_while_loading(
+    model: nn.Module,
+    policy: QuantPolicy | str,
+    weights: Iterator[tuple[str, torch.Tensor]],
+    small_m: int | None = DEFAULT_SMALL_M,
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Pass a checkpoint stream of (HF name, tensor) through to ``model.load_weights``, quantizing
+    each module as soon as the last of its tensors has been loaded (and dropping its fp32
+    weight), so the whole fp32 model never exists at once: peak memory is the quantized model
+    plus what is in flight, not fp32 + quantized (0.5B: 4.1 -> 1.5 GB). Any tensor order works;
+    modules left over (a tied embedding/head, missing tensors) are for `quantize_model` after
+    the load, which also records the policy."""
+    if isinstance(policy, str):
+        policy = parse(policy)
+    mapping: dict[str, tuple[str, object]] = getattr(model, "packed_modules_mapping", {})
+    tied = _tied(model)
+
+    def owner(hf_name: str) -> str:  # "model.layers.0.self_attn.q_proj.weight" -> "...qkv_proj"
+        if "." not in hf_name:
+            return hf_name
+        *path, leaf, _param = hf_name.split(".")
+        return ".".join([*path, mapping[leaf][0] if leaf in mapping else leaf])
+
+    pending: dict[str, set[str]] = {}
+    for hf_name, _ in model.hf_state_dict():  # type: ignore[operator]
+        mod = owner(hf_name)
+        if role_of(mod) is not None and not (tied and _is_table(mod)) and policy.format_for(role_of(mod)) != "none":  # type: ignore[arg-type]
+            pending.setdefault(mod, set()).add(hf_name)
+    with torch.no_grad():
+        for hf_name, tensor in weights:
+            yield hf_name, tensor  # the consumer copies it in before asking for the next one
+            del tensor
+            mod = owner(hf_name)
+            left = pending.get(mod)
+            if left is None:
+                continue
+            left.discard(hf_name)
+            if not left:
+                del pending[mod]
+                _quantize_module(model, mod, model.get_submodule(mod), policy, small_m, True)
 
 
 def _share_tied_tables(model: nn.Module, policy: QuantPolicy, tied: bool) -> None:

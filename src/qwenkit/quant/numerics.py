@@ -28,12 +28,21 @@ def _bf16_exact(t: torch.Tensor) -> torch.Tensor:
     return t.to(torch.bfloat16).float()
 
 
+_CHUNK_BYTES = 16 << 20  # fp32 rows quantized at once: temporaries stay small for a 0.5 GB head
+
+
 def quantize_int8_per_channel(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """w (N, K) float -> qweight int8 (N, K), scales fp32 (N,)."""
     w = w.float()
-    amax = w.abs().amax(dim=1)  # (N,)
-    scales = _bf16_exact((amax / 127.0).clamp(min=1e-10))
-    q = torch.round(w / scales[:, None]).clamp_(-127, 127).to(torch.int8)
+    n, k = w.shape
+    q = torch.empty(n, k, dtype=torch.int8, device=w.device)
+    scales = torch.empty(n, device=w.device)
+    rows = max(1, _CHUNK_BYTES // (4 * max(k, 1)))
+    for lo in range(0, n, rows):
+        c = w[lo : lo + rows]
+        s = _bf16_exact((c.abs().amax(dim=1) / 127.0).clamp(min=1e-10))  # (rows,)
+        scales[lo : lo + rows] = s
+        q[lo : lo + rows] = torch.round(c / s[:, None]).clamp_(-127, 127)
     return q, scales
 
 

@@ -103,20 +103,20 @@ def resolve_method(method: str) -> str:
     """Map ``auto`` to a concrete method; leave the others alone.
 
     ``auto`` = the fastest method whose perplexity stays within 2% of the fp32-dequantized model
-    (`qwenkit eval quant`), where "fastest" counts batched decode and serving, not only one
-    stream. Measured on Qwen2.5-Coder-0.5B (HumanEval text, 8 windows x 512, 2040 scored
-    tokens; fp32 ppl 2.2575; int4 with the least-squares search of `numerics`; ``@decode`` =
-    through the int8-activation decode kernels):
+    (`qwenkit eval quant`), where "fastest" counts batched decode, prefill and serving, not only
+    one stream. Measured on Qwen2.5-Coder-0.5B (HumanEval text, 8 windows x 512, 2040 scored
+    tokens; fp32 ppl 2.2575; ``@decode`` = through the decode kernels), AVX512-VNNI build:
 
-        int8 +0.15% (top-1 0.989; 7-bit activations, prefill and decode alike)
-        mixed +0.70% (0.971) | int4-g32 +0.73% (0.970) | int4-all@decode +1.03% (0.959)
+        int8 +0.07% (top-1 0.992; 8-bit activations per 128) | int4-all@decode +1.09% (0.958)
+        (AVX2 build, 7-bit activations per 32: int8 +0.15% / 0.989; int4-g32 +0.73% / 0.970)
 
-    Every one passes the bar. Speed on the 0.5B (2 threads, this CPU): int4-all is ~1.7x int8
-    in one stream (fewer bytes per token; int8 is at the memory roof), but from 16 rows on the
-    int8 kernel (unsigned-weight trick, `csrc/qgemm_avx2.c`) is the fastest: batched decode
-    ~2x llama.cpp, and prefill runs it too (~1.3x transformers' fp32 GEMMs at 512 tokens) while
-    int4 prefill dequantizes to fp32. int8 also keeps the best quality. So int8; ``int4-all``
-    is the single-stream pick.
+    Every one passes the bar. Speed on the 0.5B (2 threads, this CPU, same-run ratios to
+    llama.cpp on the Q4_K_M file): int8 single-stream decode 1.35x (at the memory roof: 494 MB
+    a token at ~33 GB/s), batched decode 2.2-2.8x, prefill 2.3x; int4-all reads fewer bytes
+    (1.57x in one stream) but its kernel needs ~2x the fp work per weight of int8's (a scale
+    per 32 weights and row vs one per 128 columns), so it loses from ~16 rows on and in
+    prefill. int8 also keeps the best quality. So int8; ``int4-all`` is the single-stream pick
+    (and the one that fits a 1.5B decode near llama.cpp's 4-bit file).
     """
     return AUTO_METHOD if method == "auto" else method
 

@@ -267,12 +267,13 @@ ALWAYS_INLINE __m256i q4_dot(__m256i cv, const int8_t *xb, __m256i ones) {
  * blocks: 32 bytes hold block 2p in their low nibbles and block 2p + 1 in their high nibbles, so
  * one 256-bit load + two ANDs (+ one shift) unpack 64 codes. nb is even (K % 64 == 0). */
 ALWAYS_INLINE void q4_row(const int R, const uint8_t *row, const int8_t *xq, const float *comb, const float *zsum,
-                          float bias, float *y, int64_t ystride, int64_t nb, int64_t K) {
+                          float bias, float *y, int64_t ystride, int64_t nb, int64_t K, int64_t pfd) {
     const __m256i ones = _mm256_set1_epi16(1);
     const __m256i low4 = _mm256_set1_epi8(0x0F);
     __m256 a0[MB], a1[MB];
     for (int i = 0; i < R; i++) a0[i] = a1[i] = _mm256_setzero_ps();
     for (int64_t b = 0; b < nb; b += 2) {
+        if (pfd && !(b & 3)) _mm_prefetch((const char *)(row + b * 16 + pfd), _MM_HINT_T0);
         __m256i v = _mm256_loadu_si256((const __m256i *)(row + b * 16));
         __m256i c0 = _mm256_and_si256(v, low4), c1 = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
         for (int i = 0; i < R; i++) {
@@ -299,13 +300,16 @@ void qk_gemm_q4(const int8_t *xq, const float *dx, const float *xs, const uint8_
         for (int64_t n = 0; n < N; n++) {
             const uint8_t *row = codes + n * (K / 2);
             const uint16_t *scn = sc + n * G, *zn = z + n * G;
+            /* codes: spread over the row's loop, PREFETCH_ROWS rows ahead (a burst of K/128 lines
+             * at the row start queued the demand loads behind it: large K streamed at half speed) */
+            const int64_t pfd = n + PREFETCH_ROWS < N ? PREFETCH_ROWS * (K / 2) : 0;
             if (n + PREFETCH_ROWS < N) {
-                prefetch_bytes(codes + (n + PREFETCH_ROWS) * (K / 2), K / 2);
                 prefetch_bytes(sc + (n + PREFETCH_ROWS) * G, 2 * G);
                 prefetch_bytes(z + (n + PREFETCH_ROWS) * G, 2 * G);
             }
             for (int64_t m0 = 0; m0 < M; m0 += MB) {
                 const int64_t mb = M - m0 < MB ? M - m0 : MB;
+                const int64_t pfd_m = m0 == 0 ? pfd : 0;
                 float zsum[MB];
                 for (int64_t i = 0; i < mb; i++) {
                     const float *dxr = dx + (m0 + i) * nb, *xsr = xs + (m0 + i) * nb;
@@ -343,10 +347,10 @@ void qk_gemm_q4(const int8_t *xq, const float *dx, const float *xs, const uint8_
                 float *y0 = y + m0 * N + n;
                 const float bn = bias ? bias[n] : 0.0f;
                 switch (mb) {
-                    case 1: q4_row(1, row, x0, comb, zsum, bn, y0, N, nb, K); break;
-                    case 2: q4_row(2, row, x0, comb, zsum, bn, y0, N, nb, K); break;
-                    case 3: q4_row(3, row, x0, comb, zsum, bn, y0, N, nb, K); break;
-                    default: q4_row(4, row, x0, comb, zsum, bn, y0, N, nb, K); break;
+                    case 1: q4_row(1, row, x0, comb, zsum, bn, y0, N, nb, K, pfd_m); break;
+                    case 2: q4_row(2, row, x0, comb, zsum, bn, y0, N, nb, K, pfd_m); break;
+                    case 3: q4_row(3, row, x0, comb, zsum, bn, y0, N, nb, K, pfd_m); break;
+                    default: q4_row(4, row, x0, comb, zsum, bn, y0, N, nb, K, pfd_m); break;
                 }
             }
         }

@@ -161,6 +161,9 @@ def main(argv: list[str] | None = None) -> int:
     ms = [int(m) for m in args.m.split(",")]
     only = set(args.kernels.split(",")) if args.kernels else None
     results: list[KernelResult] = []
+    from qwenkit.cpu import build
+
+    print(f"qwenkit C kernels: {build.isa() or 'not built (torch kernels only)'}; {args.threads} threads", flush=True)
     with torch.inference_mode():
         for name in args.shapes.split(","):
             n, k = table[name]

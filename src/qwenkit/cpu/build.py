@@ -6,8 +6,9 @@ flags; a second or two, once. ``-ffp-contract=off``: a written mul + add stays t
 elementwise ops then round exactly as torch's); the GEMM kernels ask for FMAs explicitly.
 On a CPU with AVX512-VNNI (+VL, BW) the flags add ``-mavx512f -mavx512bw -mavx512vl
 -mavx512vnni``: the int8-activation GEMMs then sum each 4-byte group with one ``vpdpbusd``
-instead of ``vpmaddubsw`` + ``vpmaddwd`` (bit-identical results, see ``qgemm_avx2.c``), and the
-compiler gets 32 vector registers. ``QWENKIT_AVX512=0`` keeps the AVX2 build.
+instead of ``vpmaddubsw`` + ``vpmaddwd``, and the int8 kernel switches to its VNNI numerics
+(8-bit activations per 128 columns instead of 7-bit per 32, 3-row weight tiles: see
+``qgemm_avx2.c``); the compiler gets 32 vector registers. ``QWENKIT_AVX512=0`` keeps the AVX2 build.
 Set ``QWENKIT_CKERNELS=0`` to disable them (every caller then uses torch). Without a C compiler
 or AVX2/FMA, `lib()` is None and nothing changes.
 

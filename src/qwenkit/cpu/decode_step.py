@@ -77,7 +77,6 @@ def _lib() -> ctypes.CDLL | None:
 def _linear_desc(lin: nn.Module) -> tuple[_Linear, int, torch.Tensor] | None:
     """The C descriptor of a quantized linear whose small-M path is qwenkit's int8-activation
     kernel, its small-M limit, and its primary storage (to detect swaps); else None."""
-    from qwenkit.quant import cgemv
     from qwenkit.quant.linear import Int4Linear, Int8Linear
 
     bias = lin.bias.data_ptr() if getattr(lin, "bias", None) is not None else None

@@ -122,8 +122,6 @@ class GGUFFile:
         self, dtype: torch.dtype = torch.float32, progress: bool = True
     ) -> Iterator[tuple[str, torch.Tensor]]:
         """Yield (HF name, dequantized tensor in `dtype`) for every tensor in the file."""
-        from qwenkit.loaders.gguf_quants import dequantize
-
         tensors = list(self.reader.tensors)
         bar = tqdm(
             tensors,
@@ -134,9 +132,12 @@ class GGUFFile:
         )
         for t in bar:
             # no local keeps the tensor while the consumer works and the next one is made
-            yield gguf_to_hf_name(t.name), self._dequantize(t, dequantize).to(dtype)
+            yield gguf_to_hf_name(t.name), self._dequantize(t).to(dtype)
 
-    def _dequantize(self, t: Any, dequantize: Any) -> torch.Tensor:
+    def _dequantize(self, t: Any) -> torch.Tensor:
+        """One tensor of the file as fp32; errors name the file and the tensor."""
+        from qwenkit.loaders.gguf_quants import dequantize
+
         shape = tuple(int(x) for x in reversed(t.shape))  # GGUF lists dims fastest-first
         try:
             w = dequantize(t.data, t.tensor_type, shape)

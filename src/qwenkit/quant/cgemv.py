@@ -4,9 +4,9 @@
 * `csrc/qgemm_avx2.c` — int8 / int4 weights x int8 activations: x is quantized once per call
   (one fp32 scale per block, as llama.cpp's Q8 activations) and the weights stay int8 / int4
   through integer dot products (`vpdpbusd` with AVX512-VNNI, else `vpmaddubsw` + `vpmaddwd`).
-  int8 weights: activation blocks of 128 summed in int32, codes of 8 bits with VNNI and 7 bits
-  on AVX2 (there the weights enter `vpmaddubsw` as unsigned bytes w + 128, whose int16 pair sums
-  must not saturate); `q8_act_format()` says which. int4: blocks of 32 (the weight group unit),
+  int8 weights: 8-bit activation codes per block of 128 summed in int32 with VNNI, 7-bit codes
+  per 32 on AVX2 (there the weights enter `vpmaddubsw` as unsigned bytes w + 128, whose int16
+  pair sums must not saturate); `q8_act_format()` says which. int4: blocks of 32 (the weight group unit),
   8-bit codes.
 
 Why: torch's `_weight_int8pack_mm` / `_weight_int4pack_mm_for_cpu` need bf16 activations (two
@@ -94,7 +94,7 @@ KERNELS = ("q8", "q4")
 @functools.lru_cache(maxsize=1)
 def q8_act_format() -> tuple[int, int]:
     """(code range, block) of qk_gemm_q8's activations, fixed in C by the build: (127, 128) with
-    AVX512-VNNI, (63, 128) on AVX2 (7 bits: its u8 x s8 pairs cannot saturate)."""
+    AVX512-VNNI, (63, 32) on AVX2 (7 bits: its u8 x s8 pairs cannot saturate)."""
     lib = _lib()
     assert lib is not None
     return int(lib.qk_q8_act_max()), int(lib.qk_q8_act_block())
@@ -108,37 +108,36 @@ def q8_tile_rows() -> int:
     return int(lib.qk_q8_tile_rows())
 
 
-def _q8_tiles(n: int, k: int, nr: int) -> list[tuple[int, int]]:
-    """(first row, rows) of the full tiles as one run, then the tail tile."""
+def _q8_retile(src: torch.Tensor, nr: int | None, to_tiles: bool) -> torch.Tensor:
+    """Copy (N, K) int8 between row-major and `pack_q8` tiles (one output buffer): the full
+    tiles as one run, then the tail tile of N % nr rows."""
+    nr = q8_tile_rows() if nr is None else nr
+    n, k = src.shape
+    src_flat, out = src.reshape(-1), torch.empty(n * k, dtype=src.dtype, device=src.device)
     full = n // nr * nr
-    return [(lo, rows) for lo, rows in ((0, full), (full, n - full)) if rows]
+    for lo, rows in ((0, full), (full, n - full)):
+        if not rows:
+            continue
+        r = min(rows, nr)
+        span = slice(lo * k, (lo + rows) * k)
+        shape_rm, shape_t = (rows // r, r, k // QBLOCK, QBLOCK), (rows // r, k // QBLOCK, r, QBLOCK)
+        if to_tiles:
+            out[span].view(shape_t).copy_(src_flat[span].view(shape_rm).transpose(1, 2))
+        else:
+            out[span].view(shape_rm).copy_(src_flat[span].view(shape_t).transpose(1, 2))
+    return out.view(n, k)
 
 
 def pack_q8(q: torch.Tensor, nr: int | None = None) -> torch.Tensor:
     """int8 (N, K) row-major -> qk_gemm_q8's tiled layout, same shape and bytes: tiles of `nr`
     rows (default `q8_tile_rows()`, the last tile holds the N % nr rest), each holding per 32
     columns 32 bytes of each of its rows in turn. K % 32 == 0."""
-    nr = q8_tile_rows() if nr is None else nr
-    n, k = q.shape
-    out = torch.empty(n * k, dtype=q.dtype, device=q.device)
-    for lo, rows in _q8_tiles(n, k, nr):
-        r = min(rows, nr)
-        t = q[lo : lo + rows].reshape(rows // r, r, k // QBLOCK, QBLOCK)  # (T, r, K/32, 32)
-        out[lo * k : (lo + rows) * k].view(rows // r, k // QBLOCK, r, QBLOCK).copy_(t.transpose(1, 2))
-    return out.view(n, k)
+    return _q8_retile(q, nr, to_tiles=True)
 
 
 def unpack_q8(t: torch.Tensor, nr: int | None = None) -> torch.Tensor:
     """Inverse of `pack_q8`: tiled (N, K) -> row-major int8 (N, K)."""
-    nr = q8_tile_rows() if nr is None else nr
-    n, k = t.shape
-    flat = t.reshape(-1)
-    parts = []
-    for lo, rows in _q8_tiles(n, k, nr):
-        r = min(rows, nr)
-        p = flat[lo * k : (lo + rows) * k].view(rows // r, k // QBLOCK, r, QBLOCK)
-        parts.append(p.transpose(1, 2).reshape(rows, k))
-    return torch.cat(parts)
+    return _q8_retile(t, nr, to_tiles=False)
 
 
 def q8_rows(t: torch.Tensor, ids: torch.Tensor, nr: int | None = None) -> torch.Tensor:

@@ -70,15 +70,13 @@ int64_t qk_q8_tile_rows(void) { return NRW; }
 int64_t qk_q8_act_max(void) { return (int64_t)Q8_QMAX; }
 int64_t qk_q8_act_block(void) { return QA8; }
 
-/* Weight rows are prefetched this many rows ahead: the hardware prefetcher alone left the
- * cold-weight stream at ~17.5 GB/s (lm_head, M=1), with it ~20.9 (distances 2..8 measured). */
+/* Weights are prefetched this many rows ahead (both kernels): the hardware prefetcher alone left
+ * the cold-weight stream ~15% slower (lm_head, M=1; distances 2..8 measured). */
 #define PREFETCH_ROWS 4
 
 static inline void prefetch_bytes(const void *p, int64_t n) {
     for (int64_t off = 0; off < n; off += 64) _mm_prefetch((const char *)p + off, _MM_HINT_T0);
 }
-
-
 
 static inline float bf16_to_f32(uint16_t h) {
     uint32_t u = (uint32_t)h << 16;
@@ -156,14 +154,14 @@ void qk_quant_act_q4(const float *x, int8_t *xq, float *dx, float *xs, int64_t M
  * 128 * sum_k x to each dot product, one constant per activation row (128 * sum of its block
  * sums xs), subtracted in the epilogue: y = s[n] * (sum_b dx_b <w_n + 128, xq_b> - corr_m) + bias.
  * Inside an activation block the dot products add up in int32 (exact: |lane| <= 16 * 255 * 127);
- * per block one convert + one FMA by the block's scale. Each (row, weight row) pair gets the same instructions in the
- * same order whatever the tile: one int32 sum per block, one fp32 accumulator, then one
- * horizontal sum (batch invariance). */
+ * per block one convert + one FMA by the block's scale. Each (row, weight row) pair gets the
+ * same instructions in the same order whatever the tile: one int32 sum per block, one fp32
+ * accumulator, then one horizontal sum (batch invariance). */
 #define ALWAYS_INLINE static inline __attribute__((always_inline))
 #define MC 64 /* activation rows per chunk: a chunk's codes stay in L2 while all weights pass */
 
-/* ns sub-blocks of 32 columns starting at column c0 into the int32 sums ia. */
-/* pf: prefetch the weights PREFETCH_ROWS * K bytes ahead in the tile stream as they are read,
+/* ns sub-blocks of 32 columns starting at column c0 into the int32 sums ia.
+ * pf: prefetch the weights PREFETCH_ROWS * K bytes ahead in the tile stream as they are read,
  * into L2 only (the first pass over a tile; the tiled layout makes the stream contiguous).
  * Measured against one burst per tile: a burst of K/64 lines queued the demand loads behind it
  * (1.5B down_proj, K = 8960: 387 -> 549 GOP/s at 16 rows, ~10% at M=1), and pulling the tiles
@@ -215,10 +213,10 @@ ALWAYS_INLINE void q8_tile(const int NR, const int R, const int pf, const int8_t
 
 #define Q8_TILE_R(NR_)                                                                   \
     switch (mb) {                                                                        \
-        case 1: q8_tile(NR_, 1, pf, Q8_ARGS); break;                                         \
-        case 2: q8_tile(NR_, 2, pf, Q8_ARGS); break;                                         \
-        case 3: q8_tile(NR_, 3, pf, Q8_ARGS); break;                                         \
-        default: q8_tile(NR_, 4, pf, Q8_ARGS); break;                                        \
+        case 1: q8_tile(NR_, 1, pf, Q8_ARGS); break;                                     \
+        case 2: q8_tile(NR_, 2, pf, Q8_ARGS); break;                                     \
+        case 3: q8_tile(NR_, 3, pf, Q8_ARGS); break;                                     \
+        default: q8_tile(NR_, 4, pf, Q8_ARGS); break;                                    \
     }
 
 void qk_gemm_q8(const int8_t *xq, const float *dx, const float *xs, const int8_t *q, const float *s,

@@ -86,7 +86,6 @@ def test_generate_batch_jsonl(tiny_hf_dir: Path, tmp_path: Path) -> None:
     assert [x["id"] for x in res] == ["a", "b", "c"]
     assert all(len(x["token_ids"]) == 6 and x["finish_reason"] == "length" for x in res)
     assert res[2]["usage"]["prompt_tokens"] == 2
-    # The engine (batched) and the simple loop agree for the single-prompt case.
-    single = _run(["generate", "-m", str(tiny_hf_dir), "Hello", "-t", "0", "-n", "6", "--ignore-eos", "--json",
-                   "--backend", "simple"])
+    # The streamed single-prompt path and the batched path agree.
+    single = _run(["generate", "-m", str(tiny_hf_dir), "Hello", "-t", "0", "-n", "6", "--ignore-eos", "--json"])
     assert json.loads(single.stdout.strip().splitlines()[-1])["token_ids"] == res[0]["token_ids"]

@@ -10,8 +10,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from qwenkit import cpu
 from qwenkit.cpu import ops
-from qwenkit.model import ContiguousKVCache
+from qwenkit.engine.contiguous_cache import ContiguousKVCache
 from qwenkit.model.layers import rotate
 from tests.tiny import make_hf_and_ours
 
@@ -115,6 +116,7 @@ def test_model_decode_fused_equals_torch_path(monkeypatch: pytest.MonkeyPatch) -
     """A tiny model with head_dim 64 (so the decode attention kernel runs): prefill + decode
     through the contiguous cache with the fused ops == the torch expressions == transformers."""
     ref, ours = make_hf_and_ours(seed=7, hidden_size=256, num_attention_heads=4, num_key_value_heads=2)
+    cpu.install(ours)
     cfg = ours.config
     assert cfg.head_dim == 64
     ids = torch.randint(0, 256, (2, 14), generator=_gen(8))

@@ -9,9 +9,10 @@ import copy
 import pytest
 import torch
 
+from qwenkit import cpu
 from qwenkit.cpu import build, decode_step
+from qwenkit.engine.contiguous_cache import ContiguousKVCache
 from qwenkit.engine.llm_engine import LLMEngine
-from qwenkit.model import ContiguousKVCache
 from qwenkit.quant import quantize_model
 from tests.engine_helpers import greedy, random_prompts, run_engine, token_ids
 from tests.tiny import make_hf_and_ours
@@ -24,7 +25,7 @@ TINY = dict(hidden_size=256, intermediate_size=320, num_attention_heads=4, num_k
 
 def _model(policy: str, seed: int = 3) -> torch.nn.Module:
     _, ours = make_hf_and_ours(seed=seed, **TINY)
-    return quantize_model(ours, policy)
+    return cpu.install(quantize_model(ours, policy))
 
 
 class _Spy:
@@ -97,6 +98,7 @@ def test_declines_when_it_does_not_apply(monkeypatch: pytest.MonkeyPatch) -> Non
     ids = torch.randint(0, 256, (1, 6), generator=torch.Generator().manual_seed(0))
     # fp32 linears: no plan
     _, fp32 = make_hf_and_ours(seed=3, **TINY)
+    cpu.install(fp32)
     assert decode_step.plan_for(fp32.model) is None
     _decode_contiguous(fp32, ids, prefill=3)
     assert spy.ran == 0 and spy.declined == 4  # the prefill and 3 decode steps
@@ -135,4 +137,99 @@ def test_plan_follows_module_swaps() -> None:
     model.model.layers[1].mlp.down_proj = other.model.layers[1].mlp.down_proj
     fresh = decode_step.plan_for(model.model)
     assert fresh is not plan and fresh is not None
-    assert fresh.ptrs[4 * 1 + 3] == other.model.layers[1].mlp.down_proj.qweight.data_ptr()
+    assert fresh.layouts[4 * 1 + 3].w is other.model.layers[1].mlp.down_proj.qweight
+
+
+# ------------------------------------------------------------------ the plan owns its validity
+# Each change below either makes the fused step decline (the module path runs) or keeps it
+# bit-identical to the module path of the changed model — never silently different logits.
+
+
+def _fused_and_plain(model: torch.nn.Module, monkeypatch: pytest.MonkeyPatch) -> tuple[torch.Tensor, torch.Tensor, int]:
+    ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(4))
+    spy = _Spy(monkeypatch)
+    fused = _decode_contiguous(model, ids, prefill=5)
+    with monkeypatch.context() as m:
+        m.setattr(decode_step, "run", lambda *a, **k: None)
+        plain = _decode_contiguous(model, ids, prefill=5)
+    return fused, plain, spy.ran
+
+
+class _LoRA(torch.nn.Module):
+    """A LoRA-style wrapper: base(x) + B(A(x)) * scale."""
+
+    def __init__(self, base: torch.nn.Module, rank: int = 4) -> None:
+        super().__init__()
+        self.base = base
+        self.lora_a = torch.nn.Linear(base.in_features, rank, bias=False)
+        self.lora_b = torch.nn.Linear(rank, base.out_features, bias=False)
+        torch.nn.init.normal_(self.lora_b.weight, std=0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base(x) + self.lora_b(self.lora_a(x))
+
+
+def test_wrapped_linear_takes_the_module_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = _model("int8")
+    before, _, ran = _fused_and_plain(model, monkeypatch)
+    assert ran == 7
+    layer = model.model.layers[1].self_attn
+    layer.o_proj = _LoRA(layer.o_proj)
+    fused, plain, ran = _fused_and_plain(model, monkeypatch)
+    assert ran == 0  # the plan no longer applies
+    assert torch.equal(fused, plain)
+    assert not torch.equal(fused, before)  # the adapter is really in the computation
+
+
+def test_subclassed_or_hooked_module_takes_the_module_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = _model("int8")
+
+    class Tweaked(type(model.model.layers[0].mlp)):  # a subclass may change the math
+        def act_and_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+            return 2 * super().act_and_mul(gate_up)
+
+    mlp = model.model.layers[0].mlp
+    mlp.__class__ = Tweaked
+    fused, plain, ran = _fused_and_plain(model, monkeypatch)
+    assert ran == 0 and torch.equal(fused, plain)
+    mlp.__class__ = Tweaked.__bases__[0]
+    handle = model.model.layers[2].input_layernorm.register_forward_hook(lambda m, i, o: o * 0.5)
+    fused, plain, ran = _fused_and_plain(model, monkeypatch)
+    assert ran == 0 and torch.equal(fused, plain)
+    handle.remove()
+    _, _, ran = _fused_and_plain(model, monkeypatch)
+    assert ran == 7
+
+
+def test_changed_rope_table_stays_bit_identical(monkeypatch: pytest.MonkeyPatch) -> None:
+    """cos/sin come from the model's rotary module each step: a new table (another base, as a
+    long-context extension sets) reaches the fused step too."""
+    model = _model("int8")
+    before, _, _ = _fused_and_plain(model, monkeypatch)
+    rotary = model.model.rotary_emb
+    rotary.theta = 50.0
+    rotary.cos_cached = rotary.sin_cached = None  # rebuilt on the next forward
+    fused, plain, ran = _fused_and_plain(model, monkeypatch)
+    assert ran == 7 and torch.equal(fused, plain)
+    assert not torch.equal(fused, before)
+
+
+@pytest.mark.parametrize("adopt", [True, False], ids=["rebinds", "copies"])
+def test_reloaded_weights_stay_bit_identical(adopt: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`load_weights(adopt=True)` rebinds each parameter's storage (the plan is rebuilt);
+    without adopt it copies in place (the plan reads the same memory)."""
+    model = _model("int4-g32")
+    before, _, _ = _fused_and_plain(model, monkeypatch)
+    g = torch.Generator().manual_seed(11)
+    new = [
+        (name, torch.rand(p.shape, generator=g) + 0.5)
+        for name, p in model.named_parameters()
+        if name.endswith("layernorm.weight") or name == "model.norm.weight"
+    ]
+    old_plan = decode_step.plan_for(model.model)
+    loaded = model.load_weights(iter(new), adopt=adopt)
+    assert loaded == {n for n, _ in new}
+    fused, plain, ran = _fused_and_plain(model, monkeypatch)
+    assert ran == 7 and torch.equal(fused, plain)
+    assert not torch.equal(fused, before)
+    assert (decode_step.plan_for(model.model) is old_plan) == (not adopt)

@@ -18,7 +18,7 @@ def parser():
 def test_humaneval_defaults_are_the_makers_protocol(parser):
     a = parser.parse_args(["eval", "humaneval", "qwen2.5-coder-0.5b-instruct", "--limit", "5"])
     assert a.benchmark == "humaneval" and a.protocol == "qwen" and a.limit == 5
-    assert a.temperature == 0.0 and a.n == 1 and a.backend == "auto"
+    assert a.temperature == 0.0 and a.n == 1
     assert a.func.__name__ == "cmd_codegen"
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qwenkit.model import ContiguousKVCache
+from qwenkit.engine.contiguous_cache import ContiguousKVCache
 from tests.tiny import make_hf_and_ours
 
 CONFIGS = {

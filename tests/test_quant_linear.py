@@ -18,7 +18,8 @@ import torch
 from torch import nn
 
 from qwenkit.model.layers import MergedLinear
-from qwenkit.quant import cgemv, kernels
+from qwenkit.cpu import cgemv
+from qwenkit.quant import kernels
 from qwenkit.quant.linear import Int4Linear, Int8Linear
 from qwenkit.quant.numerics import (
     dequantize_int4,

@@ -77,7 +77,7 @@ def _greedy_hf(ref, ids: list[int], n: int) -> list[int]:
 
 
 def _greedy_ours(lm, ids: list[int], n: int) -> list[int]:
-    from qwenkit.generate import generate
+    from tests.simple_loop import generate
     from qwenkit.sampling_params import SamplingParams
 
     ev = generate(lm.model, lm.tokenizer, ids, SamplingParams(temperature=0, max_tokens=n, ignore_eos=True))

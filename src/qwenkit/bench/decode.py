@@ -13,8 +13,8 @@ Measured per engine (median of `repeats` runs):
 - peak RSS (``ru_maxrss``, load included) and steady RSS after the runs.
 
 Engines:
-- ``qwenkit``: `qwenkit.loaders.load.load(..., quantization=Q)` and a contiguous KV cache;
-  the decode step optionally compiled (`--compile`).
+- ``qwenkit``: `qwenkit.loaders.load.load(..., quantization=Q)` and the serving engine
+  (`LLMEngine`: paged KV cache, scheduler, sampler), as a user gets it.
 - ``llama.cpp``: `llama_cpp.Llama` (PyPI `llama-cpp-python`, built from source at install:
   `pip install 'qwenkit[bench]'`; a first build takes ~20-30 min on this 2-core machine).
 - ``transformers``: `AutoModelForCausalLM.from_pretrained(dir, gguf_file=...)` (the GGUF
@@ -39,6 +39,13 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
+
+from qwenkit.engine.llm_engine import LLMEngine
+from qwenkit.loaders.load import load, load_tokenizer, resolve
+from qwenkit.loaders.registry import DEFAULT_MODEL
+from qwenkit.quant.policy import method_names
+from qwenkit.quant.quality import humaneval_text
+from qwenkit.sampling_params import SamplingParams
 
 ENGINES = ("qwenkit", "llama.cpp", "transformers")
 DEFAULT_PREFILL = (128, 512, 2048)
@@ -101,34 +108,38 @@ def _median_time(fn: Callable[[], float], repeats: int) -> float:
 
 # ------------------------------------------------------------------------------------ engines
 class QwenkitEngine:
-    def __init__(self, model: str, quantization: str, compile: bool) -> None:
-        from qwenkit.loaders.load import load
-        from qwenkit.quant.runtime import DecodeSession
+    """qwenkit's serving engine (`LLMEngine`, paged KV cache), one request at a time for the
+    single-stream figures; prefill in one chunk (`max_num_batched_tokens` = the longest prompt)."""
 
+    def __init__(self, model: str, quantization: str, max_len: int) -> None:
         self.lm = load(model, quantization=quantization, progress=False)
-        self.session = DecodeSession(self.lm.model, compile=compile)
-        self.config = {"quantization": quantization, "compile": compile,
+        self.engine = LLMEngine(self.lm.model, self.lm.tokenizer, max_num_seqs=1, max_model_len=max_len,
+                                max_num_batched_tokens=max_len)  # fmt: skip
+        self.config = {"quantization": quantization,
                        "spec": getattr(getattr(self.lm.model, "quant_policy", None), "spec", "fp32")}  # fmt: skip
 
-    def prefill(self, ids: list[int]) -> float:
+    def _run(self, ids: list[int], n: int) -> tuple[float, float]:
+        """Greedy, `n` tokens: (seconds to the first token, seconds for the other n - 1)."""
+        params = SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True)
         t0 = time.perf_counter()
-        self.session.prefill(ids, max_new_tokens=1)
-        return time.perf_counter() - t0
+        self.engine.add_request("bench", {"prompt_token_ids": ids}, params)
+        t1 = None
+        while self.engine.has_unfinished_requests():
+            self.engine.step()
+            t1 = t1 or time.perf_counter()
+        return t1 - t0, time.perf_counter() - t1
+
+    def prefill(self, ids: list[int]) -> float:
+        return self._run(ids, 1)[0]
 
     def decode(self, ids: list[int], n: int) -> float:
         """Seconds per token for tokens 2..n (the first comes from the prefill)."""
-        tok = self.session.prefill(ids, max_new_tokens=n)
-        t0 = time.perf_counter()
-        self.session.decode(tok, n - 1)
-        return (time.perf_counter() - t0) / (n - 1)
+        return self._run(ids, n)[1] / (n - 1)
 
     def decode_batch(self, prompts: list[list[int]], n: int) -> float:
         """Seconds per step of len(prompts) sequences decoding together through the serving
         engine (paged KV cache, continuous batching), counted once every sequence is past its
         prefill."""
-        from qwenkit.engine.llm_engine import LLMEngine
-        from qwenkit.sampling_params import SamplingParams
-
         b = len(prompts)
         engine = LLMEngine(self.lm.model, self.lm.tokenizer, max_num_seqs=b,
                            max_model_len=max(map(len, prompts)) + n + 8)  # fmt: skip
@@ -273,8 +284,6 @@ class TransformersEngine:
 
 
 def _gguf_path(model: str) -> Path:
-    from qwenkit.loaders.load import resolve
-
     src = resolve(model)
     if src.format != "gguf":
         raise ValueError(f"{model}: the side-by-side bench needs a GGUF model (got {src.format})")
@@ -290,7 +299,7 @@ def run_worker(engine: str, args: argparse.Namespace, token_ids: list[int]) -> E
     t0 = time.perf_counter()
     max_len = max([*args.prefill, DECODE_PROMPT + args.decode_tokens, BATCH_PROMPT + args.batch_steps]) + 16
     if engine == "qwenkit":
-        eng: Any = QwenkitEngine(args.model, args.quantization, args.compile)
+        eng: Any = QwenkitEngine(args.model, args.quantization, max_len)
     elif engine == "llama.cpp":
         eng = LlamaCppEngine(args.model, args.threads, max_len)
     elif engine == "transformers":
@@ -323,9 +332,6 @@ def run_worker(engine: str, args: argparse.Namespace, token_ids: list[int]) -> E
 
 # ------------------------------------------------------------------------------------- parent
 def bench_tokens(model: str, n: int) -> list[int]:
-    from qwenkit.loaders.load import load_tokenizer
-    from qwenkit.quant.quality import humaneval_text
-
     ids = load_tokenizer(model).encode(humaneval_text())
     if len(ids) < n:
         raise ValueError(f"bench text has {len(ids)} tokens, {n} needed")
@@ -348,8 +354,6 @@ def _forward_args(args: argparse.Namespace) -> list[str]:
            "--decode-tokens", str(args.decode_tokens), "--prefill", ",".join(map(str, args.prefill)),
            "--quantization", args.quantization, "--mode", args.mode,
            "--batch", ",".join(map(str, args.batch)), "--batch-steps", str(args.batch_steps)]  # fmt: skip
-    if args.compile:
-        out.append("--compile")
     return out
 
 
@@ -412,9 +416,6 @@ def run_bench(args: argparse.Namespace) -> list[EngineResult]:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from qwenkit.loaders.registry import DEFAULT_MODEL
-    from qwenkit.quant.policy import method_names
-
     p.add_argument("model", nargs="?", default=DEFAULT_MODEL, help="registry name or .gguf path")
     p.add_argument("--engines", default=",".join(ENGINES), type=lambda s: [e.strip() for e in s.split(",") if e.strip()])
     p.add_argument("--threads", type=int, default=2)
@@ -429,8 +430,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="batch sizes for the aggregate decode (modes batch and all; '' = none)")  # fmt: skip
     p.add_argument("--batch-steps", type=int, default=24, help="timed decode steps per batch size")
     p.add_argument("--quantization", "-q", default="auto", help=f"{', '.join(method_names())} or a policy spec")
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
-                   help="torch.compile the qwenkit decode step")  # fmt: skip
     p.add_argument("--json", default=None, help="write all results here")
 
 

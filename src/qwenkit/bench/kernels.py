@@ -20,7 +20,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from qwenkit.quant import cgemv, kernels
+from qwenkit.cpu import cgemv
+from qwenkit.quant import kernels
 from qwenkit.quant.numerics import (
     dequantize_int8,
     quantize_int4_groupwise,

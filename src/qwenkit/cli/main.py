@@ -82,8 +82,6 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("engine")
-    g.add_argument("--backend", choices=["engine", "simple"], default="engine",
-                   help="paged continuous-batching engine (default) or the simple single-sequence loop")
     g.add_argument("--max-model-len", type=int, default=None)
     g.add_argument("--kv-cache-memory", default=None, help='bytes or e.g. "2GiB"')
     g.add_argument("--block-size", type=int, default=None)
@@ -103,32 +101,18 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 
 
 class _Generator:
-    """One streamed request through the engine (default) or the simple loop, same events."""
+    """One streamed request at a time through the engine."""
 
     def __init__(self, args: argparse.Namespace, progress: bool = True) -> None:
+        from qwenkit.engine.llm import LLM
         from qwenkit.loaders.load import load
 
         _threads(args.threads)
         self.lm = load(args.model, progress=progress, quantization=args.quantization)
-        self.backend = args.backend
-        self.llm = None
-        if self.backend == "engine":
-            from qwenkit.engine.llm import LLM
-
-            self.llm = LLM(self.lm, **engine_kwargs(args))
+        self.llm = LLM(self.lm, **engine_kwargs(args))
 
     def stream(self, prompt_ids: list[int], params: Any) -> Iterator[tuple[str, dict[str, Any] | None]]:
         """Yield (text delta, None) while running, then ("", final) with text/token_ids/usage."""
-        if self.llm is None:
-            from qwenkit.generate import generate_stream
-
-            for ev in generate_stream(self.lm.model, self.lm.tokenizer, prompt_ids, params, self.lm.config.eos_token_ids):
-                yield ev.delta, None
-                if ev.finished:
-                    yield "", {"text": ev.text, "token_ids": ev.token_ids, "finish_reason": ev.finish_reason,
-                               "usage": {k: v for k, v in ev.usage.items() if k != "seconds"},
-                               "seconds": ev.usage["seconds"]}
-            return
         t0 = time.perf_counter()
         text, ids, reason = "", [], None
         for out in self.llm.stream({"prompt_token_ids": prompt_ids}, params):
@@ -317,7 +301,7 @@ def _add_optional_subcommands(sub: Any) -> None:
     """Subcommands owned by other packages (serve, eval, quantize, bench)."""
     from qwenkit.bench.cli import add_bench_parser
     from qwenkit.eval.cli import add_eval_parser
-    from qwenkit.quant.cli import add_quantize_parser
+    from qwenkit.cli.quantize import add_quantize_parser
     from qwenkit.serve.cli import add_serve_parser
 
     add_serve_parser(sub)

@@ -1,18 +1,26 @@
 """The decoder layers of a decode step as one C call (`csrc/decode_step.c`).
 
-When every linear of the model's layers runs qwenkit's int8-activation kernels (int8 or int4
-weights, `qwenkit.quant`), a decode step of up to `max_rows` single-query rows, all cached keys
-visible, can run the whole layer stack in C: the same kernels in the same order as the per-op
-path (RMSNorm, quantized linears with their bias, RoPE, the cache write, decode attention,
-SiLU·mul, residual adds), so the hidden states are bit-identical, without ~12 Python module
-calls and ctypes crossings per layer.
+`FusedQwen2Model` (swapped in by `qwenkit.cpu.install`) asks `run` first in every forward; `run`
+returns None and the model runs its modules unless a plan applies. A plan is built from the
+module tree and holds only while that tree is one the C code implements exactly:
 
-`run(model, h, rope, attn_metadata)` is called by `Qwen2Model.forward`; it returns None (and
-the model runs its modules) unless all of these hold: the C library is built, the tensors are
-CPU fp32 without autograd, every layer linear has the C-kernel layout, the row count fits the
-linears' small-M kernel, and the attention backend offers a `decode_kv(window)` view of the
-step (`DecodeKV`: one query per row, every key visible). The model knows only that protocol,
-not the engine. ``QWENKIT_CKERNELS=0`` disables it with the other C kernels.
+* every layer is a `Qwen2DecoderLayer` whose attention, norms and MLP are exactly the fused CPU
+  modules (`modules.py`, no subclass: a subclass may change the math), with no forward hooks;
+* every layer linear's class itself declares `kernel_layout` (qwenkit's int8 / int4 quantized
+  linears with the int8-activation kernel; a wrapper such as a LoRA layer does not) and returns
+  a layout;
+* head size, norm eps, scale and window are the same in every layer.
+
+The C code runs the same kernels in the same order as the module path (RMSNorm, quantized
+linears with their bias, RoPE, the cache write, decode attention, SiLU·mul, residual adds), so
+the hidden states are bit-identical. Each call re-checks the plan against the tree: every module
+must still sit where it was, with its class and without hooks, and every parameter and buffer
+must still have the storage it had
+(a `load_weights(adopt=True)` or `param.data = ...` rebinds storage: the plan is rebuilt). The
+RoPE table is not part of the plan: cos/sin come from the model's own rotary module each step.
+
+The step itself must be single-query rows whose keys are all visible, offered by the attention
+backend as `decode_kv(window) -> DecodeKV | None`; the rows must fit every linear's `max_rows`.
 """
 from __future__ import annotations
 
@@ -26,9 +34,13 @@ import torch
 from torch import nn
 
 from qwenkit.cpu import build, ops
+from qwenkit.cpu.modules import FusedQwen2Attention, FusedRMSNorm, FusedSwiGLU
+from qwenkit.model.attention import AttentionBackend
+from qwenkit.model.qwen2 import Qwen2DecoderLayer, Qwen2Model
 
 _P = ctypes.c_void_p
 _I = ctypes.c_int64
+INT8, INT4 = 1, 2  # qk_linear.kind
 
 
 class _Linear(ctypes.Structure):
@@ -48,6 +60,28 @@ class _Model(ctypes.Structure):
         ("eps", ctypes.c_float), ("scale", ctypes.c_float),
         ("layers", ctypes.POINTER(_Layer)), ("norm", _P),
     ]  # fmt: skip
+
+
+@dataclass
+class LinearLayout:
+    """A quantized linear's weights as `qk_linear` reads them (`kind` INT8: `w` int8 in the q8
+    kernel's tiles, `s` fp32 scales; INT4: `w` block codes, `sc`/`z` bf16 per group)."""
+
+    kind: int
+    n: int
+    k: int
+    w: torch.Tensor
+    bias: torch.Tensor | None
+    max_rows: int  # rows up to which the layer runs this kernel
+    group_size: int = 0
+    s: torch.Tensor | None = None
+    sc: torch.Tensor | None = None
+    z: torch.Tensor | None = None
+
+    def struct(self) -> _Linear:
+        ptr = lambda t: None if t is None else t.data_ptr()  # noqa: E731
+        return _Linear(self.kind, self.n, self.k, self.group_size, ptr(self.w), ptr(self.s), ptr(self.sc),
+                       ptr(self.z), ptr(self.bias))  # fmt: skip
 
 
 @dataclass
@@ -74,106 +108,141 @@ def _lib() -> ctypes.CDLL | None:
     return lib
 
 
-def _linear_desc(lin: nn.Module) -> tuple[_Linear, int, torch.Tensor] | None:
-    """The C descriptor of a quantized linear whose small-M path is qwenkit's int8-activation
-    kernel, its small-M limit, and its primary storage (to detect swaps); else None."""
-    from qwenkit.quant.linear import Int4Linear, Int8Linear
+_LAYER_PARTS = {
+    "": Qwen2DecoderLayer,
+    "input_layernorm": FusedRMSNorm,
+    "self_attn": FusedQwen2Attention,
+    "post_attention_layernorm": FusedRMSNorm,
+    "mlp": FusedSwiGLU,
+}
+_LINEARS = ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")
 
-    bias = lin.bias.data_ptr() if getattr(lin, "bias", None) is not None else None
-    if isinstance(lin, Int8Linear) and lin.tile_rows:  # the int8 kernel's tiled layout
-        d = _Linear(1, lin.out_features, lin.in_features, 0, lin.qweight.data_ptr(), lin.scales.data_ptr(), None, None, bias)
-        return d, lin.small_m, lin.qweight
-    if isinstance(lin, Int4Linear) and lin._block_layout:
-        d = _Linear(
-            2, lin.out_features, lin.in_features, lin.group_size, lin.codes.data_ptr(), None,
-            lin.scales.data_ptr(), lin.zeros.data_ptr(), bias,
-        )  # fmt: skip
-        return d, lin.small_m, lin.codes
-    return None
+
+def _layout(lin: nn.Module) -> LinearLayout | None:
+    """The layer's C layout when its own class (not a parent) declares one."""
+    declared = type(lin).__dict__.get("kernel_layout")
+    return declared(lin) if declared is not None else None
+
+
+def _hooked(m: nn.Module) -> bool:
+    return bool(m._forward_hooks or m._forward_pre_hooks)
 
 
 class _Plan:
-    """The model's layer stack as C descriptors, built once per model (and rebuilt if a module
-    or its storage is replaced)."""
+    """The model's layer stack as C descriptors, plus what they were built from."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: Qwen2Model) -> None:
+        self.ok = False
+        # What the plan was built from, re-checked on every call (a plan that does not apply is
+        # kept only while nothing changed either): (container, key, object) entries, tensors
+        # with their storage, and modules with their class and whether they had hooks.
+        self.watch: list[tuple[dict[str, Any], str, Any]] = []
+        self.ptrs: list[tuple[torch.Tensor, int]] = []
+        self.modules: list[tuple[nn.Module, type, bool]] = []
+        self._watch_module(model, "norm")
+        self._watch_module(model, "layers")
+        self._watch_tree(model.norm)
         layers = list(model.layers)
-        first = layers[0].self_attn
-        self.mods = _layer_linears(model)
-        self.ptrs: list[int] = []
-        self.struct_layers = (_Layer * len(layers))()
-        self.max_rows = 1 << 30
-        self.scratch = torch.empty(0)
-        self.ok = first.head_dim in ops.ATTN_HEAD_DIMS
-        norms = [n for layer in layers for n in (layer.input_layernorm, layer.post_attention_layernorm)]
-        norms.append(model.norm)
-        self.ok = self.ok and all(n.weight.dtype == torch.float32 and n.weight.is_cpu for n in norms)
-        descs = [_linear_desc(m) for m in self.mods] if self.ok else [None]
-        if any(d is None for d in descs):
-            self.ok = False
-            return
         for i, layer in enumerate(layers):
-            d = descs[4 * i : 4 * i + 4]
+            self._watch_module(model.layers, str(i))
+            self._watch_tree(layer)
+        if not layers or type(model.norm) is not FusedRMSNorm or _hooked(model.norm):
+            return
+        layouts: list[LinearLayout] = []
+        for i, layer in enumerate(layers):
+            parts = dict(layer.named_modules())
+            if set(parts) != set(_LAYER_PARTS) | set(_LINEARS) or any(
+                type(parts[name]) is not cls or _hooked(parts[name]) for name, cls in _LAYER_PARTS.items()
+            ):
+                return
+            for name in _LINEARS:
+                lin = parts[name]
+                d = _layout(lin)
+                if d is None or _hooked(lin):
+                    return
+                layouts.append(d)
+            if layer.self_attn.layer_idx != i:
+                return
+        attn0, ln0 = layers[0].self_attn, layers[0].input_layernorm
+        uniform = all(
+            (l.self_attn.scale, l.self_attn.head_dim, l.self_attn.sliding_window, l.input_layernorm.eps,
+             l.post_attention_layernorm.eps) == (attn0.scale, attn0.head_dim, attn0.sliding_window, ln0.eps, ln0.eps)
+            for l in layers
+        )  # fmt: skip
+        norms = [n for l in layers for n in (l.input_layernorm, l.post_attention_layernorm)] + [model.norm]
+        if (
+            not uniform
+            or model.norm.eps != ln0.eps
+            or attn0.head_dim not in ops.ATTN_HEAD_DIMS
+            or not all(n.weight.dtype == torch.float32 and n.weight.is_cpu for n in norms)
+        ):
+            return
+        self.layouts = layouts  # keeps the descriptors' tensors alive with the plan
+        self.struct_layers = (_Layer * len(layers))()
+        for i, layer in enumerate(layers):
+            d = layouts[4 * i : 4 * i + 4]
             self.struct_layers[i] = _Layer(
                 layer.input_layernorm.weight.data_ptr(), layer.post_attention_layernorm.weight.data_ptr(),
-                *(x[0] for x in d),
+                *(x.struct() for x in d),
             )  # fmt: skip
-        self.max_rows = min(x[1] for x in descs)  # type: ignore[index]
-        self.ptrs = [x[2].data_ptr() for x in descs]  # type: ignore[index]
-        self.windows = [layer.self_attn.sliding_window for layer in layers]
-        self.norms = norms  # keep the weights alive with the plan
+        self.max_rows = min(d.max_rows for d in layouts)
+        self.window = attn0.sliding_window
         self.model = _Model(
-            len(layers), model.norm.weight.numel(), first.num_heads, first.num_kv_heads, first.head_dim,
-            layers[0].mlp.intermediate_size, layers[0].input_layernorm.eps, first.scale,
-            self.struct_layers, model.norm.weight.data_ptr(),
+            len(layers), model.norm.weight.numel(), attn0.num_heads, attn0.num_kv_heads, attn0.head_dim,
+            layers[0].mlp.intermediate_size, ln0.eps, attn0.scale, self.struct_layers, model.norm.weight.data_ptr(),
         )  # fmt: skip
+        self.scratch = torch.empty(0)
+        self.ok = True
 
-    def current(self, model: nn.Module) -> bool:
-        mods = _layer_linears(model)
-        if len(mods) != len(self.mods) or not all(a is b for a, b in zip(mods, self.mods)):
-            return False
-        return not self.ok or all(_storage(m).data_ptr() == p for m, p in zip(mods, self.ptrs))
+    def _watch_module(self, parent: nn.Module, name: str) -> None:
+        self.watch.append((parent._modules, name, parent._modules.get(name)))
 
+    def _watch_tree(self, root: nn.Module) -> None:
+        for m in root.modules():
+            for name, child in m._modules.items():
+                self.watch.append((m._modules, name, child))
+            for store in (m._parameters, m._buffers):
+                for name, t in store.items():
+                    self.watch.append((store, name, t))
+                    if t is not None:
+                        self.ptrs.append((t, t.data_ptr()))
+            self.modules.append((m, type(m), _hooked(m)))
 
-def _layer_linears(model: nn.Module) -> list[nn.Module]:
-    return [
-        m
-        for layer in model.layers
-        for m in (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj)
-    ]
-
-
-def _storage(m: nn.Module) -> torch.Tensor:
-    return m.qweight if hasattr(m, "qweight") else m.codes
+    def current(self) -> bool:
+        """The tree still holds the same modules and tensors, on the same storage."""
+        return (
+            all(c.get(k) is o for c, k, o in self.watch)
+            and all(t.data_ptr() == p for t, p in self.ptrs)
+            and all(type(m) is cls and _hooked(m) == hooked for m, cls, hooked in self.modules)
+        )
 
 
 _plans: weakref.WeakKeyDictionary[nn.Module, _Plan] = weakref.WeakKeyDictionary()
 
 
-def plan_for(model: nn.Module) -> _Plan | None:
+def plan_for(model: Qwen2Model) -> _Plan | None:
     """The model's plan when its layers can run as one C call, else None."""
     if _lib() is None:
         return None
     plan = _plans.get(model)
-    if plan is None or not plan.current(model):
+    if plan is None or not plan.current():
         plan = _plans[model] = _Plan(model)
     return plan if plan.ok else None
 
 
 def run(
-    model: nn.Module, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], attn_metadata: Any
+    model: Qwen2Model, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], attn_metadata: AttentionBackend
 ) -> torch.Tensor | None:
     """h (B, T, hidden) embeddings -> the final-normed hidden states (B, T, hidden), or None when
     the fused step does not apply (the caller then runs the modules)."""
     decode_kv = getattr(attn_metadata, "decode_kv", None)
-    if decode_kv is None or not ops.enabled(h):
+    if decode_kv is None or not ops.enabled(h, *rope):
         return None
     rows = h.shape[0] * h.shape[1]
     plan = plan_for(model)
     if plan is None or rows > plan.max_rows:
         return None
-    windows = [w for w in plan.windows if w is not None]
-    kv = decode_kv(min(windows) if windows else None)
+    kv = decode_kv(plan.window)
     if kv is None or kv.slots.numel() != rows:
         return None
     lib = _lib()
@@ -198,3 +267,19 @@ def decode_kv_ok(k_cache: Sequence[torch.Tensor]) -> bool:
     """Whether a cache's per-layer pools have the layout the fused step reads."""
     t = k_cache[0]
     return t.dtype == torch.float32 and t.is_cpu and t.is_contiguous()
+
+
+class FusedQwen2Model(Qwen2Model):
+    """`Qwen2Model` that runs a decode step's layer stack as one C call when a plan applies."""
+
+    def run_layers(
+        self,
+        h: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        attn_metadata: AttentionBackend | None,
+    ) -> torch.Tensor:
+        if attn_metadata is not None:
+            out = run(self, h, rope, attn_metadata)
+            if out is not None:
+                return out
+        return super().run_layers(h, rope, attn_metadata)

@@ -15,6 +15,7 @@ from typing import Any, Iterable, Mapping, Union
 import torch
 from torch import nn
 
+from qwenkit import cpu
 from qwenkit.engine.block_manager import BlockManager
 from qwenkit.engine.kv_cache import KVCache
 from qwenkit.engine.model_runner import ModelRunner
@@ -28,8 +29,10 @@ from qwenkit.engine.outputs import (
 from qwenkit.engine.sampler import SamplerOutput
 from qwenkit.engine.scheduler import Scheduler
 from qwenkit.engine.sequence import Sequence
-from qwenkit.generate import find_stop, stop_holdback
+from qwenkit.engine.stop import find_stop, stop_holdback
+from qwenkit.loaders.load import load
 from qwenkit.sampling_params import SamplingParams
+from qwenkit.tokenizer import IncrementalDetokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -125,6 +128,8 @@ class LLMEngine:
         self.generation_defaults = dict(generation_defaults or {})
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
+        if self.device.type == "cpu":
+            cpu.install(model)  # the fused C ops and one-call decode step (no-op if installed)
         mc = self.model_config
 
         self.max_model_len = cfg.max_model_len or mc.max_position_embeddings
@@ -185,8 +190,6 @@ class LLMEngine:
     @classmethod
     def from_pretrained(cls, model: str, **engine_args: Any) -> LLMEngine:
         """Load a registry name, .gguf file, HF folder or hub id, then build the engine."""
-        from qwenkit.loaders.load import load
-
         loaded = load(model)
         return cls(
             loaded.model,
@@ -247,8 +250,6 @@ class LLMEngine:
                 arrival_time=arrival, generator=gen,
             )  # fmt: skip
             if self.tokenizer is not None:
-                from qwenkit.tokenizer import IncrementalDetokenizer
-
                 seq.detokenizer = IncrementalDetokenizer(
                     self.tokenizer, skip_special_tokens=params.skip_special_tokens
                 )

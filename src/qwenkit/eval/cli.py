@@ -54,7 +54,7 @@ def _default_samples_path(args: argparse.Namespace, model_name: str) -> Path:
 
 
 def cmd_codegen(args: argparse.Namespace) -> int:
-    from qwenkit.eval.generation import SampleStore, make_generator
+    from qwenkit.eval.generation import EngineGenerator, SampleStore
     from qwenkit.eval.harness import RunConfig, run_codegen_eval
     from qwenkit.eval.humaneval import HumanEval
     from qwenkit.eval.mbpp import MbppPlus
@@ -92,7 +92,7 @@ def cmd_codegen(args: argparse.Namespace) -> int:
         engine_args["kv_cache_memory"] = args.kv_cache_memory
 
     def build() -> Any:
-        return make_generator(loaded, args.backend, **(engine_args if args.backend != "simple" else {}))
+        return EngineGenerator(loaded, **engine_args)
 
     result = run_codegen_eval(bench, loaded.tokenizer, build, store, config, task_ids, args.workers, not args.no_progress)
     result = {
@@ -163,7 +163,6 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 def add_eval_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Add `eval` (with `humaneval`, `mbpp`, `ppl`) to the main CLI's subparsers."""
-    from qwenkit.eval.generation import BACKENDS
     from qwenkit.eval.humaneval import DEFAULT_TIMEOUT_S
     from qwenkit.eval.mbpp import DEFAULT_TIMEOUT_S as MBPP_TIMEOUT_S
     from qwenkit.eval.protocols import PROTOCOLS
@@ -186,7 +185,6 @@ def add_eval_parser(subparsers: Any) -> argparse.ArgumentParser:
         p.add_argument("--max-tokens", type=int, default=None, help="cap new tokens below the protocol's")
         p.add_argument("--samples", default=None, help="resumable samples JSONL (default: next to --output)")
         p.add_argument("--overwrite", action="store_true", help="discard an existing samples file")
-        p.add_argument("--backend", choices=BACKENDS, default="auto", help="generation backend")
         p.add_argument("--max-num-seqs", type=int, default=None, help="engine: concurrent sequences")
         p.add_argument("--max-model-len", type=int, default=4096, help="engine context (chat-template protocol)")
         p.add_argument("--kv-cache-memory", default=None, help="engine: KV cache size, e.g. 4GiB")
@@ -198,7 +196,7 @@ def add_eval_parser(subparsers: Any) -> argparse.ArgumentParser:
                            help="seconds per task, all inputs (per-input limits: max(1 s, 4x canonical))")  # fmt: skip
             p.add_argument("--mbpp-path", default=None, help="MbppPlus jsonl (default: $QWENKIT_MBPP_PLUS or ../shared/data)")
 
-    from qwenkit.quant.cli import add_eval_quant_parser
+    from qwenkit.eval.quant_cli import add_eval_quant_parser
 
     add_eval_quant_parser(sub)  # `qwenkit eval quant`: quality of each weight format vs fp32
 

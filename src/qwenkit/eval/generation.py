@@ -1,11 +1,8 @@
 """Generate every sample of an eval in one engine batch, saving each as soon as it finishes.
 
-`make_generator` is the one place that picks the generation backend:
-
-* `engine` — the paged engine with continuous batching: `qwenkit.engine.llm.LLM` when it exists
-  (its `llm_engine` is driven step by step, which is what `LLM.generate` does, so finished
-  samples can be saved and counted while the rest keep running), else `LLMEngine` directly;
-* `simple` — `qwenkit.generate.generate`, one sequence at a time (the slow reference loop).
+`EngineGenerator` drives `qwenkit.engine.llm.LLM`'s engine step by step (what `LLM.generate`
+does), so finished samples are saved and counted while the rest keep running; tests plug in any
+object with the `Generator` protocol.
 
 `SampleStore` is the resumable JSONL file: a header line with the run's settings, then one line
 per finished sample; a rerun skips what is already there (and refuses a file made with other
@@ -21,13 +18,15 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Protocol as TypingProtocol, Sequence
 
+from tqdm import tqdm
+
+from qwenkit.engine.llm import LLM
+from qwenkit.engine.outputs import RequestOutputKind
 from qwenkit.errors import QwenkitError
+from qwenkit.loaders.load import LoadedModel
 from qwenkit.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
-
-BACKENDS = ("auto", "engine", "simple")
-
 
 @dataclass
 class Completion:
@@ -51,73 +50,19 @@ class Generator(TypingProtocol):
 class EngineGenerator:
     name = "engine"
 
-    def __init__(self, loaded: Any, **engine_args: Any) -> None:
-        try:
-            from qwenkit.engine.llm import LLM
-        except ImportError:
-            LLM = None
-        if LLM is not None:
-            self.llm = LLM(loaded, **engine_args)
-            self.engine = getattr(self.llm, "llm_engine", None)
-        else:
-            from qwenkit.engine.llm_engine import LLMEngine
-
-            self.llm = None
-            self.engine = LLMEngine(
-                loaded.model, loaded.tokenizer, generation_defaults=loaded.generation_defaults, **engine_args
-            )
+    def __init__(self, loaded: LoadedModel, **engine_args: Any) -> None:
+        self.engine = LLM(loaded, **engine_args).llm_engine
 
     def generate(
         self, prompts: Sequence[list[int]], params: Sequence[SamplingParams], on_output: OnOutput
     ) -> None:
-        if self.engine is None:  # an LLM without a steppable engine: one generate() call
-            outs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], list(params))
-            for i, out in enumerate(outs):
-                on_output(i, _completion(out))
-            return
-        from qwenkit.engine.outputs import RequestOutputKind
-
         for i, (ids, sp) in enumerate(zip(prompts, params)):
             self.engine.add_request(str(i), {"prompt_token_ids": ids}, sp, output_kind=RequestOutputKind.FINAL_ONLY)
         while self.engine.has_unfinished_requests():
             for out in self.engine.step():
                 if out.finished:
-                    on_output(int(out.request_id), _completion(out))
-
-
-def _completion(out: Any) -> Completion:
-    o = out.outputs[0]
-    return Completion(o.text, len(o.token_ids), o.finish_reason)
-
-
-class SimpleGenerator:
-    name = "simple"
-
-    def __init__(self, loaded: Any) -> None:
-        self.loaded = loaded
-
-    def generate(
-        self, prompts: Sequence[list[int]], params: Sequence[SamplingParams], on_output: OnOutput
-    ) -> None:
-        from qwenkit.generate import generate
-
-        lm = self.loaded
-        for i, (ids, sp) in enumerate(zip(prompts, params)):
-            ev = generate(lm.model, lm.tokenizer, ids, sp, lm.config.eos_token_ids)
-            on_output(i, Completion(ev.text, len(ev.token_ids), ev.finish_reason))
-
-
-def make_generator(loaded: Any, backend: str = "auto", **engine_args: Any) -> Generator:
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; choose from {BACKENDS}")
-    if backend in ("auto", "engine"):
-        try:
-            return EngineGenerator(loaded, **engine_args)
-        except ImportError as e:
-            if backend == "engine":
-                raise
-            logger.warning("paged engine unavailable (%s); using the simple generation loop", e)
-    return SimpleGenerator(loaded)
+                    o = out.outputs[0]
+                    on_output(int(out.request_id), Completion(o.text, len(o.token_ids), o.finish_reason))
 
 
 @dataclass
@@ -198,8 +143,6 @@ def generate_samples(
     stats = GenerationStats(generator.name, 0, 0, 0.0)
     if not todo:
         return stats
-    from tqdm import tqdm
-
     bar = tqdm(total=len(requests), initial=len(requests) - len(todo), desc="generate", unit="sample",
                dynamic_ncols=True, disable=not progress)  # fmt: skip
     t0 = time.perf_counter()

@@ -11,9 +11,17 @@ from typing import Any
 
 import torch
 
+from qwenkit import cpu
 from qwenkit.config import ModelConfig
 from qwenkit.errors import ModelIntegrityError
+from qwenkit.loaders.gguf import GGUFFile
+from qwenkit.loaders.hf import generation_config, hf_config, iter_hf_weights
+from qwenkit.loaders.quantized import load_quantized, read_quantization_config
+from qwenkit.loaders.registry import DEFAULT_MODEL, resolve_model
 from qwenkit.model import Qwen2ForCausalLM
+from qwenkit.quant import quantize_model, resolve_method
+from qwenkit.quant.convert import quantize_while_loading
+from qwenkit.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -35,8 +43,6 @@ class ModelSource:
 
 
 def resolve(spec: str | os.PathLike[str]) -> ModelSource:
-    from qwenkit.loaders.registry import resolve_model
-
     r = resolve_model(spec)
     return ModelSource(format=r.format, path=Path(r.path), name=r.name)
 
@@ -79,13 +85,8 @@ def load(
 ) -> LoadedModel:
     """`quantization`: a `qwenkit.quant` method (``none``, ``auto``, ``int8``, ``int4``,
     ``mixed``, ... or a policy spec); weights are quantized after loading. A quantized
-    checkpoint (``qwenkit quantize``) loads as stored, whatever this says."""
-    from qwenkit.loaders.gguf import GGUFFile
-    from qwenkit.loaders.hf import generation_config, hf_config, iter_hf_weights
-    from qwenkit.quant import load_quantized, quantize_model, read_quantization_config, resolve_method
-    from qwenkit.quant.convert import quantize_while_loading
-    from qwenkit.tokenizer import Tokenizer
-
+    checkpoint (``qwenkit quantize``) loads as stored, whatever this says. On the CPU the
+    runtime's fused modules are swapped in (`qwenkit.cpu.install`)."""
     t0 = time.perf_counter()
     src = resolve(spec)
     tensor_types: dict[str, str] = {}
@@ -118,6 +119,8 @@ def load(
             raise ModelIntegrityError(f"{src.path}: missing tensors {sorted(missing)[:8]}")
         if method != "none":
             quantize_model(model, method)  # what is left (tied tables) + the policy record
+    if torch.device(device).type == "cpu":
+        cpu.install(model)
     dt = time.perf_counter() - t0
     logger.info("loaded %s (%s) in %.1fs", src.name, src.format, dt)
     return LoadedModel(model, tokenizer, config, src, gen, tensor_types, dt)
@@ -130,16 +133,10 @@ def load_model(
     quantization: str = "none",
 ) -> Qwen2ForCausalLM:
     """Load a model for scoring: ``model(input_ids (B, T)) -> logits (B, T, vocab)``."""
-    from qwenkit.loaders.registry import DEFAULT_MODEL
-
     return load(spec or DEFAULT_MODEL, dtype=dtype, device=device, quantization=quantization).model
 
 
 def load_tokenizer(spec: str | os.PathLike[str] | None = None) -> Any:
-    from qwenkit.loaders.gguf import GGUFFile
-    from qwenkit.loaders.registry import DEFAULT_MODEL
-    from qwenkit.tokenizer import Tokenizer
-
     src = resolve(spec or DEFAULT_MODEL)
     if src.format == "gguf":
         return Tokenizer.from_gguf(GGUFFile.open(src.path).reader)

@@ -3,6 +3,10 @@
 Fused projections use vLLM's names (`qkv_proj`, `gate_up_proj`); each fused parameter knows how
 to load its HF shards (`weight_loader(param, tensor, shard_id)`) and how to split itself back
 (`split_for_export`), so one generic loader and exporter serve the whole model.
+
+Everything here is plain torch. Runtimes swap in faster subclasses after construction (the CPU
+kernels: `qwenkit.cpu.install`); the small methods they override (`SwiGLU.act_and_mul`,
+`Qwen2Attention.rotate_qk`) exist so that the forward passes are written once.
 """
 from __future__ import annotations
 
@@ -13,8 +17,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qwenkit.cpu import ops
-
 
 class RMSNorm(nn.Module):
     def __init__(self, hidden_size: int, eps: float) -> None:
@@ -23,8 +25,6 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(hidden_size))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if ops.enabled(x, self.weight):  # CPU inference: one fused pass, same formula
-            return ops.rms_norm(x, self.weight, self.eps)
         # Numerics (HF): normalise in fp32, cast back to the input dtype *before* the weight.
         dtype = x.dtype
         h = x.float()
@@ -142,11 +142,12 @@ class SwiGLU(nn.Module):
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate_up = self.gate_up_proj(x)  # (..., 2 * I)
-        if ops.enabled(gate_up):  # CPU inference: one fused pass
-            return self.down_proj(ops.silu_and_mul(gate_up))
+        return self.down_proj(self.act_and_mul(self.gate_up_proj(x)))
+
+    def act_and_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """(..., 2I) -> silu(gate) * up, (..., I)."""
         gate, up = gate_up.split(self.intermediate_size, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return F.silu(gate) * up
 
 
 def default_scale(head_dim: int) -> float:

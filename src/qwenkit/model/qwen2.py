@@ -14,7 +14,6 @@ import torch
 from torch import nn
 
 from qwenkit.config import ModelConfig
-from qwenkit.cpu import decode_step, ops
 from qwenkit.model.attention import AttentionBackend, attend
 from qwenkit.model.layers import (
     MergedLinear,
@@ -53,18 +52,7 @@ class Qwen2Attention(nn.Module):
     ) -> torch.Tensor:
         b, t, _ = hidden_states.shape
         qkv = self.qkv_proj(hidden_states)  # (B, T, q + 2 kv)
-        heads = self.num_heads + self.num_kv_heads
-        if ops.enabled(qkv, *rope) and ops.rope_(qkv, *rope, heads, self.head_dim):
-            # CPU inference: q and k rotated in place inside qkv (same rounding as `rotate`)
-            q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-            q = q.view(b, t, self.num_heads, self.head_dim)
-            k = k.view(b, t, self.num_kv_heads, self.head_dim)
-        else:
-            qk, v = qkv.split([self.q_size + self.kv_size, self.kv_size], dim=-1)
-            # q and k heads side by side: one rotary pass for both (same math as apply_rotary)
-            qk = rotate(qk.view(b, t, heads, self.head_dim), *rope)
-            q, k = qk.split([self.num_heads, self.num_kv_heads], dim=2)  # (B, T, Hq, D), (B, T, Hkv, D)
-        v = v.view(b, t, self.num_kv_heads, self.head_dim)
+        q, k, v = self.rotate_qk(qkv, rope)
         o = attend(
             self.layer_idx,
             q,
@@ -75,6 +63,17 @@ class Qwen2Attention(nn.Module):
             sliding_window=self.sliding_window,
         )  # (B, T, Hq, D)
         return self.o_proj(o.reshape(b, t, self.q_size))
+
+    def rotate_qk(
+        self, qkv: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """qkv (B, T, q + 2 kv) -> q (B, T, Hq, D) and k (B, T, Hkv, D) rotated, v (B, T, Hkv, D)."""
+        b, t, _ = qkv.shape
+        qk, v = qkv.split([self.q_size + self.kv_size, self.kv_size], dim=-1)
+        # q and k heads side by side: one rotary pass for both (same math as apply_rotary)
+        qk = rotate(qk.view(b, t, self.num_heads + self.num_kv_heads, self.head_dim), *rope)
+        q, k = qk.split([self.num_heads, self.num_kv_heads], dim=2)
+        return q, k, v.view(b, t, self.num_kv_heads, self.head_dim)
 
 
 class Qwen2DecoderLayer(nn.Module):
@@ -115,12 +114,15 @@ class Qwen2Model(nn.Module):
     ) -> torch.Tensor:
         h = self.embed_tokens(input_ids)  # (B, T, hidden)
         rope = self.rotary_emb(positions, h.dtype)  # cos, sin: (B, T, 1, D)
-        if attn_metadata is not None:
-            # CPU decode with quantized linears: the whole layer stack in one C call (same
-            # kernels, same results); None when it does not apply
-            out = decode_step.run(self, h, rope, attn_metadata)
-            if out is not None:
-                return out
+        return self.run_layers(h, rope, attn_metadata)
+
+    def run_layers(
+        self,
+        h: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        attn_metadata: AttentionBackend | None,
+    ) -> torch.Tensor:
+        """Embeddings (B, T, hidden) -> final-normed hidden states (B, T, hidden)."""
         for layer in self.layers:
             h = layer(rope, h, attn_metadata)
         return self.norm(h)

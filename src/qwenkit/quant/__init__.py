@@ -1,5 +1,6 @@
 """Weight quantization for the CPU (and CUDA) runtime: int8 per channel, int4 group-wise, mixed
-policies, applied by swapping modules after construction; quantized checkpoints; quality report.
+policies, applied by swapping modules after construction; quality report. Quantized checkpoints
+are a file format: `qwenkit.loaders.quantized`.
 
     from qwenkit.quant import quantize_model
     quantize_model(model, "int8")            # or "int4-g32", "mixed", "int4-g32,lm_head=int8"
@@ -8,7 +9,6 @@ See `policy.py` for the method names and `auto`, `linear.py` for how kernels are
 """
 from __future__ import annotations
 
-from qwenkit.quant.checkpoint import load_quantized, read_quantization_config, save_quantized
 from qwenkit.quant.convert import quantize_model, set_small_m, weight_bytes
 from qwenkit.quant.embedding import Int8Embedding
 from qwenkit.quant.linear import Int4Linear, Int8Linear, QuantizedLinear
@@ -21,13 +21,10 @@ __all__ = [
     "Int8Linear",
     "QuantPolicy",
     "QuantizedLinear",
-    "load_quantized",
     "method_names",
     "parse",
     "quantize_model",
-    "read_quantization_config",
     "resolve_method",
-    "save_quantized",
     "set_small_m",
     "weight_bytes",
 ]

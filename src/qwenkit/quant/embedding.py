@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from qwenkit.quant import cgemv
+from qwenkit.cpu import cgemv
 from qwenkit.quant.numerics import dequantize_int8, quantize_int8_rows
 
 

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from qwenkit.quant import cgemv
+from qwenkit.cpu import cgemv
 from qwenkit.quant.numerics import unpack_int4
 
 # Rows of weight dequantized at once on the large-M path: 256 rows x 4864 cols x 4 B = 5 MB, so

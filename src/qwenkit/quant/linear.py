@@ -30,7 +30,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qwenkit.quant import cgemv, kernels
+from qwenkit.cpu import cgemv
+from qwenkit.cpu.decode_step import INT4, INT8, LinearLayout
+from qwenkit.quant import kernels
 from qwenkit.quant.numerics import (
     dequantize_int4,
     quantize_int4_groupwise,
@@ -173,6 +175,13 @@ class Int8Linear(QuantizedLinear):
     def dequantize(self) -> torch.Tensor:
         return self._weight().dequantize()
 
+    def kernel_layout(self) -> LinearLayout | None:
+        """The fused decode step's view when this layer runs the tiled int8 kernel."""
+        if not self.tile_rows:
+            return None
+        return LinearLayout(INT8, self.out_features, self.in_features, self.qweight, self.bias, self.small_m,
+                            s=self.scales)  # fmt: skip
+
     def canonical_state(self) -> dict[str, torch.Tensor]:
         return {"qweight": self.row_major(), "scales": self.scales.to(torch.bfloat16)}
 
@@ -252,6 +261,13 @@ class Int4Linear(QuantizedLinear):
             x.to(torch.bfloat16), self.packed, self.group_size, self.scales_and_zeros
         )
         return y.to(x.dtype)
+
+    def kernel_layout(self) -> LinearLayout | None:
+        """The fused decode step's view when this layer runs the block int4 kernel."""
+        if not self._block_layout:
+            return None
+        return LinearLayout(INT4, self.out_features, self.in_features, self.codes, self.bias, self.small_m,
+                            group_size=self.group_size, sc=self.scales, z=self.zeros)  # fmt: skip
 
     def dequantize(self) -> torch.Tensor:
         if hasattr(self, "_canonical"):

@@ -27,8 +27,12 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
+from safetensors.torch import load_file, save_file
+
 from qwenkit.config import ModelConfig
 from qwenkit.errors import ModelIntegrityError
+from qwenkit.loaders.hf import safetensors_files, write_hf_metadata
+from qwenkit.model import Qwen2ForCausalLM
 from qwenkit.quant.convert import role_of
 from qwenkit.quant.embedding import Int8Embedding
 from qwenkit.quant.linear import DEFAULT_SMALL_M, Int4Linear, Int8Linear, QuantizedLinear
@@ -115,9 +119,7 @@ def save_quantized(
     tokenizer: Any | None = None,
     generation: dict[str, Any] | None = None,
 ) -> Path:
-    from safetensors.torch import save_file
 
-    from qwenkit.loaders.hf import write_hf_metadata
 
     policy: QuantPolicy | None = getattr(model, "quant_policy", None)
     if policy is None:
@@ -169,7 +171,6 @@ def build_quantized_model(
 ) -> nn.Module:
     """Construct the model on the meta device and fill it from checkpoint tensors, never
     allocating fp32 copies of the quantized weights."""
-    from qwenkit.model import Qwen2ForCausalLM
 
     with torch.device("meta"):
         model = Qwen2ForCausalLM(config)
@@ -242,9 +243,7 @@ def load_quantized(
     device: torch.device | str = "cpu",
     small_m: int | None = DEFAULT_SMALL_M,
 ) -> nn.Module:
-    from safetensors.torch import load_file
 
-    from qwenkit.loaders.hf import safetensors_files
 
     qc = read_quantization_config(folder)
     if qc is None:

@@ -1,8 +1,6 @@
-"""The simple single-sequence generation loop (contiguous KV cache, no batching).
-
-This is the baseline the paged engine must beat and the reference the engine is tested against
-for streaming/stop semantics; the CLI uses the engine when it is available.
-"""
+"""The simple single-sequence generation loop (contiguous KV cache, no batching): the test
+oracle the engine is checked against for tokens, streaming and stop semantics. qwenkit itself
+generates only through the engine."""
 from __future__ import annotations
 
 import time
@@ -11,24 +9,12 @@ from typing import Any, Iterator
 
 import torch
 
+from qwenkit.engine.contiguous_cache import ContiguousKVCache
 from qwenkit.engine.sampler import Sampler
-from qwenkit.model import ContiguousKVCache, Qwen2ForCausalLM
+from qwenkit.engine.stop import find_stop, stop_holdback
+from qwenkit.model import Qwen2ForCausalLM
 from qwenkit.sampling_params import SamplingParams
-
-
-def find_stop(text: str, stops: list[str], search_from: int = 0) -> tuple[int, str] | None:
-    """Earliest occurrence of any stop string starting at or after `search_from`."""
-    best: tuple[int, str] | None = None
-    for s in stops:
-        i = text.find(s, search_from)
-        if i >= 0 and (best is None or i < best[0]):
-            best = (i, s)
-    return best
-
-
-def stop_holdback(stops: list[str]) -> int:
-    """Characters to withhold from a stream so a stop string split across tokens never leaks."""
-    return max((len(s) - 1 for s in stops), default=0)
+from qwenkit.tokenizer import IncrementalDetokenizer
 
 
 @dataclass
@@ -58,8 +44,6 @@ def generate_stream(
     Stops at an EOS id (unless `ignore_eos`), a stop token id, a stop string (excluded from the
     text) or `max_tokens`. Closing the generator mid-stream simply stops the computation.
     """
-    from qwenkit.tokenizer import IncrementalDetokenizer
-
     cfg = model.config
     if not prompt_ids:
         raise ValueError("prompt is empty: at least one token is required")

@@ -6,13 +6,26 @@ import os
 import time
 from typing import Any, Iterator, Mapping, Sequence
 
+import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from qwenkit.engine.llm_engine import LLMEngine, PromptType
 from qwenkit.engine.outputs import RequestOutput, RequestOutputKind
+from qwenkit.loaders.load import LoadedModel, load
 from qwenkit.sampling_params import SamplingParams
 
 Message = Mapping[str, Any]
+
+
+def _dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    names = {"auto": torch.float32, "float32": torch.float32, "float": torch.float32,
+             "bfloat16": torch.bfloat16, "float16": torch.float16, "half": torch.float16}  # fmt: skip
+    if dtype not in names:
+        raise ValueError(f"dtype must be one of {sorted(names)} or a torch.dtype, got {dtype!r}")
+    return names[dtype]
 
 
 def _is_single_prompt(prompts: Any) -> bool:
@@ -22,27 +35,40 @@ def _is_single_prompt(prompts: Any) -> bool:
 
 
 class LLM:
-    """Batch generation over the paged engine.
+    """Batch generation over the paged engine, constructed as vLLM's `LLM` is.
 
-    `model`: a registry name, .gguf path, HF folder or hub id; a `LoadedModel`; or an
-    nn.Module (then pass `tokenizer=` for text prompts). Engine arguments use vLLM's names
-    (`block_size`, `max_num_seqs`, `max_num_batched_tokens`, `enable_prefix_caching`,
+    `model`: a registry name, .gguf path, HF folder or hub id (loaded here); a `LoadedModel`; or
+    an nn.Module (then pass `tokenizer=` for text prompts). Loading arguments: `quantization`
+    (a `qwenkit.quant` method; default ``auto``, the same fast runtime format as the CLI and the
+    server; ``none`` keeps the checkpoint's weights), `dtype` (``auto`` = float32, or a torch
+    dtype / its name), `device`. `seed` seeds torch's global generator, so requests without a
+    seed of their own are reproducible run to run (vLLM's meaning). Engine arguments use vLLM's
+    names (`block_size`, `max_num_seqs`, `max_num_batched_tokens`, `enable_prefix_caching`,
     `kv_cache_memory`, `max_model_len`) plus `streaming_window` / `num_sink_tokens`.
     """
 
     def __init__(
         self,
-        model: str | os.PathLike[str] | nn.Module | Any,
+        model: str | os.PathLike[str] | nn.Module | LoadedModel,
         tokenizer: Any = None,
         *,
+        quantization: str | None = None,
+        dtype: str | torch.dtype = "auto",
+        device: str | torch.device = "cpu",
+        seed: int | None = None,
         generation_defaults: Mapping[str, Any] | None = None,
         **engine_args: Any,
     ) -> None:
+        if seed is not None:
+            torch.manual_seed(seed)
         if isinstance(model, (str, os.PathLike)):
-            from qwenkit.loaders.load import load
-
-            model = load(model)
-        if not isinstance(model, nn.Module):  # a LoadedModel
+            model = load(model, dtype=_dtype(dtype), device=device, quantization=quantization or "auto")
+        elif quantization is not None:
+            raise ValueError(
+                "quantization= applies when LLM loads the model from a name or path; quantize an "
+                "nn.Module with qwenkit.quant.quantize_model first"
+            )
+        if isinstance(model, LoadedModel):
             tokenizer = tokenizer or model.tokenizer
             generation_defaults = generation_defaults or model.generation_defaults
             model = model.model
@@ -101,8 +127,6 @@ class LLM:
         results: dict[str, RequestOutput] = {}
         bar = None
         if use_tqdm:
-            from tqdm.auto import tqdm
-
             bar = tqdm(total=len(ids), desc="Processed prompts", dynamic_ncols=True)
         t0 = time.perf_counter()
         prompt0, gen0 = engine.num_prompt_tokens_computed, engine.num_generation_tokens

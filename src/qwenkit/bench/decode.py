@@ -412,7 +412,7 @@ def run_bench(args: argparse.Namespace) -> list[EngineResult]:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from qwenkit.loaders.registry import DEFAULT_MODEL
+    from qwenkit.loaders.catalog import DEFAULT_MODEL
     from qwenkit.quant.policy import method_names
 
     p.add_argument("model", nargs="?", default=DEFAULT_MODEL, help="registry name or .gguf path")

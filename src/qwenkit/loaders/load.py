@@ -15,6 +15,9 @@ from qwenkit.config import ModelConfig
 from qwenkit.errors import ModelIntegrityError
 from qwenkit.model import Qwen2ForCausalLM
 
+from .catalog import DEFAULT_MODEL
+from .resolve import resolve_model
+
 logger = logging.getLogger(__name__)
 
 # Sampling defaults of the Qwen2.5(-Coder) instruct models, used when the checkpoint carries no
@@ -35,8 +38,6 @@ class ModelSource:
 
 
 def resolve(spec: str | os.PathLike[str]) -> ModelSource:
-    from qwenkit.loaders.registry import resolve_model
-
     r = resolve_model(spec)
     return ModelSource(format=r.format, path=Path(r.path), name=r.name)
 
@@ -130,14 +131,11 @@ def load_model(
     quantization: str = "none",
 ) -> Qwen2ForCausalLM:
     """Load a model for scoring: ``model(input_ids (B, T)) -> logits (B, T, vocab)``."""
-    from qwenkit.loaders.registry import DEFAULT_MODEL
-
     return load(spec or DEFAULT_MODEL, dtype=dtype, device=device, quantization=quantization).model
 
 
 def load_tokenizer(spec: str | os.PathLike[str] | None = None) -> Any:
     from qwenkit.loaders.gguf import GGUFFile
-    from qwenkit.loaders.registry import DEFAULT_MODEL
     from qwenkit.tokenizer import Tokenizer
 
     src = resolve(spec or DEFAULT_MODEL)

@@ -358,6 +358,15 @@ def test_resolve_unknown_name(isolated: Path) -> None:
         catalog.get_entry("nope")
 
 
+def test_resolve_tokenizer_only_folder(isolated: Path, tmp_path: Path) -> None:
+    d = tmp_path / "tok"
+    d.mkdir()
+    (d / "tokenizer.json").write_text("{}")
+    with pytest.raises(UnknownModelError, match="no config.json"):
+        resolve_model(d)
+    assert resolve_model(d, tokenizer_only=True) == ResolvedModel("hf", d, "tok")
+
+
 def test_registry_module_reexports() -> None:
     from qwenkit.loaders import registry
 

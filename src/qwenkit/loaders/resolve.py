@@ -25,7 +25,7 @@ __all__ = ["ResolvedModel", "ensure_model_file", "pull", "resolve_model"]
 
 logger = logging.getLogger(__name__)
 
-# What a hub snapshot fetches for a model.
+# What a hub snapshot fetches for a model, and for its tokenizer alone.
 _HF_MODEL_PATTERNS: tuple[str, ...] = (
     "config.json",
     "generation_config.json",
@@ -37,6 +37,13 @@ _HF_MODEL_PATTERNS: tuple[str, ...] = (
     "added_tokens.json",
     "vocab.json",
     "merges.txt",
+)
+_HF_TOKENIZER_PATTERNS: tuple[str, ...] = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "generation_config.json",
+    "chat_template.jinja",
+    "chat_template.json",
 )
 _HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(?::[\w./-]+\.gguf)?$")
 
@@ -146,7 +153,7 @@ def _is_gguf_file(p: Path) -> bool:
         return False
 
 
-def _resolve_hub(spec: str) -> ResolvedModel:
+def _resolve_hub(spec: str, tokenizer_only: bool) -> ResolvedModel:
     repo_id, _, filename = spec.partition(":")
     entry = entry_for_repo(repo_id)
     if filename or repo_id.lower().endswith("-gguf"):
@@ -159,13 +166,16 @@ def _resolve_hub(spec: str) -> ResolvedModel:
                 )
         path = hub.download_file(repo_id, filename)
         return ResolvedModel("gguf", path, spec, entry if entry and filename == entry.hf_gguf_filename else None)
-    folder = hub.download_snapshot(repo_id, _HF_MODEL_PATTERNS)
-    if not (folder / "config.json").is_file():
-        raise ModelNotAvailableError(f"hub repo {repo_id!r} downloaded to {folder} but has no config.json")
+    patterns, needed = _HF_MODEL_PATTERNS, "config.json"
+    if tokenizer_only:
+        patterns, needed = _HF_TOKENIZER_PATTERNS, "tokenizer.json"
+    folder = hub.download_snapshot(repo_id, patterns)
+    if not (folder / needed).is_file():
+        raise ModelNotAvailableError(f"hub repo {repo_id!r} downloaded to {folder} but has no {needed}")
     return ResolvedModel("hf", folder, repo_id, None)
 
 
-def resolve_model(spec: str | os.PathLike[str]) -> ResolvedModel:
+def resolve_model(spec: str | os.PathLike[str], *, tokenizer_only: bool = False) -> ResolvedModel:
     """Resolve a model spec to local files, fetching when needed.
 
     In order: a registry name → :func:`ensure_model_file` (GGUF); an existing file → GGUF (``.gguf``
@@ -174,6 +184,9 @@ def resolve_model(spec: str | os.PathLike[str]) -> ResolvedModel:
     config/safetensors/tokenizer files, or for ``org/name-GGUF`` (optionally ``:file.gguf``) that
     one GGUF file. Raises :class:`UnknownModelError` (a ``ValueError``) when the spec is none of
     these, :class:`ModelNotAvailableError` when a fetch fails.
+
+    ``tokenizer_only``: a folder with ``tokenizer.json`` counts as an HF folder, and a hub id's
+    snapshot fetches only the tokenizer files (no weights).
     """
     if not isinstance(spec, (str, os.PathLike)):
         raise TypeError(f"model spec must be a str or path, got {type(spec).__name__}")
@@ -189,7 +202,7 @@ def resolve_model(spec: str | os.PathLike[str]) -> ResolvedModel:
             return ResolvedModel("gguf", p, p.name)
         raise UnknownModelError(f"{str(p)!r} is a file but not a GGUF file (no .gguf suffix or GGUF magic)")
     if p.is_dir():
-        if (p / "config.json").is_file():
+        if (p / "config.json").is_file() or (tokenizer_only and (p / "tokenizer.json").is_file()):
             return ResolvedModel("hf", p, p.name)
         ggufs = sorted(p.glob("*.gguf"))
         if len(ggufs) == 1:
@@ -199,7 +212,7 @@ def resolve_model(spec: str | os.PathLike[str]) -> ResolvedModel:
             + (f"{len(ggufs)} .gguf files ({', '.join(g.name for g in ggufs)})" if ggufs else "no .gguf file")
         )
     if isinstance(spec, str) and _HUB_ID_RE.match(text.strip()) and not text.startswith((".", "/", "~")):
-        return _resolve_hub(text.strip())
+        return _resolve_hub(text.strip(), tokenizer_only)
     raise UnknownModelError(
         f"unknown model {text!r}: not a registry name ({', '.join(sorted(REGISTRY))}), not an existing "
         ".gguf file or model folder, and not a Hugging Face hub id like 'Qwen/Qwen2.5-Coder-0.5B-Instruct'"

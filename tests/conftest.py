@@ -42,7 +42,7 @@ def tiny_hf_dir(tmp_path_factory: pytest.TempPathFactory, gguf_05b_path: Path) -
     from qwenkit.config import ModelConfig
     from qwenkit.loaders.hf import export_hf
     from qwenkit.model import Qwen2ForCausalLM
-    from qwenkit.tokenizer import Tokenizer
+    from qwenkit.loaders.gguf_tokenizer import tokenizer_from_gguf
     from tests.tiny import tiny_hf_config
 
     out = tmp_path_factory.mktemp("tiny_hf")
@@ -51,5 +51,5 @@ def tiny_hf_dir(tmp_path_factory: pytest.TempPathFactory, gguf_05b_path: Path) -
         tiny_hf_config(vocab_size=151936, num_hidden_layers=2, tie_word_embeddings=True, eos_token_id=151645)
     )
     model = Qwen2ForCausalLM(cfg).eval()
-    export_hf(model, out, tokenizer=Tokenizer.from_gguf(gguf_05b_path))
+    export_hf(model, out, tokenizer=tokenizer_from_gguf(gguf_05b_path))
     return out

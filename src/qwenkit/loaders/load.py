@@ -14,8 +14,12 @@ import torch
 from qwenkit.config import ModelConfig
 from qwenkit.errors import ModelIntegrityError
 from qwenkit.model import Qwen2ForCausalLM
+from qwenkit.tokenizer import Tokenizer
 
 from .catalog import DEFAULT_MODEL
+from .gguf import GGUFFile
+from .gguf_tokenizer import tokenizer_from_gguf
+from .hf import generation_config, hf_config, iter_hf_weights
 from .resolve import resolve_model
 
 logger = logging.getLogger(__name__)
@@ -37,8 +41,8 @@ class ModelSource:
     name: str
 
 
-def resolve(spec: str | os.PathLike[str]) -> ModelSource:
-    r = resolve_model(spec)
+def resolve(spec: str | os.PathLike[str], *, tokenizer_only: bool = False) -> ModelSource:
+    r = resolve_model(spec, tokenizer_only=tokenizer_only)
     return ModelSource(format=r.format, path=Path(r.path), name=r.name)
 
 
@@ -81,11 +85,8 @@ def load(
     """`quantization`: a `qwenkit.quant` method (``none``, ``auto``, ``int8``, ``int4``,
     ``mixed``, ... or a policy spec); weights are quantized after loading. A quantized
     checkpoint (``qwenkit quantize``) loads as stored, whatever this says."""
-    from qwenkit.loaders.gguf import GGUFFile
-    from qwenkit.loaders.hf import generation_config, hf_config, iter_hf_weights
     from qwenkit.quant import load_quantized, quantize_model, read_quantization_config, resolve_method
     from qwenkit.quant.convert import quantize_while_loading
-    from qwenkit.tokenizer import Tokenizer
 
     t0 = time.perf_counter()
     src = resolve(spec)
@@ -94,7 +95,7 @@ def load(
         gf = GGUFFile.open(src.path)
         config = gf.config()
         weights = gf.iter_weights(dtype=dtype, progress=progress)
-        tokenizer = Tokenizer.from_gguf(gf.reader)
+        tokenizer = tokenizer_from_gguf(gf.reader)
         gen = dict(QWEN_INSTRUCT_GENERATION_DEFAULTS)
         tensor_types = gf.tensor_types()
     else:
@@ -134,11 +135,12 @@ def load_model(
     return load(spec or DEFAULT_MODEL, dtype=dtype, device=device, quantization=quantization).model
 
 
-def load_tokenizer(spec: str | os.PathLike[str] | None = None) -> Any:
-    from qwenkit.loaders.gguf import GGUFFile
-    from qwenkit.tokenizer import Tokenizer
+def load_tokenizer(spec: str | os.PathLike[str] | None = None) -> Tokenizer:
+    """The tokenizer of a registry name, ``.gguf`` file, HF (tokenizer) folder or hub id.
 
-    src = resolve(spec or DEFAULT_MODEL)
+    A hub id fetches only the tokenizer files, not the weights.
+    """
+    src = resolve(spec or DEFAULT_MODEL, tokenizer_only=True)
     if src.format == "gguf":
-        return Tokenizer.from_gguf(GGUFFile.open(src.path).reader)
+        return tokenizer_from_gguf(GGUFFile.open(src.path).reader)
     return Tokenizer.from_hf_dir(src.path)

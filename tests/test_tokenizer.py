@@ -26,7 +26,9 @@ from typing import Any
 
 import pytest
 
+import qwenkit.loaders.gguf_tokenizer as gguf_tokenizer_module
 import qwenkit.tokenizer.tokenizer as tokenizer_module
+from qwenkit.loaders.gguf_tokenizer import tokenizer_from_gguf
 from qwenkit.tokenizer import QWEN_NON_SPECIAL_CONTROL_TOKENS, Tokenizer
 
 # ----------------------------------------------------------------------------- shared loaders
@@ -40,8 +42,8 @@ def _cached(key: str, factory: Any) -> Any:
 
 
 def load_ours_gguf(path: Path) -> Tokenizer:
-    """``Tokenizer.from_gguf`` on the real file (slow: ~20 s)."""
-    return _cached(f"ours_gguf:{path}", lambda: Tokenizer.from_gguf(path))
+    """``tokenizer_from_gguf`` on the real file (slow: ~20 s)."""
+    return _cached(f"ours_gguf:{path}", lambda: tokenizer_from_gguf(path))
 
 
 def hf_dir_for(config: pytest.Config, path: Path) -> Path:
@@ -49,7 +51,9 @@ def hf_dir_for(config: pytest.Config, path: Path) -> Path:
 
     def build() -> Path:
         st = path.stat()
-        code = hashlib.sha256(Path(tokenizer_module.__file__).read_bytes()).hexdigest()[:12]
+        code = hashlib.sha256(
+            b"".join(Path(m.__file__).read_bytes() for m in (tokenizer_module, gguf_tokenizer_module))
+        ).hexdigest()[:12]
         key = f"{st.st_size}_{st.st_mtime_ns}_{code}"
         try:
             root = Path(config.cache.mkdir("qwenkit_tokenizer")) / key  # type: ignore[union-attr]
@@ -338,7 +342,7 @@ def test_bad_inputs(ours: Tokenizer) -> None:
     with pytest.raises(ValueError):
         ours.encode_batch(["ok", 3])  # type: ignore[list-item]
     with pytest.raises(ValueError):
-        Tokenizer.from_gguf("/nonexistent/file.gguf")
+        tokenizer_from_gguf("/nonexistent/file.gguf")
     with pytest.raises(ValueError):
         Tokenizer.from_hf_dir("/nonexistent_dir")
     with pytest.raises(ValueError):

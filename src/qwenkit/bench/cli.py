@@ -68,7 +68,7 @@ def add_bench_parser(subparsers: Any) -> argparse.ArgumentParser:
         p = sub.add_parser(mode, help=helptext)
         add_arguments(p)
         p.set_defaults(func=cmd_side_by_side, mode=mode)
-    from qwenkit.loaders.registry import DEFAULT_MODEL
+    from qwenkit.loaders.catalog import DEFAULT_MODEL
 
     p = sub.add_parser("throughput", help="continuous batching: N requests at concurrency 1/4/16/64 vs llama.cpp")
     p.add_argument("model", nargs="?", default=DEFAULT_MODEL)

@@ -42,7 +42,7 @@ from typing import Any, Callable, Sequence
 
 from qwenkit.engine.llm_engine import LLMEngine
 from qwenkit.loaders.load import load, load_tokenizer, resolve
-from qwenkit.loaders.registry import DEFAULT_MODEL
+from qwenkit.loaders.catalog import DEFAULT_MODEL
 from qwenkit.quant.policy import method_names
 from qwenkit.quant.quality import humaneval_text
 from qwenkit.sampling_params import SamplingParams

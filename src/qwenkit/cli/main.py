@@ -22,7 +22,7 @@ def _threads(n: int | None) -> None:
 
 
 def add_model_arg(p: argparse.ArgumentParser, positional: bool = False) -> None:
-    from qwenkit.loaders.registry import DEFAULT_MODEL
+    from qwenkit.loaders.catalog import DEFAULT_MODEL
 
     if positional:
         p.add_argument("model", nargs="?", default=DEFAULT_MODEL, help="registry name, .gguf, HF folder or hub id")
@@ -65,7 +65,7 @@ def sampling_params(args: argparse.Namespace, generation_defaults: dict[str, Any
 
 
 def cmd_pull(args: argparse.Namespace) -> int:
-    from qwenkit.loaders.registry import ensure_model_file
+    from qwenkit.loaders.resolve import ensure_model_file
 
     path = ensure_model_file(args.name)
     print(path)
@@ -73,7 +73,7 @@ def cmd_pull(args: argparse.Namespace) -> int:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    from qwenkit.loaders.registry import list_models
+    from qwenkit.loaders.catalog import list_models
 
     for entry in list_models():
         print(entry)
@@ -257,7 +257,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from qwenkit.loaders.registry import DEFAULT_MODEL
+    from qwenkit.loaders.catalog import DEFAULT_MODEL
 
     parser = argparse.ArgumentParser(prog="qwenkit", description=__doc__)
     parser.add_argument("--log-level", default=os.environ.get("QWENKIT_LOG_LEVEL", "INFO"))

@@ -27,7 +27,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
 
 def add_quantize_parser(subparsers: Any) -> argparse.ArgumentParser:
-    from qwenkit.loaders.registry import DEFAULT_MODEL
+    from qwenkit.loaders.catalog import DEFAULT_MODEL
     from qwenkit.quant.policy import method_names
 
     p = subparsers.add_parser(

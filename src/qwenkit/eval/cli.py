@@ -149,7 +149,7 @@ def cmd_ppl(args: argparse.Namespace) -> int:
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    from qwenkit.loaders.registry import DEFAULT_MODEL
+    from qwenkit.loaders.catalog import DEFAULT_MODEL
 
     p.add_argument("model", nargs="?", default=DEFAULT_MODEL, help="registry name, .gguf, HF folder or hub id")
     p.add_argument("--output", "-o", default=None, help="write the results JSON here")

@@ -32,7 +32,7 @@ def cmd_eval_quant(args: argparse.Namespace) -> int:
 
 
 def add_eval_quant_parser(eval_subparsers: Any) -> argparse.ArgumentParser:
-    from qwenkit.loaders.registry import DEFAULT_MODEL
+    from qwenkit.loaders.catalog import DEFAULT_MODEL
     from qwenkit.quant.quality import DEFAULT_METHODS
 
     p = eval_subparsers.add_parser(

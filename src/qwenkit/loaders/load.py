@@ -14,10 +14,12 @@ import torch
 from qwenkit import cpu
 from qwenkit.config import ModelConfig
 from qwenkit.errors import ModelIntegrityError
+from qwenkit.loaders.catalog import DEFAULT_MODEL
 from qwenkit.loaders.gguf import GGUFFile
+from qwenkit.loaders.gguf_tokenizer import tokenizer_from_gguf
 from qwenkit.loaders.hf import generation_config, hf_config, iter_hf_weights
 from qwenkit.loaders.quantized import load_quantized, read_quantization_config
-from qwenkit.loaders.registry import DEFAULT_MODEL, resolve_model
+from qwenkit.loaders.resolve import resolve_model
 from qwenkit.model import Qwen2ForCausalLM
 from qwenkit.quant import quantize_model, resolve_method
 from qwenkit.quant.convert import quantize_while_loading
@@ -42,8 +44,8 @@ class ModelSource:
     name: str
 
 
-def resolve(spec: str | os.PathLike[str]) -> ModelSource:
-    r = resolve_model(spec)
+def resolve(spec: str | os.PathLike[str], *, tokenizer_only: bool = False) -> ModelSource:
+    r = resolve_model(spec, tokenizer_only=tokenizer_only)
     return ModelSource(format=r.format, path=Path(r.path), name=r.name)
 
 
@@ -94,7 +96,7 @@ def load(
         gf = GGUFFile.open(src.path)
         config = gf.config()
         weights = gf.iter_weights(dtype=dtype, progress=progress)
-        tokenizer = Tokenizer.from_gguf(gf.reader)
+        tokenizer = tokenizer_from_gguf(gf.reader)
         gen = dict(QWEN_INSTRUCT_GENERATION_DEFAULTS)
         tensor_types = gf.tensor_types()
     else:
@@ -136,8 +138,12 @@ def load_model(
     return load(spec or DEFAULT_MODEL, dtype=dtype, device=device, quantization=quantization).model
 
 
-def load_tokenizer(spec: str | os.PathLike[str] | None = None) -> Any:
-    src = resolve(spec or DEFAULT_MODEL)
+def load_tokenizer(spec: str | os.PathLike[str] | None = None) -> Tokenizer:
+    """The tokenizer of a registry name, ``.gguf`` file, HF (tokenizer) folder or hub id.
+
+    A hub id fetches only the tokenizer files, not the weights.
+    """
+    src = resolve(spec or DEFAULT_MODEL, tokenizer_only=True)
     if src.format == "gguf":
-        return Tokenizer.from_gguf(GGUFFile.open(src.path).reader)
+        return tokenizer_from_gguf(GGUFFile.open(src.path).reader)
     return Tokenizer.from_hf_dir(src.path)

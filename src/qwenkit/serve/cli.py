@@ -15,7 +15,7 @@ logger = logging.getLogger(__name__)
 
 
 def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
-    from qwenkit.loaders.registry import DEFAULT_MODEL
+    from qwenkit.loaders.catalog import DEFAULT_MODEL
 
     p = subparsers.add_parser("serve", help="OpenAI-compatible HTTP server (chat, completions, tools, metrics, web chat)")
     p.add_argument("model", nargs="?", default=DEFAULT_MODEL, help="registry name, .gguf, HF folder or hub id")

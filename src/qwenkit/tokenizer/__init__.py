@@ -4,9 +4,16 @@ from __future__ import annotations
 from .chat_template import ChatTemplate, get_json_schema, render_chat_template
 from .detokenizer import IncrementalDetokenizer
 from .fim import fim_prompt, repo_fim_prompt, repo_prompt
-from .tokenizer import QWEN2_PRETOKENIZE_REGEX, QWEN_NON_SPECIAL_CONTROL_TOKENS, Tokenizer
+from .tokenizer import (
+    DEFAULT_MAX_LENGTH,
+    QWEN2_PRETOKENIZE_REGEX,
+    QWEN_NON_SPECIAL_CONTROL_TOKENS,
+    Tokenizer,
+    qwen_bpe_backend,
+)
 
 __all__ = [
+    "DEFAULT_MAX_LENGTH",
     "QWEN2_PRETOKENIZE_REGEX",
     "QWEN_NON_SPECIAL_CONTROL_TOKENS",
     "ChatTemplate",
@@ -14,6 +21,7 @@ __all__ = [
     "Tokenizer",
     "fim_prompt",
     "get_json_schema",
+    "qwen_bpe_backend",
     "render_chat_template",
     "repo_fim_prompt",
     "repo_prompt",

@@ -2,8 +2,11 @@
 
 The tokenizer can be built from two sources that describe the same thing:
 
-* GGUF metadata (``tokenizer.ggml.*`` keys, read with :class:`gguf.GGUFReader`), and
-* a Hugging Face folder (``tokenizer.json`` + ``tokenizer_config.json`` [+ ``generation_config.json``]).
+* a byte-level BPE vocabulary + merges + control tokens (:func:`qwen_bpe_backend`); this is how
+  :mod:`qwenkit.loaders.gguf_tokenizer` builds it from GGUF metadata, which this package does
+  not parse, and
+* a Hugging Face folder (``tokenizer.json`` + ``tokenizer_config.json`` [+ ``generation_config.json``]),
+  the format :meth:`Tokenizer.save_hf` writes, read by :meth:`Tokenizer.from_hf_dir`.
 
 Facts implemented here (SPEC §1):
 
@@ -25,7 +28,7 @@ import os
 from collections.abc import Iterable, Mapping, Sequence
 from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from tokenizers import AddedToken, Regex, decoders, normalizers, pre_tokenizers, processors
 from tokenizers import Tokenizer as _HFTokenizer
@@ -33,14 +36,13 @@ from tokenizers.models import BPE
 
 from .chat_template import ChatTemplate, Message, Tool
 
-if TYPE_CHECKING:  # pragma: no cover
-    import gguf
-
 __all__ = [
+    "DEFAULT_MAX_LENGTH",
     "QWEN2_PRETOKENIZE_REGEX",
     "QWEN_NON_SPECIAL_CONTROL_TOKENS",
     "Tokenizer",
     "bytes_to_unicode",
+    "qwen_bpe_backend",
 ]
 
 logger = logging.getLogger(__name__)
@@ -68,10 +70,8 @@ QWEN_NON_SPECIAL_CONTROL_TOKENS: frozenset[str] = frozenset(
 
 # Qwen's stop tokens: instruct models end turns with <|im_end|>, base models with <|endoftext|>.
 _QWEN_STOP_TOKENS = ("<|im_end|>", "<|endoftext|>")
-_DEFAULT_MAX_LENGTH = 32768
-
-# GGUF token types (llama.cpp's ``llama_token_type``).
-_TT_NORMAL, _TT_UNKNOWN, _TT_CONTROL, _TT_USER_DEFINED, _TT_UNUSED, _TT_BYTE = 1, 2, 3, 4, 5, 6
+#: ``model_max_length`` when the source does not give one (Qwen2.5's context length).
+DEFAULT_MAX_LENGTH = 32768
 
 
 @lru_cache(maxsize=1)
@@ -103,12 +103,26 @@ def _byte_translation() -> dict[int, str]:
     return table
 
 
-def _qwen_backend(vocab: dict[str, int], merges: list[tuple[str, str]]) -> _HFTokenizer:
-    """A bare ``tokenizers.Tokenizer`` with Qwen2's pipeline (no added tokens yet)."""
+def qwen_bpe_backend(
+    tokens: Sequence[str],
+    merges: Iterable[tuple[str, str]],
+    added_tokens: Iterable[tuple[str, bool]] = (),
+) -> _HFTokenizer:
+    """A ``tokenizers.Tokenizer`` with Qwen2's pipeline over a byte-level BPE vocabulary.
+
+    ``tokens[i]`` is the byte-level spelling of id ``i``; ``merges`` are BPE merge pairs in rank
+    order; ``added_tokens`` are ``(content, special)`` control tokens, each already in ``tokens``.
+    Raises ``ValueError`` for a duplicate token. Pass the result to :class:`Tokenizer`.
+    """
+    vocab: dict[str, int] = {}
+    for i, t in enumerate(tokens):
+        if t in vocab:
+            raise ValueError(f"duplicate token {t!r} at ids {vocab[t]} and {i}")
+        vocab[t] = i
     tok = _HFTokenizer(
         BPE(
             vocab=vocab,
-            merges=merges,
+            merges=list(merges),
             dropout=None,
             unk_token=None,
             continuing_subword_prefix="",
@@ -126,23 +140,22 @@ def _qwen_backend(vocab: dict[str, int], merges: list[tuple[str, str]]) -> _HFTo
     )
     tok.post_processor = processors.ByteLevel(trim_offsets=False)
     tok.decoder = decoders.ByteLevel()
+    # All added tokens already have ids in the vocabulary, so order does not matter here.
+    tok.add_tokens(
+        [
+            AddedToken(t, single_word=False, lstrip=False, rstrip=False, normalized=False, special=special)
+            for t, special in added_tokens
+        ]
+    )
     return tok
-
-
-def _field_value(reader: Any, key: str, default: Any = None) -> Any:
-    """A metadata value from a `gguf.GGUFReader` (fields with `.contents()`) or qwenkit's
-    `FastGGUFReader` (plain Python values)."""
-    field = reader.fields.get(key)
-    if field is None:
-        return default
-    return field.contents() if hasattr(field, "contents") else field
 
 
 class Tokenizer:
     """Qwen2.5 tokenizer: encode / decode / chat templates / export to a HF folder.
 
-    Construct it with :meth:`from_gguf`, :meth:`from_hf_dir` or :meth:`from_pretrained`; the
-    constructor takes an already configured ``tokenizers.Tokenizer``.
+    Construct it with :meth:`from_hf_dir`, or pass an already configured ``tokenizers.Tokenizer``
+    (e.g. from :func:`qwen_bpe_backend`) to the constructor. Loading by model name, ``.gguf``
+    file or hub id is :func:`qwenkit.load_tokenizer`.
 
     Contracts:
 
@@ -162,7 +175,7 @@ class Tokenizer:
         pad_token: str | None = "<|endoftext|>",
         bos_token: str | None = None,
         extra_eos_token_ids: Iterable[int] = (),
-        model_max_length: int = _DEFAULT_MAX_LENGTH,
+        model_max_length: int = DEFAULT_MAX_LENGTH,
         unused_token_ids: Iterable[int] = (),
     ) -> None:
         if not isinstance(backend, _HFTokenizer):
@@ -202,124 +215,6 @@ class Tokenizer:
         self._compiled_templates: dict[str, ChatTemplate] = {}
 
     # ------------------------------------------------------------------ construction
-    @classmethod
-    def from_gguf(
-        cls,
-        path_or_reader: str | os.PathLike[str] | gguf.GGUFReader,
-        *,
-        non_special_tokens: Iterable[str] = QWEN_NON_SPECIAL_CONTROL_TOKENS,
-    ) -> Tokenizer:
-        """Build the tokenizer from GGUF metadata.
-
-        Reads ``tokenizer.ggml.{model,pre,tokens,token_type,merges,eos_token_id,padding_token_id}``
-        and ``tokenizer.chat_template``. Tokens of type CONTROL / USER_DEFINED become added
-        tokens (special unless listed in ``non_special_tokens`` or USER_DEFINED); UNUSED
-        ``[PAD…]`` fillers stay plain vocabulary entries. The GGUF's BOS id / ``add_bos_token``
-        are ignored: Qwen never prepends a BOS token.
-
-        Args:
-            path_or_reader: a ``.gguf`` path or an open :class:`gguf.GGUFReader` (pass the
-                reader when the weights loader already has one: parsing a file takes seconds).
-            non_special_tokens: control-token strings to register with ``special=False``.
-        """
-        import gguf
-
-        from qwenkit.loaders.gguf_reader import FastGGUFReader
-
-        if isinstance(path_or_reader, (gguf.GGUFReader, FastGGUFReader)):
-            reader = path_or_reader
-        else:
-            path = Path(path_or_reader)
-            if not path.is_file():
-                raise ValueError(f"GGUF file not found: {path}")
-            reader = FastGGUFReader(path)
-
-        model = _field_value(reader, "tokenizer.ggml.model")
-        if model is None:
-            raise ValueError("GGUF file has no tokenizer metadata (tokenizer.ggml.model missing)")
-        if model != "gpt2":
-            raise ValueError(f"unsupported GGUF tokenizer model {model!r}: only byte-level BPE ('gpt2')")
-        pre = _field_value(reader, "tokenizer.ggml.pre")
-        if pre not in (None, "qwen2"):
-            logger.warning("GGUF pre-tokenizer is %r; using the Qwen2 split regex anyway", pre)
-
-        tokens: list[str] = list(_field_value(reader, "tokenizer.ggml.tokens") or [])
-        if not tokens:
-            raise ValueError("GGUF file has an empty tokenizer.ggml.tokens")
-        token_types: list[int] = list(_field_value(reader, "tokenizer.ggml.token_type") or [])
-        if token_types and len(token_types) != len(tokens):
-            raise ValueError(
-                f"tokenizer.ggml.token_type has {len(token_types)} entries for {len(tokens)} tokens"
-            )
-        if not token_types:
-            token_types = [_TT_NORMAL] * len(tokens)
-        raw_merges: list[str] = list(_field_value(reader, "tokenizer.ggml.merges") or [])
-        merges: list[tuple[str, str]] = []
-        for m in raw_merges:
-            parts = m.split(" ")
-            if len(parts) != 2:
-                raise ValueError(f"malformed BPE merge {m!r} in GGUF metadata")
-            merges.append((parts[0], parts[1]))
-
-        vocab: dict[str, int] = {}
-        for i, t in enumerate(tokens):
-            if t in vocab:
-                raise ValueError(f"duplicate token {t!r} at ids {vocab[t]} and {i}")
-            vocab[t] = i
-        backend = _qwen_backend(vocab, merges)
-
-        non_special = frozenset(non_special_tokens)
-        added: list[AddedToken] = []
-        unused: list[int] = []
-        for i, (t, tt) in enumerate(zip(tokens, token_types)):
-            if tt == _TT_CONTROL or tt == _TT_USER_DEFINED:
-                special = tt == _TT_CONTROL and t not in non_special
-                added.append(
-                    AddedToken(t, single_word=False, lstrip=False, rstrip=False, normalized=False, special=special)
-                )
-            elif tt == _TT_UNUSED:
-                unused.append(i)
-        # All added tokens already have ids in the vocabulary, so order does not matter here.
-        backend.add_tokens(added)
-
-        def tok_at(key: str) -> str | None:
-            idx = _field_value(reader, key)
-            if idx is None:
-                return None
-            idx = int(idx)
-            if not 0 <= idx < len(tokens):
-                raise ValueError(f"{key}={idx} is outside the vocabulary")
-            return tokens[idx]
-
-        eos_token = tok_at("tokenizer.ggml.eos_token_id")
-        pad_token = tok_at("tokenizer.ggml.padding_token_id")
-        bos_id = _field_value(reader, "tokenizer.ggml.bos_token_id")
-        if bos_id is not None or _field_value(reader, "tokenizer.ggml.add_bos_token"):
-            logger.debug(
-                "ignoring GGUF bos_token_id=%s add_bos_token=%s: Qwen adds no BOS",
-                bos_id,
-                _field_value(reader, "tokenizer.ggml.add_bos_token"),
-            )
-        arch = _field_value(reader, "general.architecture")
-        ctx = _field_value(reader, f"{arch}.context_length") if arch else None
-        template = _field_value(reader, "tokenizer.chat_template")
-        templates: dict[str, str] = {}
-        if template is not None:
-            templates["default"] = str(template)
-        # llama.cpp stores extra named templates as tokenizer.chat_template.<name>
-        for key in reader.fields:
-            if key.startswith("tokenizer.chat_template."):
-                templates[key.split(".", 2)[2]] = str(_field_value(reader, key))
-        return cls(
-            backend,
-            chat_template=templates or None,
-            eos_token=eos_token,
-            pad_token=pad_token,
-            bos_token=None,
-            model_max_length=int(ctx) if ctx else _DEFAULT_MAX_LENGTH,
-            unused_token_ids=unused,
-        )
-
     @classmethod
     def from_hf_dir(cls, path: str | os.PathLike[str]) -> Tokenizer:
         """Build the tokenizer from a Hugging Face folder.
@@ -394,9 +289,9 @@ class Tokenizer:
             elif isinstance(eid, list):
                 extra_eos.extend(int(i) for i in eid)
 
-        max_len = cfg.get("model_max_length", _DEFAULT_MAX_LENGTH)
+        max_len = cfg.get("model_max_length", DEFAULT_MAX_LENGTH)
         if not isinstance(max_len, (int, float)) or max_len > 10**9:  # HF's "very large" sentinel
-            max_len = _DEFAULT_MAX_LENGTH
+            max_len = DEFAULT_MAX_LENGTH
         default_eos = "<|im_end|>" if backend.token_to_id("<|im_end|>") is not None else None
         vocab_size = backend.get_vocab_size(with_added_tokens=True)
         unused = [i for i in range(vocab_size) if (backend.id_to_token(i) or "") == f"[PAD{i}]"]
@@ -410,33 +305,6 @@ class Tokenizer:
             model_max_length=int(max_len),
             unused_token_ids=unused,
         )
-
-    @classmethod
-    def from_pretrained(cls, name_or_path: str | os.PathLike[str], **kwargs: Any) -> Tokenizer:
-        """Load from a ``.gguf`` file, a HF folder, or (when online) a Hugging Face hub id."""
-        p = Path(name_or_path)
-        if p.is_file():
-            if p.suffix.lower() != ".gguf":
-                raise ValueError(f"{p} is a file but not a .gguf file")
-            return cls.from_gguf(p, **kwargs)
-        if p.is_dir():
-            return cls.from_hf_dir(p)
-        name = str(name_or_path)
-        if name.count("/") != 1:
-            raise ValueError(f"{name!r} is neither an existing path nor a hub id of the form 'org/name'")
-        from huggingface_hub import snapshot_download
-
-        local = snapshot_download(
-            name,
-            allow_patterns=[
-                "tokenizer.json",
-                "tokenizer_config.json",
-                "generation_config.json",
-                "chat_template.jinja",
-                "chat_template.json",
-            ],
-        )
-        return cls.from_hf_dir(local)
 
     # ------------------------------------------------------------------ basic properties
     @property

@@ -20,7 +20,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from qwenkit.cpu import cgemv
+from qwenkit.cpu import build, cgemv
 from qwenkit.quant import kernels
 from qwenkit.quant.numerics import (
     dequantize_int8,
@@ -162,8 +162,6 @@ def main(argv: list[str] | None = None) -> int:
     ms = [int(m) for m in args.m.split(",")]
     only = set(args.kernels.split(",")) if args.kernels else None
     results: list[KernelResult] = []
-    from qwenkit.cpu import build
-
     print(f"qwenkit C kernels: {build.isa() or 'not built (torch kernels only)'}; {args.threads} threads", flush=True)
     with torch.inference_mode():
         for name in args.shapes.split(","):

@@ -23,6 +23,7 @@ import torch
 
 from qwenkit.engine.llm_engine import LLMEngine
 from qwenkit.engine.outputs import RequestOutputKind
+from qwenkit.loaders.load import load
 from qwenkit.sampling_params import SamplingParams
 
 # Token ids drawn for prompts stay below the first control token of Qwen2.5 (151643).
@@ -177,8 +178,6 @@ def run_throughput(
         stream.flush()
 
     if isinstance(model, (str, os.PathLike)):
-        from qwenkit.loaders.load import load
-
         model = load(model, quantization=quantization)
     gguf = _gguf_path(model)
     config = model.config

@@ -7,14 +7,15 @@ import json
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from qwenkit.loaders.catalog import DEFAULT_MODEL
+from qwenkit.loaders.load import load
+from qwenkit.quant.quality import DEFAULT_METHODS, compare, format_table, humaneval_text, rows_as_dicts
+
 
 def cmd_eval_quant(args: argparse.Namespace) -> int:
     """Perplexity + top-1 agreement of each method vs the fp32-dequantized model (a table)."""
-    import torch
-
-    from qwenkit.loaders.load import load
-    from qwenkit.quant.quality import compare, format_table, humaneval_text, rows_as_dicts
-
     if args.threads:
         torch.set_num_threads(args.threads)
     results: dict[str, Any] = {}
@@ -32,9 +33,6 @@ def cmd_eval_quant(args: argparse.Namespace) -> int:
 
 
 def add_eval_quant_parser(eval_subparsers: Any) -> argparse.ArgumentParser:
-    from qwenkit.loaders.catalog import DEFAULT_MODEL
-    from qwenkit.quant.quality import DEFAULT_METHODS
-
     p = eval_subparsers.add_parser(
         "quant", help="perplexity and top-1 agreement of each quantization method vs fp32"
     )

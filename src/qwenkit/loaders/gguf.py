@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from qwenkit.config import ModelConfig
 from qwenkit.errors import ModelIntegrityError
+from qwenkit.loaders.gguf_quants import dequantize
 from qwenkit.loaders.gguf_reader import FastGGUFReader, GGUFFormatError
 
 logger = logging.getLogger(__name__)
@@ -136,8 +137,6 @@ class GGUFFile:
 
     def _dequantize(self, t: Any) -> torch.Tensor:
         """One tensor of the file as fp32; errors name the file and the tensor."""
-        from qwenkit.loaders.gguf_quants import dequantize
-
         shape = tuple(int(x) for x in reversed(t.shape))  # GGUF lists dims fastest-first
         try:
             w = dequantize(t.data, t.tensor_type, shape)

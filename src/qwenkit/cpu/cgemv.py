@@ -10,8 +10,9 @@
   8-bit codes.
 
 Why: torch's `_weight_int8pack_mm` / `_weight_int4pack_mm_for_cpu` need bf16 activations (two
-extra cast passes, bf16 rounding of x and y) and reach only ~4-10 GB/s at M=1 here, while decode
-is bound by streaming the weights (~20 GB/s available), and they fall off quickly as M grows.
+extra cast passes, bf16 rounding of x and y) and stream the weights well below the memory
+bandwidth at M=1, which is what bounds decode, and they fall off quickly as M grows
+(`qwenkit bench kernels`).
 
 Built with the rest of qwenkit's C kernels by `qwenkit.cpu.build` (sources in
 `qwenkit/cpu/csrc`). Set ``QWENKIT_CKERNELS=0`` to disable them (the torch kernels are used

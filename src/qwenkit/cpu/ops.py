@@ -1,8 +1,8 @@
 """Fused CPU ops for inference: one C call instead of a chain of small eager torch ops.
 
 In the decode step every tensor outside the big projections is a few KB, so each eager torch op
-costs its dispatch and allocation (~3-10 us here), not its arithmetic: a Qwen2 layer spent
-~0.5 ms/token in ~40 of them. These ops (`csrc/ops_avx2.c`) do the same math in one pass:
+costs its dispatch and allocation, not its arithmetic, and a Qwen2 layer runs ~40 of them.
+These ops (`csrc/ops_avx2.c`) do the same math in one pass:
 
 * `rms_norm` — RMSNorm (HF numerics: fp32, x * rsqrt(mean(x^2) + eps), then * weight);
 * `silu_and_mul` — SwiGLU's silu(gate) * up over the fused gate|up projection output;
@@ -11,7 +11,7 @@ costs its dispatch and allocation (~3-10 us here), not its arithmetic: a Qwen2 l
   GQA, reading keys through a block table (the engine's paged cache, or one block per sequence
   for a contiguous cache) — no gather copy, no mask.
 
-`enabled(*tensors)` says when the layers may call them: CPU fp32 tensors, the library built, no
+`enabled(*tensors)` says when the fused modules (`modules.py`) may call them: CPU fp32 tensors, the library built, no
 autograd graph to record (training keeps the torch expressions), and not under `torch.compile`
 (inductor fuses the torch expressions itself). Everywhere else the callers run torch.
 """

@@ -122,7 +122,7 @@ def quantize_while_loading(
     """Pass a checkpoint stream of (HF name, tensor) through to ``model.load_weights``, quantizing
     each module as soon as the last of its tensors has been loaded (and dropping its fp32
     weight), so the whole fp32 model never exists at once: peak memory is the quantized model
-    plus what is in flight, not fp32 + quantized (0.5B: 4.1 -> 2.2 GB). Any tensor order works;
+    plus what is in flight, not fp32 + quantized (peak RSS: docs/benchmarks.md). Any tensor order works;
     modules left over (a tied embedding/head, missing tensors) are for `quantize_model` after
     the load, which also records the policy."""
     if isinstance(policy, str):

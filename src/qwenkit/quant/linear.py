@@ -8,10 +8,10 @@ x, y, b in fp32. The kernel is picked per call by the number of rows M of x:
   M (decode, batched decode, prefill) runs the int8-activation kernels: x is quantized per
   block (one fp32 scale each, as llama.cpp's Q8 activations; `cgemv.act_format`) and the weights
   stay int8 / int4 through integer dot products. int8 weights are stored in the kernel's tiled
-  layout (`cgemv.pack_q8`), int4 in qwenkit's block layout (`kernels.BlockInt4Weight`). int8
-  reaches 440-540 GOP/s at M=512 here (VNNI), int4 180-210, both above torch's fp32 GEMM
-  (~180-200 GFLOP/s) and dequantize + fp32 GEMM; one kernel at every M also makes a row's
-  result independent of the batch (prefill == decode numerics).
+  layout (`cgemv.pack_q8`), int4 in qwenkit's block layout (`kernels.BlockInt4Weight`). Both
+  run faster than torch's fp32 GEMM and than dequantize + fp32 GEMM at every M
+  (docs/benchmarks.md); one kernel at every M also makes a row's result independent of the
+  batch (prefill == decode numerics).
 * Without the C kernels: ``M <= small_m`` runs torch's `_weight_int8pack_mm` /
   `_weight_int4pack_mm_for_cpu`, which are fast only with bf16 activations, so x is cast to
   bf16 around them and y back to fp32; larger M dequantizes W to fp32 a few hundred rows at a

@@ -104,19 +104,10 @@ def resolve_method(method: str) -> str:
 
     ``auto`` = the fastest method whose perplexity stays within 2% of the fp32-dequantized model
     (`qwenkit eval quant`), where "fastest" counts batched decode, prefill and serving, not only
-    one stream. Measured on Qwen2.5-Coder-0.5B (HumanEval text, 8 windows x 512, 2040 scored
-    tokens; fp32 ppl 2.2575; ``@decode`` = through the decode kernels), AVX512-VNNI build:
-
-        int8 +0.07% (top-1 0.992; 8-bit activations per 128) | int4-all@decode +1.09% (0.958)
-        (AVX2 build, 7-bit activations per 32: int8 +0.15% / 0.989; int4-g32 +0.73% / 0.970)
-
-    Every one passes the bar. Speed on the 0.5B (2 threads, this CPU, same-run ratios to
-    llama.cpp on the Q4_K_M file): int8 single-stream decode 1.35x (at the memory roof: 494 MB
-    a token at ~33 GB/s), batched decode 2.2-2.8x, prefill 2.3x; int4-all reads fewer bytes
-    (1.57x in one stream) but its kernel needs ~2x the fp work per weight of int8's (a scale
-    per 32 weights and row vs one per 128 columns), so it loses from ~16 rows on and in
-    prefill. int8 also keeps the best quality. So int8; ``int4-all`` is the single-stream pick
-    (and the one that fits a 1.5B decode near llama.cpp's 4-bit file).
+    one stream. That is int8: the best quality of the formats, and the fastest from a few rows
+    on, because its kernel does half the floating-point work per weight of int4's (one scale
+    per 128 columns with VNNI vs one per 32 weights and row). ``int4-all`` reads the fewest
+    bytes per token, so it is the single-stream pick. Measurements: docs/benchmarks.md.
     """
     return AUTO_METHOD if method == "auto" else method
 

@@ -1,8 +1,8 @@
 /* The decoder layers of one decode step in one C call (CPU inference, quantized linears).
  *
  * A decode step of the 0.5B runs 24 layers x ~12 ops; called one by one from Python each op
- * costs its module call, dispatch, allocation and ctypes crossing (~8 ms/token in all, a
- * quarter of the step). Here the same kernels run back to back from C, in the same order and
+ * costs its module call, dispatch, allocation and ctypes crossing (about a quarter of the
+ * step: docs/benchmarks.md). Here the same kernels run back to back from C, in the same order and
  * with the same roundings as the per-op path (qwenkit.model + qwenkit.cpu.ops + the quantized
  * linears' small-M kernels), so the hidden states come out bit-identical:
  *

@@ -20,8 +20,8 @@
  *                  tiles of NRW rows (qk_q8_tile_rows; the last tile takes the N % NRW rest):
  *                  a tile of r rows holds, per 32 columns, 32 bytes of each of its r rows in
  *                  turn, so the kernel reads its weights as one sequential stream (row-major
- *                  rows are r interleaved streams: measured 20-30% slower from 16 rows up, cold
- *                  weights; llama.cpp repacks its Q4_0/Q8_0 the same way).
+ *                  rows would be r interleaved streams, slower on cold weights; llama.cpp
+ *                  repacks its Q4_0/Q8_0 the same way).
  *   qk_gemm_q4:    y[m,n] = sum_b (sc[n,g(b)] dx[m,b] <c[n,b], xq[m,b]>) + zp[n,g] * xs[m,b]
  *                  with w = (c - 8) * sc + z  (c in 0..15), zp = z - 8 sc; codes packed per
  *                  64 columns as 32 bytes: byte j = c[j] | c[j + 32] << 4; sc, z bf16 (N, G),
@@ -70,8 +70,8 @@ int64_t qk_q8_tile_rows(void) { return NRW; }
 int64_t qk_q8_act_max(void) { return (int64_t)Q8_QMAX; }
 int64_t qk_q8_act_block(void) { return QA8; }
 
-/* Weights are prefetched this many rows ahead (both kernels): the hardware prefetcher alone left
- * the cold-weight stream ~15% slower (lm_head, M=1; distances 2..8 measured). */
+/* Weights are prefetched this many rows ahead (both kernels): the hardware prefetcher alone
+ * leaves the cold-weight stream slower (`qwenkit bench kernels`, lm_head at M=1). */
 #define PREFETCH_ROWS 4
 
 static inline void prefetch_bytes(const void *p, int64_t n) {
@@ -163,10 +163,8 @@ void qk_quant_act_q4(const float *x, int8_t *xq, float *dx, float *xs, int64_t M
 /* ns sub-blocks of 32 columns starting at column c0 into the int32 sums ia.
  * pf: prefetch the weights PREFETCH_ROWS * K bytes ahead in the tile stream as they are read,
  * into L2 only (the first pass over a tile; the tiled layout makes the stream contiguous).
- * Measured against one burst per tile: a burst of K/64 lines queued the demand loads behind it
- * (1.5B down_proj, K = 8960: 387 -> 549 GOP/s at 16 rows, ~10% at M=1), and pulling the tiles
- * into L1 (T0) evicted the tile in use while it was read 4 activation rows at a time (at 16
- * rows T0 ran 1.3-1.5x slower). */
+ * Not one burst per tile: a burst of K/64 lines queues the demand loads behind it; not into L1
+ * (T0): that evicts the tile in use while it is read 4 activation rows at a time. */
 ALWAYS_INLINE void q8_sub(const int NR, const int R, const int ns, const int8_t *w, const int8_t *xq, int64_t c0,
                           int64_t K, __m256i ia[NRW][MB], const int pf) {
     const __m256i flip = _mm256_set1_epi8((char)0x80);

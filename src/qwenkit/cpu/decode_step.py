@@ -137,7 +137,7 @@ class _Plan:
         # kept only while nothing changed either): (container, key, object) entries, tensors
         # with their storage, and modules with their class and whether they had hooks.
         self.watch: list[tuple[dict[str, Any], str, Any]] = []
-        self.ptrs: list[tuple[torch.Tensor, int]] = []
+        self.tensors: list[tuple[dict[str, Any], str, torch.Tensor, int]] = []
         self.modules: list[tuple[nn.Module, type, bool]] = []
         self._watch_module(model, "norm")
         self._watch_module(model, "layers")
@@ -203,16 +203,17 @@ class _Plan:
                 self.watch.append((m._modules, name, child))
             for store in (m._parameters, m._buffers):
                 for name, t in store.items():
-                    self.watch.append((store, name, t))
-                    if t is not None:
-                        self.ptrs.append((t, t.data_ptr()))
+                    if t is None:
+                        self.watch.append((store, name, t))
+                    else:
+                        self.tensors.append((store, name, t, t.data_ptr()))
             self.modules.append((m, type(m), _hooked(m)))
 
     def current(self) -> bool:
         """The tree still holds the same modules and tensors, on the same storage."""
         return (
             all(c.get(k) is o for c, k, o in self.watch)
-            and all(t.data_ptr() == p for t, p in self.ptrs)
+            and all(c.get(k) is t and t.data_ptr() == p for c, k, t, p in self.tensors)
             and all(type(m) is cls and _hooked(m) == hooked for m, cls, hooked in self.modules)
         )
 

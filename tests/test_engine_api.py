@@ -113,3 +113,25 @@ def test_seeded_llm_generate_matches_batch_of_one(model) -> None:
     alone = LLM(model, kv_cache_memory="1MiB").generate(prompts[3], p, use_tqdm=False)
     batch = LLM(model, kv_cache_memory="1MiB", max_num_seqs=3).generate(prompts, p, use_tqdm=False)
     assert batch[3].outputs[0].token_ids == alone[0].outputs[0].token_ids
+
+
+def test_llm_constructor_as_vllm_users_write_it(tiny_hf_dir) -> None:
+    """LLM(path) loads with the same default runtime as the CLI/server (auto = int8), and takes
+    vLLM's loading arguments by keyword."""
+    from qwenkit.quant import Int8Linear
+
+    default = LLM(model=str(tiny_hf_dir), max_model_len=64)
+    lm_head = default.llm_engine.model.lm_head
+    assert isinstance(lm_head, Int8Linear)
+    fp32 = LLM(str(tiny_hf_dir), quantization="none", dtype="float32", seed=1, max_model_len=64)
+    assert isinstance(fp32.llm_engine.model.lm_head, torch.nn.Linear)
+    assert fp32.llm_engine.max_model_len == 64
+    # seed= seeds the global generator: unseeded requests repeat run to run
+    p = SamplingParams(temperature=1.0, max_tokens=8, ignore_eos=True)
+    a = LLM(str(tiny_hf_dir), quantization="none", seed=7).generate([[1, 2, 3]], p, use_tqdm=False)
+    b = LLM(str(tiny_hf_dir), quantization="none", seed=7).generate([[1, 2, 3]], p, use_tqdm=False)
+    assert a[0].outputs[0].token_ids == b[0].outputs[0].token_ids
+    with pytest.raises(ValueError, match="dtype"):
+        LLM(str(tiny_hf_dir), dtype="float64")
+    with pytest.raises(ValueError, match="quantization"):
+        LLM(default.llm_engine.model, quantization="int8")

@@ -216,3 +216,41 @@ def test_echo_with_logprobs_has_prompt_logprobs(client: TestClient, tok: Any) ->
     events = [json.loads(x[6:]) for x in streamed.text.split("\n") if x.startswith("data: {")]
     got = [v for e in events for c in e["choices"] if c.get("logprobs") for v in c["logprobs"]["token_logprobs"]]
     assert got == lp["token_logprobs"]
+
+
+@pytest.mark.slow
+def test_fim_middle_matches_transformers_greedy(gguf_05b_path: Path) -> None:
+    """Qwen2.5-Coder-0.5B-Instruct: the server's `suffix` middle (greedy) equals transformers'
+    greedy continuation of the hand-built FIM prompt, cut at the first FIM end token. (This
+    instruct checkpoint writes no end token after the middle: it goes on past it, repeating the
+    suffix, so both run to max_tokens; base Coder checkpoints end with <|endoftext|>.)"""
+    import transformers
+
+    from qwenkit.serve.app import create_app
+    from qwenkit.serve.engine_client import load_engine_client
+    from qwenkit.serve.settings import ServerSettings
+    from qwenkit.tokenizer.fim import FIM_END_TOKENS
+
+    prefix = "def quicksort(arr):\n    if len(arr) <= 1:\n        return arr\n    pivot = arr[len(arr) // 2]\n"
+    suffix = "\n    return quicksort(left) + middle + quicksort(right)\n"
+    settings = ServerSettings(model=str(gguf_05b_path), structured_warmup=False)
+    engine = load_engine_client(gguf_05b_path, max_model_len=1024, kv_cache_memory="256MiB")
+    with TestClient(create_app(settings, lambda: engine)) as c:
+        deadline = time.monotonic() + 120
+        while c.get("/ready").status_code != 200 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        body = {"prompt": prefix, "suffix": suffix, "max_tokens": 64, "temperature": 0}
+        r = c.post("/v1/completions", json=body).json()
+    choice = r["choices"][0]
+    tok = engine.tokenizer
+    ids = tok.encode(f"<|fim_prefix|>{prefix}<|fim_suffix|>{suffix}<|fim_middle|>")
+    assert r["usage"]["prompt_tokens"] == len(ids)
+    stops = {tok.token_to_id(t) for t in FIM_END_TOKENS} | set(engine.eos_token_ids)
+    ref = transformers.AutoModelForCausalLM.from_pretrained(
+        gguf_05b_path.parent, gguf_file=gguf_05b_path.name, dtype=torch.float32
+    ).eval()
+    out = ref.generate(torch.tensor([ids]), max_new_tokens=64, do_sample=False, eos_token_id=sorted(stops), pad_token_id=0)
+    new = out[0, len(ids):].tolist()
+    end = next((i for i, t in enumerate(new) if t in stops), len(new))
+    assert choice["text"] == tok.decode(new[:end], skip_special_tokens=True)
+    assert choice["text"].strip() and choice["finish_reason"] == ("stop" if end < len(new) else "length")

@@ -93,6 +93,13 @@ class SamplingParams:
     `min_p == 0` disable those filters. Penalties follow vLLM/OpenAI semantics: presence and
     frequency penalties act on generated tokens; the repetition penalty (CTRL-style: divide
     positive logits, multiply negative ones) acts on prompt and generated tokens.
+
+    Logits processors (applied by the engine, batched, in vLLM's order): `structured_outputs`
+    masks, then `allowed_token_ids`, `bad_words`, `min_tokens` (stop ids masked) and
+    `logit_bias`, then penalties and temperature. `logprobs` / `prompt_logprobs` are the model's
+    raw log-probs (vLLM's default `logprobs_mode="raw_logprobs"`): taken before every processor
+    except the structured-output mask, which vLLM's model runner also applies first.
+    `prompt_logprobs` disables the prefix cache for the sequence that computes them.
     """
 
     n: int = 1

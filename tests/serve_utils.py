@@ -115,6 +115,7 @@ class FakeEngine:
         self.eos_token_ids = (151645, 151643)
         self.generation_defaults: dict[str, Any] = {}
         self.requests: list[tuple[str, list[int], Any, int]] = []
+        self.compiled: list[Any] = []  # structured_outputs passed to compile_structured_output
         self.aborted: list[str] = []
         self.active = 0
         self.shut_down = False
@@ -132,6 +133,9 @@ class FakeEngine:
         detoks = [IncrementalDetokenizer(self.tokenizer) for _ in texts]
         done = [False] * len(texts)
         finished = False
+        prompt_lps = None
+        if params.prompt_logprobs is not None:  # every prompt token at -0.25 (the first None)
+            prompt_lps = [None] + [{t: Logprob(-0.25, 1, self.tokenizer.decode([t]))} for t in prompt_token_ids[1:]]
         self.active += 1
         try:
             step = 0
@@ -153,7 +157,8 @@ class FakeEngine:
                     outs.append(CompletionOutput(i, text, [tok], -0.5 if lps else None, lps, reason))
                 step += 1
                 finished = all(done)
-                yield RequestOutput(request_id, None, list(prompt_token_ids), outs, finished)
+                yield RequestOutput(request_id, None, list(prompt_token_ids), outs, finished,
+                                    prompt_logprobs=prompt_lps if step == 1 else None)  # fmt: skip
         finally:
             self.active -= 1
             if not finished:
@@ -161,6 +166,12 @@ class FakeEngine:
 
     async def abort(self, request_id: str) -> None:
         self.aborted.append(request_id)
+
+    def compile_structured_output(self, so: Any) -> None:
+        self.compiled.append(so)
+
+    def warm_up_structured_output(self) -> None:
+        pass
 
     def stats(self) -> Any:
         from qwenkit.serve.engine_client import EngineStats

@@ -90,6 +90,15 @@ def sse_events(resp: Any) -> list[Any]:
         ({"messages": USER, "tool_choice": "required"}, "tool_choice"),
         ({"messages": USER, "response_format": {"type": "json_schema"}}, "response_format"),
         ({"messages": USER, "min_tokens": 9, "max_tokens": 3}, "min_tokens"),
+        ({"messages": USER, "logit_bias": {"abc": 5}}, "logit_bias"),
+        ({"messages": USER, "logit_bias": {"-3": 5}}, "logit_bias"),
+        ({"messages": USER, "logit_bias": {"151936": 5}}, "logit_bias"),
+        ({"messages": USER, "logit_bias": {"10": 100.5}}, "logit_bias"),
+        ({"messages": USER, "logit_bias": {"10": "high"}}, "logit_bias"),
+        ({"messages": USER, "logit_bias": [1, 2]}, "logit_bias"),
+        ({"messages": USER, "allowed_token_ids": [5, 151936]}, "allowed_token_ids"),
+        ({"messages": USER, "allowed_token_ids": []}, "allowed_token_ids"),
+        ({"messages": USER, "bad_words": [""]}, "bad_words.0"),
     ],
 )
 def test_invalid_chat_requests_name_the_field(client: Any, body: dict[str, Any], param: str) -> None:
@@ -131,15 +140,63 @@ def test_prompt_beyond_the_context_is_400(client: Any, fake: FakeEngine) -> None
         ({"prompt": []}, "prompt"),
         ({"prompt": [151936]}, "prompt"),
         ({"prompt": "x", "best_of": 3}, "best_of"),
-        ({"prompt": "x", "suffix": "y"}, "suffix"),
+        ({"prompt": [1, 2], "suffix": "y"}, "suffix"),
+        ({"prompt": "x", "suffix": "<|fim_middle|>"}, "suffix"),
+        ({"prompt": "x<|fim_prefix|>", "suffix": "y"}, "prompt"),
+        ({"prompt": "x", "suffix": "y", "echo": True}, "echo"),
         ({"prompt": "x", "logprobs": 30}, "logprobs"),
-        ({"prompt": "x", "echo": True, "logprobs": 1}, "echo"),
+        ({"prompt": "x", "logit_bias": {"1.5": 3}}, "logit_bias"),
+        ({"prompt": "x", "logit_bias": {"7": -101}}, "logit_bias"),
     ],
 )
 def test_invalid_completion_requests(client: Any, body: dict[str, Any], param: str) -> None:
     r = client.post("/v1/completions", json=body)
     assert r.status_code == 400, r.text
     assert r.json()["error"]["param"] == param
+
+
+def test_logit_bias_errors_name_the_key(client: Any) -> None:
+    for bias, key in (({"5": 1, "abc": 2}, "'abc'"), ({"151936": 1}, "'151936'"), ({"9": 250}, "'9'")):
+        err = client.post("/v1/completions", json={"prompt": "x", "logit_bias": bias}).json()["error"]
+        assert err["param"] == "logit_bias" and key in err["message"], err
+
+
+def test_processor_fields_reach_the_engine(client: Any, fake: FakeEngine) -> None:
+    body = {"logit_bias": {"15": 100, "16": -50.5}, "allowed_token_ids": [15, 16], "bad_words": ["foo"], "min_tokens": 2}
+    assert chat(client, **body).status_code == 200
+    params = fake.requests[-1][2]
+    assert params.logit_bias == {15: 100.0, 16: -50.5} and params.allowed_token_ids == [15, 16]
+    assert params.bad_words == ["foo"] and params.min_tokens == 2
+
+
+def test_suffix_is_a_fim_prompt(client: Any, fake: FakeEngine, tok: Any) -> None:
+    r = client.post("/v1/completions", json={"prompt": "def f(x):\n    ", "suffix": "\n    return y", "max_tokens": 40})
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["text"] == "Hello world! choice 0"  # the middle only
+    _, prompt_ids, params, _ = fake.requests[-1]
+    assert prompt_ids == tok.encode("<|fim_prefix|>def f(x):\n    <|fim_suffix|>\n    return y<|fim_middle|>")
+    assert {tok.token_to_id("<|endoftext|>"), tok.token_to_id("<|fim_pad|>")} <= set(params.stop_token_ids)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_echo_with_logprobs_starts_with_the_prompt(client: Any, fake: FakeEngine, tok: Any, stream: bool) -> None:
+    body = {"prompt": "Say hello", "echo": True, "logprobs": 1, "max_tokens": 40, "stream": stream}
+    r = client.post("/v1/completions", json=body)
+    assert r.status_code == 200, r.text
+    if stream:
+        choices = [c for e in sse_events(r) for c in e["choices"]]
+        text = "".join(c["text"] for c in choices)
+        lp = {k: [x for c in choices if c.get("logprobs") for x in c["logprobs"][k]] for k in ("tokens", "token_logprobs", "text_offset")}
+    else:
+        choice = r.json()["choices"][0]
+        text, lp = choice["text"], choice["logprobs"]
+    prompt_ids = tok.encode("Say hello")
+    assert fake.requests[-1][2].prompt_logprobs == 1
+    n_prompt = len(prompt_ids)
+    assert text.startswith("Say hello") and text.endswith("Hello world! choice 0")
+    assert lp["token_logprobs"][:n_prompt] == [None] + [-0.25] * (n_prompt - 1)
+    assert "".join(lp["tokens"][:n_prompt]) == "Say hello" and lp["text_offset"][0] == 0
+    assert "".join(lp["tokens"]).startswith(text) and lp["token_logprobs"][n_prompt] == -0.5
 
 
 # ============================================================================ responses

@@ -5,7 +5,7 @@ Nouns, one file each: `Sequence`, `BlockManager`, `Scheduler`, `KVCache` + paged
 API and `AsyncLLMEngine` the asyncio one.
 
 Exports resolve lazily, so importing a submodule (e.g. `qwenkit.engine.sampler` from
-`qwenkit.generate`) does not pull in the whole engine.
+`tests/simple_loop.py`) does not pull in the whole engine.
 """
 from __future__ import annotations
 

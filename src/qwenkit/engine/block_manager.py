@@ -75,10 +75,14 @@ class BlockManager:
         """Attach cached blocks holding a prefix of a sequence that owns no blocks yet.
 
         At least one token is always left to compute: the model must run on the last token to
-        produce the logits of the next one.
+        produce the logits of the next one. A sequence still computing prompt log-probs takes no
+        hit (the cached positions would have no logits; vLLM bypasses the lookup the same way);
+        its blocks are still cached for later requests.
         """
         assert not seq.block_table and seq.num_cached_tokens == 0
         if not self.enable_prefix_caching:
+            return
+        if seq.prompt_logprobs is not None and len(seq.prompt_logprobs) < seq.num_prompt_tokens:
             return
         bs = self.block_size
         num_full = (len(seq) - 1) // bs

@@ -3,6 +3,12 @@
 Each `step()` schedules one batch (decodes + prefill chunks), runs one forward, samples, applies
 the stop rules (EOS, stop token ids, stop strings on detokenized text, max_tokens, max_model_len)
 and returns a `RequestOutput` for every request that has something to report.
+
+Logits processors (`logit_bias`, `allowed_token_ids`, `bad_words`, `min_tokens`,
+`structured_outputs`) are turned into tensors once per request in `add_request`; each sequence
+gets its own grammar matcher there, advanced as tokens are appended. Prompt log-probs are
+computed by the first sequence of a request while its prompt is prefilled; that sequence skips
+the prefix-cache lookup (a cached block has no logits), as vLLM does.
 """
 from __future__ import annotations
 
@@ -18,18 +24,21 @@ from torch import nn
 from qwenkit import cpu
 from qwenkit.engine.block_manager import BlockManager
 from qwenkit.engine.kv_cache import KVCache
-from qwenkit.engine.model_runner import ModelRunner
+from qwenkit.engine.logits_processors import LogitsSpec
+from qwenkit.engine.model_runner import ModelRunner, PromptLogprobs
 from qwenkit.engine.outputs import (
     CompletionOutput,
     Logprob,
     RequestMetrics,
     RequestOutput,
     RequestOutputKind,
+    logprob_entry,
 )
 from qwenkit.engine.sampler import SamplerOutput
 from qwenkit.engine.scheduler import Scheduler
 from qwenkit.engine.sequence import Sequence
 from qwenkit.engine.stop import find_stop, stop_holdback
+from qwenkit.engine.structured_output import StructuredOutputManager
 from qwenkit.loaders.load import load
 from qwenkit.sampling_params import SamplingParams
 from qwenkit.tokenizer import IncrementalDetokenizer
@@ -102,6 +111,17 @@ class _Request:
         self.holdback = stop_holdback(seqs[0].sampling_params.stop)
         if seqs[0].sampling_params.include_stop_str_in_output:
             self.holdback = 0
+        self.sent_prompt_logprobs = False
+
+    @property
+    def prompt_logprobs(self) -> list[dict[int, Logprob] | None] | None:
+        return self.seqs[0].prompt_logprobs
+
+    @property
+    def prompt_logprobs_pending(self) -> bool:
+        """Prompt log-probs were asked for and are not all computed yet."""
+        lps = self.prompt_logprobs
+        return lps is not None and len(lps) < len(self.prompt_token_ids)
 
     @property
     def finished(self) -> bool:
@@ -177,10 +197,11 @@ class LLMEngine:
         self.model_runner = ModelRunner(
             model,
             self.kv_cache,
-            eos_token_ids=self.eos_token_ids,
             streaming_window=cfg.streaming_window,
             num_sink_tokens=cfg.num_sink_tokens,
         )
+        # The grammar compiler is built on first use (needs the tokenizer).
+        self.structured_output = StructuredOutputManager(tokenizer, mc.vocab_size, self.eos_token_ids)
         self._requests: dict[str, _Request] = {}
         self._aborted: list[RequestOutput] = []
         self.num_prompt_tokens_computed = 0
@@ -239,6 +260,10 @@ class LLMEngine:
             )
         if params.stop and self.tokenizer is None:
             raise ValueError(f"request {request_id!r}: stop strings need a tokenizer")
+        spec = LogitsSpec.from_params(
+            params, vocab_size=vocab, eos_token_ids=self.eos_token_ids, tokenizer=self.tokenizer,
+            structured=self.structured_output if self.tokenizer is not None else None, device=self.device,
+        )  # fmt: skip
         arrival = time.monotonic() if arrival_time is None else arrival_time
         seqs = []
         for i in range(params.n):
@@ -249,6 +274,10 @@ class LLMEngine:
                 ids, params, request_id=request_id, index=i, priority=priority,
                 arrival_time=arrival, generator=gen,
             )  # fmt: skip
+            if spec is not None:
+                seq.logits_state = spec.new_state()
+            if params.prompt_logprobs is not None and i == 0:  # one copy per request
+                seq.prompt_logprobs = [None]
             if self.tokenizer is not None:
                 seq.detokenizer = IncrementalDetokenizer(
                     self.tokenizer, skip_special_tokens=params.skip_special_tokens
@@ -294,9 +323,12 @@ class LLMEngine:
                 req.metrics.first_scheduled_time = now
             if n > 1 or seq.num_output_tokens == 0:
                 self.num_prompt_tokens_computed += n
-        sampled_seqs, samples = self.model_runner.run(sched)
+        result = self.model_runner.run(sched)
+        sampled_seqs, samples = result.sample_seqs, result.samples
         self.scheduler.advance(sched)
         self.num_steps += 1
+        for chunk in result.prompt_logprobs:
+            self._record_prompt_logprobs(chunk)
         if samples is None:
             return outputs
         now = time.monotonic()
@@ -321,6 +353,8 @@ class LLMEngine:
 
     def _append_token(self, seq: Sequence, token: int, samples: SamplerOutput, row: int) -> None:
         seq.append_token(token)
+        if seq.logits_state is not None:
+            seq.logits_state.accept(token)
         p = seq.sampling_params
         if p.logprobs is not None and samples.logprobs is not None:
             self._record_logprobs(seq, token, samples, row)
@@ -355,16 +389,21 @@ class LLMEngine:
         assert samples.logprobs is not None
         k = seq.sampling_params.logprobs or 0
         lp = float(samples.logprobs[row])
-        entry: dict[int, Logprob] = {}
+        top_ids = top_lps = None
         if k and samples.top_token_ids is not None and samples.top_logprobs is not None:
             top_ids = samples.top_token_ids[row, :k].tolist()
             top_lps = samples.top_logprobs[row, :k].tolist()
-            for rank, (tid, tlp) in enumerate(zip(top_ids, top_lps), start=1):
-                entry[tid] = Logprob(tlp, rank, self._decode_one(tid))
-        if token not in entry:
-            entry = {token: Logprob(lp, None, self._decode_one(token)), **entry}
-        seq.output_logprobs.append(entry)
+        seq.output_logprobs.append(logprob_entry(token, lp, top_ids, top_lps, self._decode_one))
         seq.cumulative_logprob += lp
+
+    def _record_prompt_logprobs(self, chunk: PromptLogprobs) -> None:
+        lps = chunk.logprobs.tolist()
+        top_ids = chunk.top_token_ids.tolist() if chunk.top_token_ids is not None else None
+        top_lps = chunk.top_logprobs.tolist() if chunk.top_logprobs is not None else None
+        assert chunk.seq.prompt_logprobs is not None
+        for j, token in enumerate(chunk.token_ids):
+            top = (top_ids[j], top_lps[j]) if top_ids is not None and top_lps is not None else (None, None)
+            chunk.seq.prompt_logprobs.append(logprob_entry(token, lps[j], *top, self._decode_one))
 
     def _decode_one(self, token: int) -> str | None:
         return self.tokenizer.decode([token]) if self.tokenizer is not None else None
@@ -375,6 +414,8 @@ class LLMEngine:
         kind = req.output_kind
         if kind is RequestOutputKind.FINAL_ONLY and not finished:
             return None
+        if req.prompt_logprobs_pending and not finished:
+            return None  # the first output carries the prompt log-probs
         delta = kind is RequestOutputKind.DELTA
         completions = []
         for i, seq in enumerate(req.seqs):
@@ -405,6 +446,8 @@ class LLMEngine:
         if delta and not completions:
             return None
         first = req.seqs[0]
+        prompt_logprobs = req.prompt_logprobs if not (delta and req.sent_prompt_logprobs) else None
+        req.sent_prompt_logprobs = True
         return RequestOutput(
             request_id=req.request_id,
             prompt=req.prompt,
@@ -414,6 +457,7 @@ class LLMEngine:
             num_cached_tokens=first.num_prefix_cached_tokens,
             metrics=req.metrics,
             priority=first.priority,
+            prompt_logprobs=prompt_logprobs,
         )
 
     # ------------------------------------------------------------------ introspection

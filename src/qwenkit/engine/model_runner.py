@@ -2,20 +2,51 @@
 
 Per step: input_ids / positions / slot_mapping for the new tokens, the block tables of the
 scheduled sequences, and the attention metadata, all built once as tensors. Logits are computed
-only at the last token of sequences whose prompt is fully computed (the ones that sample).
+only at the last token of sequences whose prompt is fully computed (the ones that sample), plus,
+for a sequence that wants prompt log-probs, at each of its prompt positions in this step's chunk.
+
+Logits processors (`logits_processors.py`): grammar masks are applied to the sampling rows, then
+the sampler runs the others (one (B, V) additive tensor) after taking the raw log-probs.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import functools
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from qwenkit.engine.kv_cache import KVCache
+from qwenkit.engine.logits_processors import apply_grammar, apply_logits_processors
 from qwenkit.engine.paged_attention import PagedAttentionMetadata, SequenceGroup
 from qwenkit.engine.sampler import Sampler, SamplerOutput
 from qwenkit.engine.scheduler import SchedulerOutput
 from qwenkit.engine.sequence import Sequence
+
+PROMPT_LOGPROBS_ROWS = 128  # prompt positions per logits slice (bounds the (rows, V) buffers)
+
+
+@dataclass
+class PromptChunk:
+    """Prompt positions of one sequence computed this step: flat rows [lo, hi) of the step's
+    tokens predict `target_ids` (the prompt tokens at positions `first + 1 ...`)."""
+
+    seq: Sequence
+    lo: int
+    hi: int
+    target_ids: list[int]
+
+
+@dataclass
+class PromptLogprobs:
+    """Raw log-probs of `token_ids` (prompt tokens, in order, appended to `seq.prompt_logprobs`)
+    and the top-k alternatives at each of those positions."""
+
+    seq: Sequence
+    token_ids: list[int]
+    logprobs: torch.Tensor  # (m,)
+    top_token_ids: torch.Tensor | None = None  # (m, k)
+    top_logprobs: torch.Tensor | None = None  # (m, k)
 
 
 @dataclass
@@ -25,6 +56,14 @@ class StepInputs:
     attn_metadata: PagedAttentionMetadata
     sample_index: torch.Tensor  # (S_sample,) flat index of the last token of each sampling seq
     sample_seqs: list[Sequence]
+    prompt_chunks: list[PromptChunk] = field(default_factory=list)
+
+
+@dataclass
+class StepOutput:
+    sample_seqs: list[Sequence]
+    samples: SamplerOutput | None
+    prompt_logprobs: list[PromptLogprobs] = field(default_factory=list)
 
 
 class ModelRunner:
@@ -33,7 +72,6 @@ class ModelRunner:
         model: nn.Module,
         kv_cache: KVCache,
         *,
-        eos_token_ids: tuple[int, ...] = (),
         streaming_window: int | None = None,
         num_sink_tokens: int = 0,
     ) -> None:
@@ -42,7 +80,6 @@ class ModelRunner:
         self.block_size = kv_cache.block_size
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
-        self.eos_token_ids = tuple(eos_token_ids)
         self.streaming_window = streaming_window
         self.num_sink_tokens = num_sink_tokens if streaming_window is not None else 0
         self.sampler = Sampler()
@@ -53,11 +90,17 @@ class ModelRunner:
         starts: list[int] = []
         sample_index: list[int] = []
         sample_seqs: list[Sequence] = []
+        prompt_chunks: list[PromptChunk] = []
         flat = 0
         for seq, n in zip(seqs, num_new):
             c = seq.num_cached_tokens
             input_ids.extend(seq.token_ids[c : c + n])
             starts.append(c)
+            if seq.prompt_logprobs is not None:
+                # Position p predicts token p + 1; positions already recorded are skipped.
+                lo, hi = max(c, len(seq.prompt_logprobs) - 1), min(c + n, seq.num_prompt_tokens - 1)
+                if hi > lo:
+                    prompt_chunks.append(PromptChunk(seq, flat + lo - c, flat + hi - c, seq.token_ids[lo + 1 : hi + 1]))
             flat += n
             if c + n == len(seq):
                 sample_index.append(flat - 1)
@@ -105,17 +148,38 @@ class ModelRunner:
             attn_metadata=metadata,
             sample_index=torch.tensor(sample_index, dtype=torch.long, device=dev),
             sample_seqs=sample_seqs,
+            prompt_chunks=prompt_chunks,
         )
 
     @torch.inference_mode()
-    def run(self, out: SchedulerOutput) -> tuple[list[Sequence], SamplerOutput | None]:
-        """One forward over the scheduled tokens; returns the sampling sequences and samples."""
+    def run(self, out: SchedulerOutput) -> StepOutput:
+        """One forward over the scheduled tokens; returns the samples and prompt log-probs."""
         inputs = self.prepare(out)
         hidden = self.model.hidden_states(inputs.input_ids, inputs.positions, inputs.attn_metadata)
+        prompt_logprobs = [self._prompt_logprobs(hidden, chunk) for chunk in inputs.prompt_chunks]
         if not inputs.sample_seqs:
-            return [], None
+            return StepOutput([], None, prompt_logprobs)
         logits = self.model.compute_logits(hidden[inputs.sample_index])  # (S_sample, V)
-        return inputs.sample_seqs, self.sample(logits, inputs.sample_seqs)
+        return StepOutput(inputs.sample_seqs, self.sample(logits, inputs.sample_seqs), prompt_logprobs)
+
+    def _prompt_logprobs(self, hidden: torch.Tensor, chunk: PromptChunk) -> PromptLogprobs:
+        """Raw log-probs of the chunk's target tokens, in slices of PROMPT_LOGPROBS_ROWS rows."""
+        k = chunk.seq.sampling_params.prompt_logprobs or 0
+        targets = torch.tensor(chunk.target_ids, dtype=torch.long, device=hidden.device)
+        lps, top_ids, top_lps = [], [], []
+        for lo in range(chunk.lo, chunk.hi, PROMPT_LOGPROBS_ROWS):
+            hi = min(lo + PROMPT_LOGPROBS_ROWS, chunk.hi)
+            logprobs = self.model.compute_logits(hidden[lo:hi]).float().log_softmax(dim=-1)  # (m, V)
+            rows = targets[lo - chunk.lo : hi - chunk.lo, None]
+            lps.append(logprobs.gather(1, rows)[:, 0])
+            if k:
+                vals, idx = logprobs.topk(k, dim=-1)
+                top_lps.append(vals)
+                top_ids.append(idx)
+        return PromptLogprobs(
+            chunk.seq, chunk.target_ids, torch.cat(lps),
+            torch.cat(top_ids) if k else None, torch.cat(top_lps) if k else None,
+        )  # fmt: skip
 
     def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> SamplerOutput:
         params = [s.sampling_params for s in seqs]
@@ -125,17 +189,16 @@ class ModelRunner:
         # Token histories are only materialised when some row applies a penalty.
         prompt_ids = [s.prompt_token_ids if penalised else [] for s in seqs]
         output_ids = [s.output_token_ids if penalised else [] for s in seqs]
-        vocab = logits.shape[-1]
-        forbidden = [[t for t in self._forbidden(s) if t < vocab] for s in seqs]
         generators = [s.generator for s in seqs]
-        return self.sampler(logits, params, prompt_ids, output_ids, generators, forbidden)
-
-    def _forbidden(self, seq: Sequence) -> list[int]:
-        """Stop ids are masked until `min_tokens` tokens were generated."""
-        p = seq.sampling_params
-        if seq.num_output_tokens >= p.min_tokens:
-            return []
-        ids = list(p.stop_token_ids)
-        if not p.ignore_eos:
-            ids.extend(self.eos_token_ids)
-        return ids
+        states = [s.logits_state for s in seqs]
+        process = None
+        if any(st is not None for st in states):
+            logits = apply_grammar(logits, states)
+            num_output = [s.num_output_tokens for s in seqs]
+            recent = [
+                s.token_ids[len(s) - min(st.spec.history_len, s.num_output_tokens) :]
+                if st is not None and st.spec.history_len else []
+                for s, st in zip(seqs, states)
+            ]  # fmt: skip
+            process = functools.partial(apply_logits_processors, states=states, num_output=num_output, recent=recent)
+        return self.sampler(logits, params, prompt_ids, output_ids, generators, process=process)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
+from typing import Callable
 
 
 class RequestOutputKind(enum.Enum):
@@ -16,6 +17,23 @@ class Logprob:
     logprob: float
     rank: int | None = None  # 1 = most likely; None when the token is outside the top-k asked for
     decoded_token: str | None = None
+
+
+def logprob_entry(
+    token: int,
+    logprob: float,
+    top_ids: list[int] | None,
+    top_logprobs: list[float] | None,
+    decode: Callable[[int], str | None],
+) -> dict[int, Logprob]:
+    """One position's log-probs: the chosen token first (rank None unless it is among the
+    top-k), then the top-k alternatives by rank."""
+    entry: dict[int, Logprob] = {}
+    for rank, (tid, tlp) in enumerate(zip(top_ids or (), top_logprobs or ()), start=1):
+        entry[tid] = Logprob(tlp, rank, decode(tid))
+    if token not in entry:
+        entry = {token: Logprob(logprob, None, decode(token)), **entry}
+    return entry
 
 
 @dataclass
@@ -62,6 +80,9 @@ class RequestOutput:
     num_cached_tokens: int = 0
     metrics: RequestMetrics | None = None
     priority: int = 0
+    # Raw log-probs of the prompt tokens given their prefix (the first is None), when
+    # SamplingParams.prompt_logprobs is set; a DELTA stream carries them once.
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None
 
     @property
     def usage(self) -> Usage:

@@ -1,9 +1,12 @@
 """Batched sampling over one engine step.
 
-Order of operations (vLLM's): penalties on raw logits -> temperature -> top-k -> top-p ->
-min-p -> sample. Greedy rows (temperature 0) take the argmax of the penalised logits.
-Log-probabilities are reported from the *raw* model distribution (log_softmax of the logits
-before penalties and temperature), as vLLM does by default.
+Order of operations (vLLM's): logits processors (`process`: logit_bias, allowed_token_ids,
+bad_words, min_tokens) -> penalties -> temperature -> top-k -> top-p -> min-p -> sample. Greedy
+rows (temperature 0) take the argmax of the processed, penalised logits.
+Log-probabilities are reported from the *raw* distribution: log_softmax of the logits this
+sampler receives, before processors, penalties and temperature (vLLM's default
+`logprobs_mode="raw_logprobs"`). The model runner applies structured-output grammar masks before
+calling the sampler, as vLLM's does, so those (and only those) show in the log-probs.
 
 Seeded rows sample with their own `torch.Generator` via the exponential-race trick
 (argmax p_i / E_i, E_i ~ Exp(1)), so a seeded request draws the same noise whatever else shares
@@ -12,6 +15,7 @@ the batch. Unseeded rows share one batch-wide draw.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -103,13 +107,18 @@ class Sampler:
         output_ids: list[list[int]],
         generators: list[torch.Generator | None],
         forbidden_token_ids: list[list[int]] | None = None,
+        *,
+        process: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> SamplerOutput:
-        """`forbidden_token_ids[i]` are masked for row i (e.g. EOS ids before `min_tokens`)."""
+        """`forbidden_token_ids[i]` are masked for row i; `process` maps the fp32 (B, V) logits
+        to processed ones after the raw log-probs are taken (the engine's logits processors)."""
         logits = logits.float()
         b, v = logits.shape
         dev = logits.device
         want_logprobs = any(p.logprobs is not None for p in params)
         raw_logprobs = logits.log_softmax(dim=-1) if want_logprobs else None
+        if process is not None:
+            logits = process(logits)
 
         presence = torch.tensor([p.presence_penalty for p in params], device=dev)
         frequency = torch.tensor([p.frequency_penalty for p in params], device=dev)

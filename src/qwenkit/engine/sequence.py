@@ -3,11 +3,15 @@ from __future__ import annotations
 
 import enum
 import itertools
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
+from qwenkit.engine.outputs import Logprob
 from qwenkit.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from qwenkit.engine.logits_processors import SequenceLogitsState
 
 
 class SequenceStatus(enum.Enum):
@@ -62,8 +66,12 @@ class Sequence:
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None
         # Per-output-token log-probabilities (filled only when sampling_params.logprobs is set).
-        self.output_logprobs: list[dict[int, float]] = []
+        self.output_logprobs: list[dict[int, Logprob]] = []
         self.cumulative_logprob = 0.0
+        # Per-prompt-token log-probabilities (the first is None), filled as the prompt is
+        # computed; None when this sequence does not compute them.
+        self.prompt_logprobs: list[dict[int, Logprob] | None] | None = None
+        self.logits_state: SequenceLogitsState | None = None  # logits processors, set by the engine
         self.num_preemptions = 0
         self.detokenizer: Any = None  # owned by the engine
         self.output_text = ""  # detokenized output, stop string already cut

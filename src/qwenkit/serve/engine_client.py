@@ -1,22 +1,21 @@
 """What the server needs from an engine, and the adapter to qwenkit's `AsyncLLMEngine`.
 
 `EngineClient` is the whole contract: an async generator of DELTA `RequestOutput`s per request
-(leaving it early aborts the request), `abort`, `stats` for /metrics, `shutdown`, plus the
-tokenizer and limits the handlers validate against.
+(leaving it early aborts the request), `abort`, `stats` for /metrics, `shutdown`, grammar
+compilation ahead of submission, plus the tokenizer and limits the handlers validate against.
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, AsyncIterator, Mapping, Protocol, Sequence
+from typing import Any, AsyncIterator, Mapping, Protocol
 
 import torch
 
 from qwenkit.engine.outputs import RequestOutput
-from qwenkit.sampling_params import SamplingParams
+from qwenkit.sampling_params import SamplingParams, StructuredOutputsParams
 
 logger = logging.getLogger(__name__)
 
@@ -53,54 +52,19 @@ class EngineClient(Protocol):
 
     async def abort(self, request_id: str) -> None: ...
 
+    def compile_structured_output(self, so: StructuredOutputsParams) -> None:
+        """Compile (and cache) a request's grammar before it is submitted, so that the engine
+        thread does not stall on it. Blocking: call from a worker thread. Raises
+        `StructuredOutputError` (naming the field), or ImportError without xgrammar."""
+        ...
+
+    def warm_up_structured_output(self) -> None:
+        """Build the grammar compiler for the vocabulary now rather than on first use."""
+        ...
+
     def stats(self) -> EngineStats: ...
 
     def shutdown(self) -> None: ...
-
-
-def set_logits_processors(params: SamplingParams, processors: Sequence[Any]) -> None:
-    """Attach per-sequence logits processors (vLLM's `SamplingParams.logits_processors`)."""
-    params.logits_processors = list(processors)  # type: ignore[attr-defined]
-
-
-def _engine_applies_logits_processors() -> bool:
-    return "logits_processors" in {f.name for f in dataclasses.fields(SamplingParams)}
-
-
-def _apply_logits_processors(logits: torch.Tensor, seqs: Sequence[Any]) -> torch.Tensor:
-    from qwenkit.serve.structured import GrammarLogitsProcessor, apply_grammar_bitmasks
-
-    grammar: list[GrammarLogitsProcessor | None] = []
-    for i, seq in enumerate(seqs):
-        g = None
-        for proc in getattr(seq.sampling_params, "logits_processors", None) or ():
-            if isinstance(proc, GrammarLogitsProcessor):
-                g = proc
-            else:
-                logits = logits.float()
-                logits[i] = proc(seq.output_token_ids, logits[i])
-        grammar.append(g)
-    if any(g is not None for g in grammar):
-        outputs = [s.output_token_ids if g is not None else [] for s, g in zip(seqs, grammar)]
-        logits = apply_grammar_bitmasks(logits, grammar, outputs)
-    return logits
-
-
-def install_logits_processor_hook(runner: Any) -> None:
-    """Until `SamplingParams` has a `logits_processors` field that the model runner applies,
-    wrap this runner's `sample` so processors attached with `set_logits_processors` run
-    (batched grammar bitmasks) before the sampler sees the logits."""
-    if _engine_applies_logits_processors() or getattr(runner, "_qwenkit_lp_hook", False):
-        return
-    inner = runner.sample
-
-    def sample(logits: torch.Tensor, seqs: list[Any]) -> Any:
-        if any(getattr(s.sampling_params, "logits_processors", None) for s in seqs):
-            logits = _apply_logits_processors(logits, seqs)
-        return inner(logits, seqs)
-
-    runner.sample = sample
-    runner._qwenkit_lp_hook = True
 
 
 class AsyncEngineClient:
@@ -116,7 +80,6 @@ class AsyncEngineClient:
         self.vocab_size = int(core.model_config.vocab_size)
         self.eos_token_ids = tuple(core.eos_token_ids)
         self.generation_defaults = dict(core.generation_defaults)
-        install_logits_processor_hook(core.model_runner)
 
     async def generate(
         self, prompt_token_ids: list[int], params: SamplingParams, request_id: str, priority: int = 0
@@ -130,6 +93,12 @@ class AsyncEngineClient:
 
     async def abort(self, request_id: str) -> None:
         await self.async_engine.abort(request_id)
+
+    def compile_structured_output(self, so: StructuredOutputsParams) -> None:
+        self.core.structured_output.compile(so)  # thread-safe; the engine finds it cached
+
+    def warm_up_structured_output(self) -> None:
+        self.core.structured_output.compiler()
 
     def stats(self) -> EngineStats:
         core = self.core

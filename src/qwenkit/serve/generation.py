@@ -9,19 +9,18 @@ releases the slot and records the metrics.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Callable, Mapping
+from typing import Any, AsyncIterator, Mapping
 
 import anyio
 from starlette.requests import Request
 
 from qwenkit.engine.outputs import Logprob, RequestOutput
-from qwenkit.sampling_params import SamplingParams
-from qwenkit.serve.engine_client import EngineClient, set_logits_processors
+from qwenkit.sampling_params import LOGIT_BIAS_LIMIT, SamplingParams, StructuredOutputsParams
+from qwenkit.serve.engine_client import EngineClient
 from qwenkit.serve.errors import OpenAIError, bad_request
 from qwenkit.serve.protocol import PromptTokensDetails, SamplingFields, UsageInfo
 from qwenkit.serve.state import ServerState
@@ -34,6 +33,7 @@ _SUB_DONE = object()
 _SAMPLING_FIELDS = {
     "n", "temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
     "repetition_penalty", "seed", "stop", "stop_token_ids", "min_tokens", "max_tokens", "logprobs",
+    "logit_bias", "allowed_token_ids", "bad_words",
 }  # fmt: skip
 
 
@@ -57,14 +57,44 @@ def request_priority(req: SamplingFields, raw: Request) -> int:
     return value
 
 
+def parse_logit_bias(raw: Mapping[str, Any] | None, vocab_size: int) -> dict[int, float] | None:
+    """OpenAI's logit_bias: token ids as strings -> a bias in [-100, 100]; 400s name the key."""
+    if raw is None:
+        return None
+    out: dict[int, float] = {}
+    for full_key, value in raw.items():
+        key = full_key if len(full_key) <= 40 else full_key[:40] + "..."  # as shown in errors
+        try:
+            token = int(full_key)
+        except ValueError:
+            token = -1
+        if token < 0:
+            raise bad_request(f"logit_bias key {key!r} is not a token id (a non-negative integer)", param="logit_bias")
+        if token >= vocab_size:
+            raise bad_request(f"logit_bias key {key!r} is outside the vocabulary [0, {vocab_size})", param="logit_bias")
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad_request(f"logit_bias[{key!r}] must be a number, got {str(value)[:40]!r}", param="logit_bias")
+        if not abs(value) <= LOGIT_BIAS_LIMIT:  # also NaN (json accepts it); ints of any size
+            raise bad_request(f"logit_bias[{key!r}] is {str(value)[:40]}; it must be in [-100, 100]", param="logit_bias")
+        out[token] = float(value)
+    return out
+
+
 def build_sampling_params(
     req: SamplingFields,
     defaults: Mapping[str, Any],
     *,
     max_tokens: int,
     logprobs: int | None,
+    vocab_size: int,
+    prompt_logprobs: int | None = None,
+    structured_outputs: StructuredOutputsParams | None = None,
 ) -> SamplingParams:
     """Request fields over the model's generation defaults (vLLM's precedence)."""
+    bad = next((t for t in req.allowed_token_ids or () if t >= vocab_size), None)
+    if bad is not None:
+        raise bad_request(f"allowed_token_ids: token id {bad} is outside the vocabulary [0, {vocab_size})",
+                          param="allowed_token_ids")  # fmt: skip
     gen = dict(defaults)
     overrides = {
         "n": req.n,
@@ -85,6 +115,11 @@ def build_sampling_params(
         "include_stop_str_in_output": req.include_stop_str_in_output,
         "max_tokens": max_tokens,
         "logprobs": logprobs,
+        "prompt_logprobs": prompt_logprobs,
+        "logit_bias": parse_logit_bias(req.logit_bias, vocab_size),
+        "allowed_token_ids": req.allowed_token_ids,
+        "bad_words": req.bad_words,
+        "structured_outputs": structured_outputs,
     }
     try:
         return SamplingParams.from_generation_config(gen, **overrides)
@@ -122,26 +157,6 @@ class SubRequest:
     first_choice: int
 
 
-def split_for_processors(
-    prompt_index: int,
-    prompt_token_ids: list[int],
-    params: SamplingParams,
-    first_choice: int,
-    make_processors: Callable[[], list[Any]] | None,
-) -> list[SubRequest]:
-    """Without processors: one engine request for all n choices. With per-sequence processors
-    (grammars): n engine requests of n=1, seeded like the engine seeds sample i (seed + i)."""
-    if make_processors is None:
-        return [SubRequest(prompt_index, prompt_token_ids, params, first_choice)]
-    subs = []
-    for i in range(params.n):
-        seed = None if params.seed is None else params.seed + i
-        p = dataclasses.replace(params, n=1, seed=seed)
-        set_logits_processors(p, make_processors())
-        subs.append(SubRequest(prompt_index, prompt_token_ids, p, first_choice + i))
-    return subs
-
-
 @dataclass
 class ChoiceDelta:
     index: int
@@ -165,6 +180,8 @@ class GenerationRun:
     completion_tokens: int = 0
     cached_tokens: int = 0
     finish_reasons: dict[int, str] = field(default_factory=dict)
+    # Prompt log-probs per prompt index, once the engine reported them (echo with logprobs).
+    prompt_logprobs: dict[int, list[dict[int, Logprob] | None]] = field(default_factory=dict)
     outcome: str | None = None  # "finished" | "client_disconnect" | "timeout" | "error"
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
     _timer: asyncio.TimerHandle | None = None
@@ -230,6 +247,8 @@ class GenerationRun:
         now = time.monotonic()
         if sub is self.subs[0]:
             self.cached_tokens = max(self.cached_tokens, out.num_cached_tokens)
+        if out.prompt_logprobs is not None:
+            self.prompt_logprobs[sub.prompt_index] = out.prompt_logprobs
         deltas = []
         for o in out.outputs:
             if o.token_ids and self.first_token_time is None:

@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 MAX_N = 16  # choices per request
 MAX_STOP = 16  # stop strings per request
 MAX_LOGPROBS = 20  # top alternatives per token
+MAX_BAD_WORDS = 256
 
 NonNegFloat = Annotated[float, Field(ge=0)]
 Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
@@ -23,6 +24,7 @@ Priority = Annotated[int, Field(ge=-(2**31), le=2**31 - 1)]
 Seed = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
 TokenId = Annotated[int, Field(ge=0, le=2**31 - 1)]
 StopStr = Annotated[str, Field(min_length=1)]
+BadWord = Annotated[str, Field(min_length=1, max_length=256)]
 
 
 def random_id(prefix: str) -> str:
@@ -83,6 +85,15 @@ class SamplingFields(_Model):
     stop: StopStr | Annotated[list[StopStr], Field(max_length=MAX_STOP)] | None = None
     stop_token_ids: Annotated[list[TokenId], Field(max_length=MAX_STOP)] | None = None
     min_tokens: Annotated[int, Field(ge=0, le=2**31 - 1)] = 0
+    logit_bias: dict[str, Any] | None = Field(
+        default=None, description="Token id (as a string) -> bias in [-100, 100] added to its logit."
+    )
+    allowed_token_ids: Annotated[list[TokenId], Field(min_length=1)] | None = Field(
+        default=None, description="Only these token ids may be generated (vLLM)."
+    )
+    bad_words: Annotated[list[BadWord], Field(max_length=MAX_BAD_WORDS)] | None = Field(
+        default=None, description="Words that must not be generated (vLLM)."
+    )
     ignore_eos: bool = False
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False

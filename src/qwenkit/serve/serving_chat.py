@@ -1,8 +1,9 @@
 """POST /v1/chat/completions on the engine.
 
 A request becomes: messages (+ tools) rendered by the model's own chat template -> token ids;
-sampling parameters; optionally a grammar per sequence (response_format, tool_choice
-"required" / named); the Hermes tool-call parser on the output when tools are in play.
+sampling parameters; optionally a grammar (response_format, tool_choice "required" / named),
+compiled here and applied by the engine to each sequence; the Hermes tool-call parser on the
+output when tools are in play.
 """
 from __future__ import annotations
 
@@ -10,23 +11,24 @@ import asyncio
 import json
 import time
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import jinja2
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
 from qwenkit.engine.outputs import Logprob
+from qwenkit.sampling_params import StructuredOutputsParams
 from qwenkit.serve.errors import OpenAIError, bad_request
 from qwenkit.serve.generation import (
     ChoiceDelta,
     ClientDisconnected,
     GenerationRun,
+    SubRequest,
     build_sampling_params,
     collect,
     request_priority,
     resolve_max_tokens,
-    split_for_processors,
 )
 from qwenkit.serve.protocol import (
     AssistantMessage,
@@ -41,7 +43,6 @@ from qwenkit.serve.protocol import (
     DeltaMessage,
     DeltaToolCall,
     FunctionCall,
-    NamedToolChoice,
     TokenLogprob,
     ToolCall,
     ToolMessage,
@@ -50,7 +51,7 @@ from qwenkit.serve.protocol import (
 )
 from qwenkit.serve.state import ServerState
 from qwenkit.serve.streaming import SSE_HEADERS, RunStreamingResponse, sse, sse_events
-from qwenkit.serve.structured import GrammarError, GrammarLogitsProcessor, check_json_schema
+from qwenkit.serve.structured import StructuredOutputError, chat_structured_outputs, check_json_schema
 from qwenkit.serve.tool_parser import HermesToolParser
 
 CLIENT_CLOSED = 499  # nginx's "client closed request", for the access log
@@ -103,7 +104,7 @@ def template_tools(req: ChatCompletionRequest) -> list[dict[str, Any]] | None:
         if fn.parameters is not None:
             try:
                 check_json_schema(fn.parameters, f"tools.{i}.function.parameters")
-            except GrammarError as e:
+            except StructuredOutputError as e:
                 raise bad_request(str(e), param=e.param, code="invalid_tool_schema") from None
         tools.append({"type": "function", "function": fn.model_dump(exclude_none=True)})
     return tools
@@ -134,53 +135,11 @@ class ChatPlan:
     prompt_ids: list[int]
     parse_tools: bool
     parallel_tool_calls: bool
-    make_processors: Callable[[], list[Any]] | None
+    structured_outputs: StructuredOutputsParams | None
     tool_names: tuple[str, ...] = ()
 
     def parser(self) -> HermesToolParser:
         return HermesToolParser(parallel_tool_calls=self.parallel_tool_calls, tool_names=self.tool_names)
-
-
-def _grammar_plan(state: ServerState, req: ChatCompletionRequest) -> Callable[[], list[Any]] | None:
-    rf, choice = req.response_format, req.tool_choice
-    forced = choice == "required" or isinstance(choice, NamedToolChoice)
-    if rf is not None and rf.type != "text" and forced:
-        raise bad_request("response_format cannot be combined with a forced tool_choice", param="response_format")
-    if forced and not req.tools:
-        raise bad_request("tool_choice needs 'tools'", param="tool_choice")
-    if rf is None or rf.type == "text":
-        if not forced:
-            return None
-    try:
-        gc = state.grammar_compiler()
-    except ImportError:
-        raise bad_request(
-            "structured output needs xgrammar: pip install 'qwenkit[structured]'",
-            param="tool_choice" if forced else "response_format", code="structured_output_unavailable",
-        ) from None
-    try:
-        if rf is not None and rf.type == "json_object":
-            compiled = gc.json_object()
-        elif rf is not None and rf.type == "json_schema":
-            assert rf.json_schema is not None
-            if rf.json_schema.schema_ is None:
-                raise bad_request("response_format.json_schema needs a 'schema'", param="response_format.json_schema.schema")
-            compiled = gc.json_schema(rf.json_schema.schema_, "response_format.json_schema.schema")
-        else:
-            assert req.tools is not None
-            pairs = [(t.function.name, t.function.parameters) for t in req.tools]
-            if isinstance(choice, NamedToolChoice):
-                pairs = [p for p in pairs if p[0] == choice.function.name]
-                if not pairs:
-                    raise bad_request(
-                        f"tool_choice names '{choice.function.name}', which is not in 'tools'",
-                        param="tool_choice.function.name",
-                    )  # fmt: skip
-            compiled = gc.tool_calls(pairs, "tools")
-    except GrammarError as e:
-        raise bad_request(str(e), param=e.param, code="invalid_schema") from None
-    vocab = state.require_engine().vocab_size
-    return lambda: [GrammarLogitsProcessor(compiled, vocab)]
 
 
 def plan_chat(state: ServerState, req: ChatCompletionRequest) -> ChatPlan:
@@ -196,10 +155,10 @@ def plan_chat(state: ServerState, req: ChatCompletionRequest) -> ChatPlan:
         engine.tokenizer, template_messages(req.messages), tools,
         req.add_generation_prompt, req.continue_final_message,
     )  # fmt: skip
-    make_processors = _grammar_plan(state, req)
+    structured = chat_structured_outputs(engine, req)
     json_output = req.response_format is not None and req.response_format.type != "text"
     names = tuple(t.function.name for t in req.tools or ())
-    return ChatPlan(prompt_ids, use_tools and not json_output, req.parallel_tool_calls, make_processors, names)
+    return ChatPlan(prompt_ids, use_tools and not json_output, req.parallel_tool_calls, structured, names)
 
 
 # ============================================================================ output pieces
@@ -245,10 +204,12 @@ async def create_chat_completion(state: ServerState, req: ChatCompletionRequest,
     plan = await asyncio.to_thread(plan_chat, state, req)
     max_tokens = resolve_max_tokens(req.max_new_tokens, len(plan.prompt_ids), engine.max_model_len, "messages")
     k = (req.top_logprobs or 0) if req.logprobs else None
-    params = build_sampling_params(req, engine.generation_defaults, max_tokens=max_tokens, logprobs=k)
+    params = build_sampling_params(
+        req, engine.generation_defaults, max_tokens=max_tokens, logprobs=k, vocab_size=engine.vocab_size,
+        structured_outputs=plan.structured_outputs,
+    )  # fmt: skip
     priority = request_priority(req, raw)
-    subs = split_for_processors(0, plan.prompt_ids, params, 0, plan.make_processors)
-    run = GenerationRun(state, state.admit(), subs, priority, raw)
+    run = GenerationRun(state, state.admit(), [SubRequest(0, plan.prompt_ids, params, 0)], priority, raw)
     response_id = random_id("chatcmpl")
     if req.stream:
         return await _stream(state, req, plan, run, response_id)

@@ -12,11 +12,11 @@ from fastapi.responses import JSONResponse, Response
 from qwenkit.serve.generation import (
     ClientDisconnected,
     GenerationRun,
+    SubRequest,
     build_sampling_params,
     collect,
     request_priority,
     resolve_max_tokens,
-    split_for_processors,
 )
 from qwenkit.serve.protocol import SamplingFields, SimpleChatRequest, SimpleChatResponse
 from qwenkit.serve.serving_chat import CLIENT_CLOSED, render_prompt
@@ -32,9 +32,10 @@ async def simple_chat(state: ServerState, req: SimpleChatRequest, raw: Request) 
     room = engine.max_model_len - len(prompt_ids)
     max_tokens = resolve_max_tokens(min(req.max_tokens, max(room, 1)), len(prompt_ids), engine.max_model_len, "prompt")
     fields = SamplingFields(temperature=req.temperature, priority=req.priority)
-    params = build_sampling_params(fields, engine.generation_defaults, max_tokens=max_tokens, logprobs=None)
-    subs = split_for_processors(0, prompt_ids, params, 0, None)
-    run = GenerationRun(state, state.admit(), subs, request_priority(fields, raw), raw)
+    params = build_sampling_params(
+        fields, engine.generation_defaults, max_tokens=max_tokens, logprobs=None, vocab_size=engine.vocab_size
+    )
+    run = GenerationRun(state, state.admit(), [SubRequest(0, prompt_ids, params, 0)], request_priority(fields, raw), raw)
     if not req.stream:
         try:
             per_choice = await collect(run)

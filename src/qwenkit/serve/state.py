@@ -1,9 +1,8 @@
-"""Process-wide server state: the engine (once loaded), metrics, admission control, grammars."""
+"""Process-wide server state: the engine (once loaded), metrics, admission control."""
 from __future__ import annotations
 
 import logging
-import threading
-from typing import Any, Callable
+from typing import Callable
 
 from qwenkit.serve.engine_client import EngineClient, EngineStats
 from qwenkit.serve.errors import OpenAIError
@@ -28,8 +27,6 @@ class ServerState:
         self.shutting_down = False
         self.in_flight = 0
         self.metrics = ServerMetrics(settings.served_model_name or settings.model or "model", self.stats)
-        self._grammar_compiler: Any = None
-        self._grammar_lock = threading.Lock()
 
     # ------------------------------------------------------------------ lifecycle
     @property
@@ -53,7 +50,7 @@ class ServerState:
         logger.info("model %s ready (max_model_len %d)", engine.model_name, engine.max_model_len)
         if self.settings.structured_warmup:
             try:
-                self.grammar_compiler()
+                engine.warm_up_structured_output()
             except ImportError:
                 logger.warning("xgrammar is not installed: response_format / forced tool_choice are unavailable")
             except Exception:  # structured output stays available lazily
@@ -93,14 +90,3 @@ class ServerState:
         assert self.in_flight > 0, "release() without admit()"
         self.in_flight -= 1
         self.metrics.in_flight.labels(self.metrics.model_name).set(self.in_flight)
-
-    # ------------------------------------------------------------------ structured output
-    def grammar_compiler(self) -> Any:
-        """The xgrammar compiler for the served vocabulary (built once, ~seconds, thread-safe)."""
-        with self._grammar_lock:
-            if self._grammar_compiler is None:
-                from qwenkit.serve.structured import GrammarCompiler
-
-                engine = self.require_engine()
-                self._grammar_compiler = GrammarCompiler(engine.tokenizer, engine.vocab_size, engine.eos_token_ids)
-            return self._grammar_compiler

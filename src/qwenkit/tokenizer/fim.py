@@ -22,6 +22,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 __all__ = [
+    "FIM_END_TOKENS",
     "FIM_MIDDLE",
     "FIM_PAD",
     "FIM_PREFIX",
@@ -39,6 +40,9 @@ FIM_SUFFIX = "<|fim_suffix|>"
 FIM_PAD = "<|fim_pad|>"
 REPO_NAME = "<|repo_name|>"
 FILE_SEP = "<|file_sep|>"
+# Control tokens that end a generated middle: Qwen2.5-Coder writes <|endoftext|> (some
+# checkpoints <|fim_pad|>); <|file_sep|> would start the next file of a repository prompt.
+FIM_END_TOKENS = ("<|endoftext|>", FIM_PAD, FILE_SEP)
 _CONTROL = (FIM_PREFIX, FIM_MIDDLE, FIM_SUFFIX, FIM_PAD, REPO_NAME, FILE_SEP, "<|endoftext|>")
 
 

@@ -183,3 +183,41 @@ def test_invalid_requests_are_4xx(client: Any) -> None:
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(model="qwen-0.5b", messages=[{"role": "user", "content": "hi " * 5000}])
     assert e.value.body["code"] == "context_length_exceeded"
+
+
+def test_logit_bias_forces_and_bans(server: ServerProcess, client: Any) -> None:
+    import httpx
+
+    kw = dict(model="qwen-0.5b", messages=[{"role": "user", "content": "Name a bird."}], max_tokens=6, logprobs=True)
+    free = client.chat.completions.create(temperature=0, **kw)
+    first = free.choices[0].logprobs.content[0].token
+    forced_id = 9707  # "Hello"
+    forced = client.chat.completions.create(temperature=0.8, seed=3, logit_bias={str(forced_id): 100}, **kw)
+    assert [t.token for t in forced.choices[0].logprobs.content] == ["Hello"] * 6
+    # ban the greedy first token (and any spelling of it): the reply starts differently
+    tok = httpx.post(server.url + "/tokenize", json={"prompt": first}, headers={"Authorization": f"Bearer {API_KEY}"})
+    ids = tok.json()["tokens"]
+    banned = client.chat.completions.create(temperature=0, logit_bias={str(i): -100 for i in ids}, **kw)
+    assert all(t.token != first for t in banned.choices[0].logprobs.content)
+    assert banned.choices[0].message.content != free.choices[0].message.content
+
+
+def test_bad_logit_bias_is_400_naming_the_field(client: Any) -> None:
+    for bias in ({"hello": 5}, {"99999999": 5}, {"9707": 101}):
+        with pytest.raises(openai.BadRequestError) as e:
+            client.chat.completions.create(model="qwen-0.5b", messages=WEATHER_QUESTION, max_tokens=2, logit_bias=bias)
+        assert e.value.body["param"] == "logit_bias", bias
+
+
+def test_suffix_fill_in_the_middle(client: Any) -> None:
+    """`suffix` (what editor plugins send) == the same FIM prompt built by hand, greedy; the
+    hand-built prompt is checked against transformers in test_serve_structured.py."""
+    prefix = "def is_even(n):\n    "
+    suffix = "\n\nprint(is_even(4))\n"
+    r = client.completions.create(model="qwen-0.5b", prompt=prefix, suffix=suffix, max_tokens=16, temperature=0)
+    by_hand = client.completions.create(
+        model="qwen-0.5b", prompt=f"<|fim_prefix|>{prefix}<|fim_suffix|>{suffix}<|fim_middle|>", max_tokens=16,
+        temperature=0,
+    )  # fmt: skip
+    assert r.choices[0].text == by_hand.choices[0].text and "return" in r.choices[0].text
+    assert r.usage.prompt_tokens == by_hand.usage.prompt_tokens

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -29,6 +30,32 @@ def gguf_05b_path() -> Path:
 @pytest.fixture(scope="session")
 def gguf_15b_path() -> Path:
     return _real_gguf("QWENKIT_TEST_GGUF_15B", "qwen2.5-coder-1.5b-instruct")
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The generated tiny Qwen2.5-style tokenizer as an HF folder (see tests/tiny_tokenizer.py)."""
+    from tests.tiny_tokenizer import write_tiny_tokenizer
+
+    return write_tiny_tokenizer(tmp_path_factory.mktemp("tiny_tokenizer"))
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tiny_tokenizer_dir: Path) -> Any:
+    from qwenkit.tokenizer import Tokenizer
+
+    return Tokenizer.from_hf_dir(tiny_tokenizer_dir)
+
+
+@pytest.fixture(scope="module", params=["tiny", pytest.param("real", marks=pytest.mark.slow)])
+def qwen_tokenizer_dir(request: pytest.FixtureRequest) -> Path:
+    """A tokenizer HF folder: the tiny generated one, and (slow) the real Qwen2.5's (a save_hf copy
+    of the GGUF's). Tests on it run on both."""
+    if request.param == "tiny":
+        return request.getfixturevalue("tiny_tokenizer_dir")
+    from tests.test_tokenizer import hf_dir_for
+
+    return hf_dir_for(request.config, request.getfixturevalue("gguf_05b_path"))
 
 
 @pytest.fixture(scope="session")

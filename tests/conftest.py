@@ -59,24 +59,25 @@ def qwen_tokenizer_dir(request: pytest.FixtureRequest) -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_hf_dir(tmp_path_factory: pytest.TempPathFactory, gguf_05b_path: Path) -> Path:
-    """A tiny random Qwen2 (full 151,936 vocab) + the real Qwen tokenizer as an HF folder.
+def tiny_hf_dir(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer: Any) -> Path:
+    """A tiny random Qwen2 over the tiny tokenizer's vocabulary, as an HF folder.
 
-    Loads in a second, so CLI/server plumbing can be tested end to end with real tokenization.
+    Loads in well under a second, so CLI/server plumbing can be tested end to end.
     """
     import torch
 
     from qwenkit.config import ModelConfig
     from qwenkit.loaders.hf import export_hf
     from qwenkit.model import Qwen2ForCausalLM
-    from qwenkit.tokenizer import Tokenizer
+    from tests.serve_utils import stop_ids
     from tests.tiny import tiny_hf_config
 
     out = tmp_path_factory.mktemp("tiny_hf")
     torch.manual_seed(0)
     cfg = ModelConfig.from_hf(
-        tiny_hf_config(vocab_size=151936, num_hidden_layers=2, tie_word_embeddings=True, eos_token_id=151645)
-    )
+        tiny_hf_config(vocab_size=len(tiny_tokenizer), num_hidden_layers=2, tie_word_embeddings=True,
+                       bos_token_id=tiny_tokenizer.pad_token_id, eos_token_id=tiny_tokenizer.eos_token_id)
+    )  # fmt: skip
     model = Qwen2ForCausalLM(cfg).eval()
-    export_hf(model, out, tokenizer=Tokenizer.from_gguf(gguf_05b_path))
+    export_hf(model, out, tokenizer=tiny_tokenizer, generation=stop_ids(tiny_tokenizer))
     return out

@@ -1,6 +1,6 @@
-"""Grammar-constrained decoding (xgrammar) on the real Qwen vocabulary: whatever the logits,
-the output parses and validates; the batched bitmask equals the per-row one; the engine hook
-constrains a real (tiny, random) model end to end."""
+"""Grammar-constrained decoding (xgrammar) on the tiny tokenizer's vocabulary and (slow) the real
+Qwen one: whatever the logits, the output parses and validates; the batched bitmask equals the
+per-row one; the engine hook constrains a real (tiny, random) model end to end."""
 from __future__ import annotations
 
 import json
@@ -13,10 +13,9 @@ import torch
 
 from qwenkit.serve.structured import GrammarCompiler, GrammarError, GrammarLogitsProcessor, apply_grammar_bitmasks
 from qwenkit.serve.tool_parser import parse_tool_calls
-from tests.serve_utils import qwen_tokenizer, tiny_model_dir
+from tests.serve_utils import tiny_model_dir
+from tests.test_tokenizer import load_ours_dir
 
-VOCAB = 151936
-EOS = (151645, 151643)
 SCHEMA = {
     "type": "object",
     "properties": {
@@ -36,23 +35,25 @@ TOOL_PARAMS = {
 
 
 @pytest.fixture(scope="module")
-def tok(request: pytest.FixtureRequest, gguf_05b_path: Path) -> Any:
-    return qwen_tokenizer(request.config, gguf_05b_path)
+def tok(qwen_tokenizer_dir: Path) -> Any:
+    """The tiny tokenizer, and (slow) the real one."""
+    return load_ours_dir(qwen_tokenizer_dir)
 
 
 @pytest.fixture(scope="module")
 def compiler(tok: Any) -> GrammarCompiler:
-    return GrammarCompiler(tok, VOCAB, EOS)
+    assert tok.eos_token_ids[:2] == (tok.token_to_id("<|im_end|>"), tok.token_to_id("<|endoftext|>"))
+    return GrammarCompiler(tok, len(tok), tok.eos_token_ids)
 
 
-def decode_random(tok: Any, proc: GrammarLogitsProcessor, seed: int, max_tokens: int = 200) -> str:
+def decode_random(tok: Any, proc: GrammarLogitsProcessor, seed: int, max_tokens: int = 1000) -> str:
     """Sample from random logits under the grammar until EOS."""
     gen = torch.Generator().manual_seed(seed)
     out: list[int] = []
     for _ in range(max_tokens):
-        logits = proc(out, torch.randn(VOCAB, generator=gen) * 3)
+        logits = proc(out, torch.randn(len(tok), generator=gen) * 3)
         token = int(torch.multinomial(logits.softmax(-1), 1, generator=gen))
-        if token in EOS:
+        if token in tok.eos_token_ids:
             return tok.decode(out)
         out.append(token)
     raise AssertionError(f"no EOS after {max_tokens} tokens: {tok.decode(out)!r}")
@@ -61,16 +62,16 @@ def decode_random(tok: Any, proc: GrammarLogitsProcessor, seed: int, max_tokens:
 @pytest.mark.parametrize("seed", range(2))
 def test_json_schema_output_always_validates(tok: Any, compiler: GrammarCompiler, seed: int) -> None:
     compiled = compiler.json_schema(SCHEMA, "response_format.json_schema.schema")
-    text = decode_random(tok, GrammarLogitsProcessor(compiled, VOCAB), seed)
+    text = decode_random(tok, GrammarLogitsProcessor(compiled, len(tok)), seed)
     jsonschema.validate(json.loads(text), SCHEMA)
 
 
 def test_json_object_output_parses(tok: Any, compiler: GrammarCompiler) -> None:
-    proc = GrammarLogitsProcessor(compiler.json_object(), VOCAB)
+    proc = GrammarLogitsProcessor(compiler.json_object(), len(tok))
     gen = torch.Generator().manual_seed(0)
     out: list[int] = []
     for _ in range(6):  # a few free tokens, then close the object greedily from the allowed set
-        logits = proc(out, torch.randn(VOCAB, generator=gen))
+        logits = proc(out, torch.randn(len(tok), generator=gen))
         out.append(int(torch.multinomial(logits.softmax(-1), 1, generator=gen)))
     assert tok.decode(out).lstrip().startswith(("{", "["))
 
@@ -78,7 +79,7 @@ def test_json_object_output_parses(tok: Any, compiler: GrammarCompiler) -> None:
 def test_forced_tool_call_parses(tok: Any, compiler: GrammarCompiler) -> None:
     compiled = compiler.tool_calls([("get_weather", TOOL_PARAMS), ("get_time", None)], "tools")
     for seed in range(2):
-        text = decode_random(tok, GrammarLogitsProcessor(compiled, VOCAB), seed)
+        text = decode_random(tok, GrammarLogitsProcessor(compiled, len(tok)), seed)
         parsed = parse_tool_calls(text)
         assert parsed.content is None and len(parsed.tool_calls) == 1, text
         call = parsed.tool_calls[0]
@@ -89,7 +90,8 @@ def test_forced_tool_call_parses(tok: Any, compiler: GrammarCompiler) -> None:
             assert call.name == "get_time" and isinstance(args, dict)
 
 
-def test_batched_bitmask_equals_per_row(compiler: GrammarCompiler) -> None:
+def test_batched_bitmask_equals_per_row(tok: Any, compiler: GrammarCompiler) -> None:
+    VOCAB = len(tok)
     a = compiler.json_schema(SCHEMA, "s")
     b = compiler.tool_calls([("get_weather", TOOL_PARAMS)], "tools")
     logits = torch.randn(3, VOCAB)
@@ -110,7 +112,7 @@ def test_invalid_schemas_name_the_field(compiler: GrammarCompiler) -> None:
         compiler.json_schema({"type": "string", "minLength": 10**8}, "p")
 
 
-def test_engine_hook_constrains_a_real_model(request: pytest.FixtureRequest, gguf_05b_path: Path, compiler: GrammarCompiler) -> None:
+def test_engine_hook_constrains_a_real_model(request: pytest.FixtureRequest, qwen_tokenizer_dir: Path) -> None:
     """A random tiny Qwen2 through the paged engine: the grammar (via the runner hook) makes its
     output valid JSON for the schema, for n=2 split into two seeded requests."""
     from qwenkit.engine.llm_engine import LLMEngine
@@ -118,10 +120,13 @@ def test_engine_hook_constrains_a_real_model(request: pytest.FixtureRequest, ggu
     from qwenkit.sampling_params import SamplingParams
     from qwenkit.serve.engine_client import install_logits_processor_hook, set_logits_processors
 
-    lm = load(tiny_model_dir(request.config, gguf_05b_path), progress=False)
+    lm = load(tiny_model_dir(request.config, qwen_tokenizer_dir), progress=False)
+    VOCAB = len(lm.tokenizer)
     engine = LLMEngine(lm.model, lm.tokenizer, max_model_len=512)
     install_logits_processor_hook(engine.model_runner)
-    compiled = compiler.json_schema(SCHEMA, "s")
+    # stop ids = the engine's, as serve/state.py builds it (a tiny model's config does not list
+    # <|endoftext|>: a grammar that allowed it would let the row run on past the JSON)
+    compiled = GrammarCompiler(lm.tokenizer, VOCAB, engine.eos_token_ids).json_schema(SCHEMA, "s")
     prompt = lm.tokenizer.encode("weather as JSON:")
     for i in range(2):
         params = SamplingParams(temperature=1.0, seed=i, max_tokens=200)

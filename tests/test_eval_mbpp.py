@@ -1,29 +1,26 @@
 """MBPP+ through the sandbox, scored like evalplus: canonical solutions pass, wrong ones fail."""
 from __future__ import annotations
 
+import gzip
+import hashlib
+
 import pytest
 
+import qwenkit.eval.mbpp as mbpp_mod
 from qwenkit.errors import QwenkitError
-from qwenkit.eval.mbpp import MbppPlus, deserialize_inputs, find_mbpp_plus
-
-
-def _have_data() -> bool:
-    try:
-        find_mbpp_plus()
-        return True
-    except QwenkitError:
-        return False
-
-
-pytestmark = pytest.mark.skipif(not _have_data(), reason="MbppPlus-v0.1.0.jsonl not found (../shared/data)")
+from qwenkit.eval.mbpp import MBPP_PLUS_SHA256, PACKAGED_PATH, MbppPlus, deserialize_inputs, find_mbpp_plus, load_tasks
 
 
 @pytest.fixture(scope="module")
 def mb() -> MbppPlus:
-    return MbppPlus()
+    return MbppPlus(PACKAGED_PATH)
 
 
-def test_dataset(mb):
+def test_dataset(mb, monkeypatch):
+    monkeypatch.delenv(mbpp_mod.ENV_PATH, raising=False)
+    assert find_mbpp_plus() == PACKAGED_PATH
+    assert hashlib.sha256(gzip.decompress(PACKAGED_PATH.read_bytes())).hexdigest() == MBPP_PLUS_SHA256
+    assert PACKAGED_PATH.with_name("MbppPlus-v0.1.0.LICENSE.txt").is_file()
     assert len(mb.problems) == 399
     t = mb.problems["Mbpp/2"]
     assert t["entry_point"] == "similar_elements"
@@ -41,6 +38,35 @@ def test_deserialize_inputs_restores_python_types():
 def test_missing_file_is_a_clear_error(tmp_path):
     with pytest.raises(QwenkitError, match="not found"):
         find_mbpp_plus(tmp_path / "nope.jsonl")
+
+
+def test_overrides_plain_and_gz(tmp_path, monkeypatch, caplog):
+    raw = gzip.decompress(PACKAGED_PATH.read_bytes())
+    lines = raw.split(b"\n")
+    (tmp_path / "MbppPlus-v0.1.0.jsonl").write_bytes(raw)
+    assert find_mbpp_plus(tmp_path) == tmp_path / "MbppPlus-v0.1.0.jsonl"  # a folder works too
+    monkeypatch.setenv(mbpp_mod.ENV_PATH, str(tmp_path / "MbppPlus-v0.1.0.jsonl"))
+    assert len(load_tasks()) == 399
+    subset = tmp_path / "subset.jsonl.gz"
+    subset.write_bytes(gzip.compress(b"\n".join(lines[:2])))
+    with caplog.at_level("WARNING", logger="qwenkit.eval.mbpp"):
+        assert list(load_tasks(subset)) == ["Mbpp/2", "Mbpp/3"]  # $QWENKIT_MBPP_PLUS loses to a path
+    assert "not evalplus" in caplog.text
+
+
+def test_corrupt_packaged_copy_is_an_error_naming_it(tmp_path, monkeypatch):
+    raw = gzip.decompress(PACKAGED_PATH.read_bytes())
+    bad = (tmp_path / "MbppPlus-v0.1.0.jsonl.gz").resolve()
+    bad.write_bytes(gzip.compress(raw.replace(b"similar_elements", b"similar_elementz", 1)))
+    monkeypatch.setattr(mbpp_mod, "PACKAGED_PATH", bad)
+    monkeypatch.delenv(mbpp_mod.ENV_PATH, raising=False)
+    with pytest.raises(QwenkitError, match="corrupt") as e:
+        load_tasks()
+    assert str(bad) in str(e.value)
+    bad.write_bytes(b"not gzip")
+    with pytest.raises(QwenkitError, match="not a valid gzip") as e:
+        load_tasks()
+    assert str(bad) in str(e.value)
 
 
 # Mbpp/2: set-equality oracle; /124: complex inputs + float outputs (allclose); /115: sets;

@@ -8,7 +8,6 @@ import logging
 import threading
 import time
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import httpx
@@ -18,15 +17,15 @@ from fastapi.testclient import TestClient
 
 from qwenkit.serve.app import create_app
 from qwenkit.serve.settings import ServerSettings
-from tests.serve_utils import HOST, FakeEngine, free_port, metric_value, qwen_tokenizer
+from tests.serve_utils import HOST, FakeEngine, free_port, metric_value
 
 USER = [{"role": "user", "content": "hi"}]
 LONG = "word " * 200  # what the slow fake engine "generates": ~200 tokens
 
 
 @pytest.fixture(scope="module")
-def tok(request: pytest.FixtureRequest, gguf_05b_path: Path) -> Any:
-    return qwen_tokenizer(request.config, gguf_05b_path)
+def tok(tiny_tokenizer: Any) -> Any:
+    return tiny_tokenizer
 
 
 def wait_for(pred: Callable[[], bool], timeout: float = 10.0) -> bool:

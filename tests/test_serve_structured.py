@@ -1,7 +1,8 @@
-"""Grammar-constrained decoding (xgrammar, in the engine) on the real Qwen vocabulary: whatever
-the logits, the output parses and validates; the batched bitmask equals the per-row one; and the
-server on a tiny random Qwen2 with the real engine: response_format / forced tool calls with
-n=2, logit_bias, fill-in-the-middle `suffix`, `echo` with `logprobs`."""
+"""Grammar-constrained decoding (xgrammar, in the engine) on the tiny tokenizer's vocabulary and
+(slow) the real Qwen one: whatever the logits, the output parses and validates; the batched
+bitmask equals the per-row one. Then the server on a tiny random Qwen2 with the real engine:
+response_format / forced tool calls with n=2, logit_bias, fill-in-the-middle `suffix`, `echo`
+with `logprobs`."""
 from __future__ import annotations
 
 import json
@@ -22,10 +23,9 @@ from qwenkit.engine.structured_output import (
 )
 from qwenkit.sampling_params import StructuredOutputsParams, ToolCallSpec
 from qwenkit.serve.tool_parser import parse_tool_calls
-from tests.serve_utils import qwen_tokenizer, tiny_model_dir
+from tests.serve_utils import tiny_model_dir
+from tests.test_tokenizer import load_ours_dir
 
-VOCAB = 151936
-EOS = (151645, 151643)
 SCHEMA = {
     "type": "object",
     "properties": {
@@ -50,24 +50,26 @@ TOOLS = [
 
 
 @pytest.fixture(scope="module")
-def tok(request: pytest.FixtureRequest, gguf_05b_path: Path) -> Any:
-    return qwen_tokenizer(request.config, gguf_05b_path)
+def tok(qwen_tokenizer_dir: Path) -> Any:
+    """The tiny tokenizer, and (slow) the real one."""
+    return load_ours_dir(qwen_tokenizer_dir)
 
 
 @pytest.fixture(scope="module")
 def compiler(tok: Any) -> GrammarCompiler:
-    return GrammarCompiler(tok, VOCAB, EOS)
+    assert tok.eos_token_ids[:2] == (tok.token_to_id("<|im_end|>"), tok.token_to_id("<|endoftext|>"))
+    return GrammarCompiler(tok, len(tok), tok.eos_token_ids)
 
 
-def decode_random(tok: Any, compiled: Any, seed: int, max_tokens: int = 200) -> str:
+def decode_random(tok: Any, compiled: Any, seed: int, max_tokens: int = 1000) -> str:
     """Sample from random logits under the grammar until EOS."""
     matcher = GrammarMatcher(compiled)
     gen = torch.Generator().manual_seed(seed)
     out: list[int] = []
     for _ in range(max_tokens):
-        logits = apply_grammar_bitmasks(torch.randn(1, VOCAB, generator=gen) * 3, [matcher])[0]
+        logits = apply_grammar_bitmasks(torch.randn(1, len(tok), generator=gen) * 3, [matcher])[0]
         token = int(torch.multinomial(logits.softmax(-1), 1, generator=gen))
-        if token in EOS:
+        if token in tok.eos_token_ids:
             return tok.decode(out)
         matcher.accept(token)
         out.append(token)
@@ -85,7 +87,7 @@ def test_json_object_output_parses(tok: Any, compiler: GrammarCompiler) -> None:
     gen = torch.Generator().manual_seed(0)
     out: list[int] = []
     for _ in range(6):  # a few free tokens: the output starts as JSON
-        logits = apply_grammar_bitmasks(torch.randn(1, VOCAB, generator=gen), [matcher])[0]
+        logits = apply_grammar_bitmasks(torch.randn(1, len(tok), generator=gen), [matcher])[0]
         out.append(int(torch.multinomial(logits.softmax(-1), 1, generator=gen)))
         matcher.accept(out[-1])
     assert tok.decode(out).lstrip().startswith(("{", "["))
@@ -106,7 +108,22 @@ def test_forced_tool_call_parses(tok: Any, compiler: GrammarCompiler) -> None:
             assert call.name == "get_time" and isinstance(args, dict)
 
 
-def test_batched_bitmask_equals_per_row(compiler: GrammarCompiler) -> None:
+def test_length_bounded_strings_exclude_control_characters(tok: Any, compiler: GrammarCompiler) -> None:
+    """xgrammar 0.2 lets a minLength/maxLength string hold raw control characters (invalid
+    JSON); the compiler excludes them as in unbounded strings."""
+    schema = {"type": "object", "properties": {"s": {"type": "string", "maxLength": 4}}, "required": ["s"]}
+    matcher = GrammarMatcher(compiler.compile(StructuredOutputsParams(json=schema)))
+    for t in tok.encode('{"s": "a'):
+        matcher.accept(t)
+    allowed = torch.isfinite(apply_grammar_bitmasks(torch.zeros(1, len(tok)), [matcher])[0])
+    for ch in ("\x01", "\t", "\x1f"):
+        (t,) = tok.encode(ch)
+        assert not allowed[t], repr(ch)
+    assert allowed[tok.encode("b")[0]] and allowed[tok.encode('"')[0]]
+
+
+def test_batched_bitmask_equals_per_row(tok: Any, compiler: GrammarCompiler) -> None:
+    VOCAB = len(tok)
     a = compiler.compile(StructuredOutputsParams(json=SCHEMA))
     b = compiler.compile(StructuredOutputsParams(tool_calls=[ToolCallSpec("get_weather", TOOL_PARAMS)]))
     logits = torch.randn(3, VOCAB)
@@ -135,13 +152,13 @@ def test_invalid_schemas_name_the_field(compiler: GrammarCompiler) -> None:
 
 # ============================================================================ server, real engine
 @pytest.fixture(scope="module")
-def client(request: pytest.FixtureRequest, gguf_05b_path: Path) -> Iterator[TestClient]:
+def client(request: pytest.FixtureRequest, tiny_tokenizer_dir: Path) -> Iterator[TestClient]:
     from qwenkit.serve.app import create_app
     from qwenkit.serve.engine_client import load_engine_client
     from qwenkit.serve.settings import ServerSettings
 
-    model_dir = tiny_model_dir(request.config, gguf_05b_path)
-    app = create_app(ServerSettings(model=str(model_dir)), lambda: load_engine_client(model_dir, max_model_len=512))
+    model_dir = tiny_model_dir(request.config, tiny_tokenizer_dir)
+    app = create_app(ServerSettings(model=str(model_dir)), lambda: load_engine_client(model_dir, max_model_len=2048))
     with TestClient(app) as c:
         deadline = time.monotonic() + 60
         while c.get("/ready").status_code != 200 and time.monotonic() < deadline:
@@ -181,7 +198,8 @@ def test_bad_schema_is_400_naming_the_field(client: TestClient) -> None:
     assert r.status_code == 400 and r.json()["error"]["param"] == "response_format.json_schema.schema"
 
 
-def test_logit_bias_forces_and_bans_over_http(client: TestClient, tok: Any) -> None:
+def test_logit_bias_forces_and_bans_over_http(client: TestClient, tiny_tokenizer: Any) -> None:
+    tok = tiny_tokenizer
     forced = tok.encode(" banana")[0]
     body = {"prompt": "Fruit:", "max_tokens": 5, "temperature": 1.0, "seed": 3, "ignore_eos": True}
     r = client.post("/v1/completions", json={**body, "logit_bias": {str(forced): 100}, "logprobs": 0}).json()
@@ -201,7 +219,8 @@ def test_suffix_fill_in_the_middle(client: TestClient) -> None:
     assert r.json()["usage"]["prompt_tokens"] > 3
 
 
-def test_echo_with_logprobs_has_prompt_logprobs(client: TestClient, tok: Any) -> None:
+def test_echo_with_logprobs_has_prompt_logprobs(client: TestClient, tiny_tokenizer: Any) -> None:
+    tok = tiny_tokenizer
     prompt = "The quick brown fox"
     body = {"prompt": prompt, "echo": True, "logprobs": 2, "max_tokens": 3, "temperature": 0, "ignore_eos": True}
     choice = client.post("/v1/completions", json=body).json()["choices"][0]

@@ -15,7 +15,7 @@ from typing import Any, Iterator
 import pytest
 
 from qwenkit.serve.settings import ServerSettings
-from tests.serve_utils import FakeEngine, qwen_tokenizer
+from tests.serve_utils import FakeEngine
 from tests.test_serve_ops import live_server
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -61,10 +61,10 @@ def wait_until(pred: Any, timeout: float = 30.0, what: str = "condition") -> Any
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def test_chat_page_streams_an_answer(request: pytest.FixtureRequest, gguf_05b_path: Path, driver: Any, tmp_path: Path) -> None:
+def test_chat_page_streams_an_answer(tiny_tokenizer: Any, driver: Any, tmp_path: Path) -> None:
     from selenium.webdriver.common.by import By
 
-    tok = qwen_tokenizer(request.config, gguf_05b_path)
+    tok = tiny_tokenizer
     fake = FakeEngine(tok, lambda *a: ANSWER, delay=0.04)
     with live_server(ServerSettings(model="m", structured_warmup=False), fake) as (url, _state):
         driver.get(url + "/")

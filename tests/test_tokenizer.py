@@ -1,18 +1,19 @@
-"""Tokenizer parity with transformers on the real Qwen2.5-Coder GGUF.
+"""Tokenizer tests, on the generated tiny tokenizer (fast) and on the real Qwen2.5-Coder GGUF's
+(slow): ids, decode, special tokens and chat templates equal transformers'.
 
 References (test-only):
 
-* ``ref_gguf``: ``transformers.AutoTokenizer.from_pretrained(dir, gguf_file=...)`` — the GGUF
+* ``ref_dir``: transformers loading the same HF folder (tokenizer.json + tokenizer_config.json) as
+  ``ours``: the tiny generated folder, or the folder written by :meth:`Tokenizer.save_hf` from the
+  GGUF.
+* ``ref_gguf`` (slow): ``transformers.AutoTokenizer.from_pretrained(dir, gguf_file=...)`` — the GGUF
   converted by transformers. Two known deviations of that converter from the real HF Qwen2.5
   tokenizer (and from SPEC §1) are asserted explicitly below: it has no NFC normaliser, and it
   marks the FIM / repo tokens ``special=True`` (their GGUF token type is CONTROL).
-* ``ref_dir``: transformers loading the folder written by :meth:`Tokenizer.save_hf` (the real
-  HF layout: tokenizer.json + tokenizer_config.json).
 
 Loading a GGUF costs ~20 s on this box (``gguf.GGUFReader`` walks 300k strings), so the
-helpers below cache the loaded tokenizers per process, and ``ours`` is re-loaded from a
-``save_hf`` copy cached under pytest's cache dir; tests that need a fresh GGUF parse or the
-GGUF reference are marked ``slow``.
+helpers below cache the loaded tokenizers per process, and the real ``ours`` is re-loaded from a
+``save_hf`` copy cached under pytest's cache dir.
 """
 from __future__ import annotations
 
@@ -30,6 +31,8 @@ import qwenkit.loaders.gguf_tokenizer as gguf_tokenizer_module
 import qwenkit.tokenizer.tokenizer as tokenizer_module
 from qwenkit.loaders.gguf_tokenizer import tokenizer_from_gguf
 from qwenkit.tokenizer import QWEN_NON_SPECIAL_CONTROL_TOKENS, Tokenizer
+from qwenkit.tokenizer.tokenizer import bytes_to_unicode
+from tests.tiny_tokenizer import CONTROL_TOKENS as TINY_CONTROL_TOKENS
 
 # ----------------------------------------------------------------------------- shared loaders
 _CACHE: dict[str, Any] = {}
@@ -73,7 +76,11 @@ def hf_dir_for(config: pytest.Config, path: Path) -> Path:
 
 def load_ours(config: pytest.Config, path: Path) -> Tokenizer:
     """Our tokenizer for the GGUF, via the cached ``save_hf`` folder (fast after the first run)."""
-    return _cached(f"ours:{path}", lambda: Tokenizer.from_hf_dir(hf_dir_for(config, path)))
+    return load_ours_dir(hf_dir_for(config, path))
+
+
+def load_ours_dir(directory: Path) -> Tokenizer:
+    return _cached(f"ours:{directory}", lambda: Tokenizer.from_hf_dir(directory))
 
 
 def load_ref_gguf(path: Path) -> Any:
@@ -84,14 +91,26 @@ def load_ref_gguf(path: Path) -> Any:
     )
 
 
-def load_ref_dir(config: pytest.Config, path: Path) -> Any:
+def load_ref_dir(directory: Path) -> Any:
     from transformers import AutoTokenizer
 
-    return _cached(f"ref_dir:{path}", lambda: AutoTokenizer.from_pretrained(str(hf_dir_for(config, path))))
+    return _cached(f"ref_dir:{directory}", lambda: AutoTokenizer.from_pretrained(str(directory)))
 
 
 @pytest.fixture(scope="module")
-def ours(request: pytest.FixtureRequest, gguf_05b_path: Path) -> Tokenizer:
+def ours(qwen_tokenizer_dir: Path) -> Tokenizer:
+    """The tiny tokenizer, and (slow) the real one."""
+    return load_ours_dir(qwen_tokenizer_dir)
+
+
+@pytest.fixture(scope="module")
+def ref_dir(qwen_tokenizer_dir: Path) -> Any:
+    """transformers on the same folder as ``ours``."""
+    return load_ref_dir(qwen_tokenizer_dir)
+
+
+@pytest.fixture(scope="module")
+def real(request: pytest.FixtureRequest, gguf_05b_path: Path) -> Tokenizer:
     return load_ours(request.config, gguf_05b_path)
 
 
@@ -105,19 +124,15 @@ def ref_gguf(gguf_05b_path: Path) -> Any:
     return load_ref_gguf(gguf_05b_path)
 
 
-@pytest.fixture(scope="module")
-def ref_dir(request: pytest.FixtureRequest, gguf_05b_path: Path) -> Any:
-    return load_ref_dir(request.config, gguf_05b_path)
+def control_base(tok: Tokenizer) -> int:
+    """Id of <|endoftext|>, the first control token (151643 in the real vocabulary)."""
+    base = tok.token_to_id("<|endoftext|>")
+    assert isinstance(base, int)
+    return base
 
 
 # ----------------------------------------------------------------------------- test corpus
-CONTROL_TOKENS = [
-    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
-    "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
-    "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>", "<tool_call>",
-    "</tool_call>", "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>",
-    "<|repo_name|>", "<|file_sep|>",
-]  # fmt: skip
+CONTROL_TOKENS = list(TINY_CONTROL_TOKENS)  # Qwen2.5's, in id order: checked on the real vocabulary
 
 FIXED: list[str] = [
     "Hello world",
@@ -255,29 +270,33 @@ def test_corpus_is_big_and_deterministic() -> None:
     assert sum(unicodedata.normalize("NFC", s) != s for s in CORPUS) > 20  # NFC matters
 
 
-def test_hello_world(ours: Tokenizer) -> None:
-    assert ours.encode("Hello world") == [9707, 1879]
-    assert ours.decode([9707, 1879]) == "Hello world"
+def test_encode_adds_no_bos(ours: Tokenizer) -> None:
+    ids = ours.encode("Hello world")
+    assert ids and ours.decode(ids) == "Hello world"
     assert ours.bos_token_id is None  # no BOS, whatever the GGUF says
-    assert ours.encode("Hello world", add_special_tokens=True) == [9707, 1879]
+    assert ours.encode("Hello world", add_special_tokens=True) == ids
 
 
 def test_vocab_and_special_ids(ours: Tokenizer) -> None:
-    assert ours.vocab_size == 151936 == len(ours)
+    """Qwen2.5's layout, relative to the first control id (151643 in the real vocabulary)."""
+    base = control_base(ours)
+    order = list(bytes_to_unicode().values())
+    assert [ours.id_to_token(i) for i in range(256)] == order  # single bytes first, GPT-2 order
+    assert base > 256
     for offset, tok in enumerate(CONTROL_TOKENS):
-        assert ours.token_to_id(tok) == 151643 + offset
-        assert ours.id_to_token(151643 + offset) == tok
-    assert set(ours.added_token_ids) == set(range(151643, 151665))
+        assert ours.token_to_id(tok) == base + offset
+        assert ours.id_to_token(base + offset) == tok
+    assert set(ours.added_token_ids) == set(range(base, base + 22))
     non_special = {ours.token_to_id(t) for t in QWEN_NON_SPECIAL_CONTROL_TOKENS}
-    assert non_special == {151657, 151658} | set(range(151659, 151665))
-    assert ours.special_token_ids == frozenset(range(151643, 151665)) - non_special
-    assert ours.eos_token_ids[:2] == (151645, 151643)
-    assert ours.eos_token_id == 151645 and ours.pad_token_id == 151643
-    assert ours.unused_token_ids == tuple(range(151665, 151936))
-    assert ours.id_to_token(151665) == "[PAD151665]"
+    assert non_special == {base + 14, base + 15} | set(range(base + 16, base + 22))
+    assert ours.special_token_ids == frozenset(range(base, base + 22)) - non_special
+    assert ours.eos_token_ids[:2] == (base + 2, base)
+    assert ours.eos_token_id == base + 2 and ours.pad_token_id == base
+    assert ours.vocab_size == len(ours) and ours.vocab_size % 64 == 0
+    assert ours.unused_token_ids == tuple(range(base + 22, ours.vocab_size))
+    assert ours.id_to_token(base + 22) == f"[PAD{base + 22}]"
     assert ours.model_max_length == 32768
-    assert ours.token_to_id("Ġworld") == 1879
-    for bad in (-1, 151936, 10**9):
+    for bad in (-1, ours.vocab_size, 10**9):
         with pytest.raises(ValueError):
             ours.id_to_token(bad)
         with pytest.raises(ValueError):
@@ -285,12 +304,13 @@ def test_vocab_and_special_ids(ours: Tokenizer) -> None:
 
 
 def test_ids_match_transformers_hf_dir(ours: Tokenizer, ref_dir: Any) -> None:
-    """All corpus strings: our ids == transformers (loaded from our save_hf folder)."""
+    """All corpus strings: our ids == transformers (loaded from the same folder)."""
     got = ours.encode_batch(CORPUS)
     want = [ref_dir.encode(s, add_special_tokens=False) for s in CORPUS]
     bad = [(s, g, w) for s, g, w in zip(CORPUS, got, want) if g != w]
     assert not bad, bad[:3]
     assert [ours.encode(s) for s in CORPUS[:200]] == got[:200]
+    assert sum(map(len, got)) > sum(map(len, CORPUS)) // 8  # not a degenerate tokenisation
 
 
 def test_decode_roundtrip(ours: Tokenizer) -> None:
@@ -300,11 +320,12 @@ def test_decode_roundtrip(ours: Tokenizer) -> None:
 
 def test_decode_matches_transformers_hf_dir(ours: Tokenizer, ref_dir: Any) -> None:
     rng = random.Random(7)
+    base = control_base(ours)
     seqs = [ours.encode(s) for s in CORPUS[::5]]
     # random id soups: byte fragments that do not form valid UTF-8, control tokens, [PAD] fillers
     for _ in range(300):
         seqs.append([rng.randrange(ours.vocab_size) for _ in range(rng.randint(1, 20))])
-        seqs.append([rng.choice([rng.randrange(256), rng.randrange(151643, 151936)]) for _ in range(8)])
+        seqs.append([rng.choice([rng.randrange(256), rng.randrange(base, ours.vocab_size)]) for _ in range(8)])
     for ids in seqs:
         for skip in (False, True):
             assert ours.decode(ids, skip_special_tokens=skip) == ref_dir.decode(ids, skip_special_tokens=skip), ids
@@ -355,7 +376,7 @@ def test_decode_accepts_arrays(ours: Tokenizer) -> None:
 
     ids = ours.encode("Hello world 中文")
     assert ours.decode(np.array(ids)) == ours.decode(torch.tensor(ids)) == "Hello world 中文"
-    assert ours.decode(9707) == "Hello"
+    assert ours.decode(ids[0]) == ours.decode([ids[0]]) and "Hello world 中文".startswith(ours.decode(ids[0]))
 
 
 def test_token_bytes(ours: Tokenizer) -> None:
@@ -365,19 +386,20 @@ def test_token_bytes(ours: Tokenizer) -> None:
         ids = [rng.randrange(ours.vocab_size) for _ in range(rng.randint(1, 10))]
         raw = b"".join(ours.token_bytes(i) for i in ids)
         assert raw.decode("utf-8", "replace") == ours.decode(ids)
-    assert ours.token_bytes(151645) == b"<|im_end|>"
-    assert ours.token_bytes(1879) == b" world"
+    assert ours.token_bytes(control_base(ours) + 2) == b"<|im_end|>"
+    assert b"".join(ours.token_bytes(i) for i in ours.encode(" world 中")) == " world 中".encode()
 
 
 def test_save_hf_config(ours: Tokenizer, tmp_path: Path) -> None:
+    base = control_base(ours)
     out = ours.save_hf(tmp_path / "tok")
     cfg = json.loads((out / "tokenizer_config.json").read_text(encoding="utf-8"))
     assert cfg["chat_template"] == ours.chat_template
     assert cfg["eos_token"] == "<|im_end|>" and cfg["pad_token"] == "<|endoftext|>" and cfg["bos_token"] is None
     assert cfg["model_max_length"] == 32768
     dec = cfg["added_tokens_decoder"]
-    assert dec["151645"]["special"] is True and dec["151657"]["special"] is False
-    assert dec["151659"]["special"] is False
+    assert dec[str(base + 2)]["special"] is True and dec[str(base + 14)]["special"] is False
+    assert dec[str(base + 16)]["special"] is False
     tj = json.loads((out / "tokenizer.json").read_text(encoding="utf-8"))
     assert tj["normalizer"]["type"] == "NFC"
     again = Tokenizer.from_hf_dir(out)
@@ -386,29 +408,63 @@ def test_save_hf_config(ours: Tokenizer, tmp_path: Path) -> None:
 
 
 def test_from_hf_dir_reads_generation_config(ours: Tokenizer, tmp_path: Path) -> None:
+    base = control_base(ours)
     out = ours.save_hf(tmp_path / "tok")
-    (out / "generation_config.json").write_text(json.dumps({"eos_token_id": [151645, 151643, 151662]}))
-    assert Tokenizer.from_hf_dir(out).eos_token_ids == (151645, 151643, 151662)
+    (out / "generation_config.json").write_text(json.dumps({"eos_token_id": [base + 2, base, base + 19]}))
+    assert Tokenizer.from_hf_dir(out).eos_token_ids == (base + 2, base, base + 19)
 
 
-def test_transformers_loads_save_hf(ours: Tokenizer, ref_dir: Any) -> None:
-    assert len(ref_dir) == ours.vocab_size
-    assert ref_dir.eos_token_id == 151645 and ref_dir.pad_token_id == 151643 and ref_dir.bos_token is None
-    flags = {i: t.special for i, t in ref_dir.added_tokens_decoder.items()}
+def test_transformers_loads_save_hf(ours: Tokenizer, tmp_path: Path) -> None:
+    from transformers import AutoTokenizer
+
+    base = control_base(ours)
+    ref = AutoTokenizer.from_pretrained(str(ours.save_hf(tmp_path / "tok")))
+    assert len(ref) == ours.vocab_size
+    assert ref.eos_token_id == base + 2 and ref.pad_token_id == base and ref.bos_token is None
+    flags = {i: t.special for i, t in ref.added_tokens_decoder.items()}
     assert flags == {i: t.special for i, t in ours.added_tokens_decoder.items()}
-    assert ref_dir.chat_template == ours.chat_template
+    assert ref.chat_template == ours.chat_template
+    assert ref.encode(CORPUS[60], add_special_tokens=False) == ours.encode(CORPUS[60])
+
+
+def test_tiny_tokenizer_is_qwen_shaped(tiny_tokenizer: Tokenizer) -> None:
+    """The generated fixture: every merge learnt, Qwen2.5's chat template, sizes as documented."""
+    from tests.tiny_tokenizer import CHAT_TEMPLATE, NUM_MERGES
+
+    assert control_base(tiny_tokenizer) == 256 + NUM_MERGES
+    assert len(tiny_tokenizer) == 576
+    assert tiny_tokenizer.chat_template == CHAT_TEMPLATE
+    assert "You are Qwen, created by Alibaba Cloud." in CHAT_TEMPLATE
+    assert len(tiny_tokenizer.encode("def fib(n):\n    return n")) < len("def fib(n):\n    return n") // 2
+
+
+# ----------------------------------------------------------------------------- slow: the real vocabulary
+@pytest.mark.slow
+def test_real_ids(real: Tokenizer) -> None:
+    assert real.encode("Hello world") == [9707, 1879]
+    assert real.decode([9707, 1879]) == "Hello world" and real.decode(9707) == "Hello"
+    assert real.vocab_size == 151936 and control_base(real) == 151643
+    assert real.token_to_id("Ġworld") == 1879 and real.token_bytes(1879) == b" world"
+    assert real.unused_token_ids == tuple(range(151665, 151936))
+
+
+@pytest.mark.slow
+def test_fixture_template_is_the_real_one(real: Tokenizer) -> None:
+    from tests.tiny_tokenizer import CHAT_TEMPLATE
+
+    assert real.chat_template == CHAT_TEMPLATE
 
 
 # ----------------------------------------------------------------------------- slow: GGUF reference
 @pytest.mark.slow
-def test_from_gguf_metadata(ours_gguf: Tokenizer, ours: Tokenizer) -> None:
+def test_from_gguf_metadata(ours_gguf: Tokenizer, real: Tokenizer) -> None:
     assert ours_gguf.vocab_size == 151936
     assert ours_gguf.eos_token_ids[:2] == (151645, 151643)
     assert ours_gguf.bos_token_id is None
     assert ours_gguf.chat_template is not None and "<|im_start|>" in ours_gguf.chat_template
-    assert ours_gguf.special_token_ids == ours.special_token_ids
-    assert ours_gguf.unused_token_ids == ours.unused_token_ids
-    assert ours_gguf.encode_batch(CORPUS) == ours.encode_batch(CORPUS)
+    assert ours_gguf.special_token_ids == real.special_token_ids
+    assert ours_gguf.unused_token_ids == real.unused_token_ids
+    assert ours_gguf.encode_batch(CORPUS) == real.encode_batch(CORPUS)
 
 
 @pytest.mark.slow

@@ -44,6 +44,10 @@ class StructuredOutputError(ValueError):
         self.param = param
 
 
+_BOUNDED_STRING_CHAR = r'[^\"\\\r\n]'  # one character of a length-bounded string, as xgrammar writes it
+_JSON_STRING_CHAR = r'[^\0-\x1f\"\\]'  # an unescaped JSON string character
+
+
 def _check_bounds(node: Any, param: str, path: str = "", depth: int = 0) -> None:
     if depth > MAX_SCHEMA_DEPTH:
         raise StructuredOutputError(f"'{param}' is nested deeper than {MAX_SCHEMA_DEPTH} levels", param)
@@ -148,9 +152,15 @@ class GrammarCompiler:
         import xgrammar as xgr
 
         try:
-            return xgr.Grammar.from_json_schema(json.dumps(schema), any_whitespace=False, strict_mode=True)
+            grammar = xgr.Grammar.from_json_schema(json.dumps(schema), any_whitespace=False, strict_mode=True)
         except Exception as e:  # xgrammar raises RuntimeError/ValueError on unsupported schemas
             raise StructuredOutputError(f"cannot build a grammar from '{param}': {e}", param) from None
+        ebnf = str(grammar)
+        if _BOUNDED_STRING_CHAR in ebnf:
+            # xgrammar (0.2.x) lets a string with minLength/maxLength hold raw control characters,
+            # which JSON forbids (RFC 8259 §7): exclude them as its unbounded strings do
+            grammar = xgr.Grammar.from_ebnf(ebnf.replace(_BOUNDED_STRING_CHAR, _JSON_STRING_CHAR))
+        return grammar
 
     def _tool_calls(self, so: StructuredOutputsParams) -> Any:
         """Exactly one Hermes call to one of the functions."""

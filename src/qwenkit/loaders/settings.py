@@ -18,6 +18,8 @@ Variable                      Meaning                                           
 ``QWENKIT_LOCK_TIMEOUT``      wait for another process pulling the same model (s)        3600
 ``QWENKIT_HUB_TIMEOUT``       hub reachability probe / etag timeout (s)                  5
 ``QWENKIT_PROGRESS``          ``1`` forces progress bars, ``0`` disables them            on a TTY
+``QWENKIT_OFFLINE``           ``1``: never download; a model missing from the cache is   off
+                              an error at once (no pip or hub attempt)
 ``HF_ENDPOINT``               Hugging Face hub URL (a mirror)                            huggingface.co
 ``HF_HUB_OFFLINE``            ``1``: only the local HF cache is used (also honoured:     off
                               ``TRANSFORMERS_OFFLINE``)
@@ -40,6 +42,7 @@ __all__ = [
     "hub_timeout",
     "lock_timeout",
     "model_source",
+    "offline",
     "pip_args",
     "pip_part_timeout",
     "pip_timeout",
@@ -105,6 +108,11 @@ def progress_disable() -> bool | None:
     if v in _FALSE:
         return True
     return None
+
+
+def offline() -> bool:
+    """``$QWENKIT_OFFLINE`` set to a true value: pulls fail at once instead of downloading."""
+    return os.environ.get("QWENKIT_OFFLINE", "").strip().lower() in _TRUE
 
 
 def hf_endpoint() -> str | None:

@@ -66,3 +66,15 @@ def test_hf_state_dict_round_trip() -> None:
     exported = dict(ours.hf_state_dict())
     for name, t in ref.state_dict().items():
         assert torch.equal(exported[name], t), name
+
+
+def test_config_stop_ids_follow_the_vocabulary() -> None:
+    """Qwen's two EOS ids join the config's own stop ids, but only where the vocabulary has them
+    (a small vocabulary would otherwise stop on ids it cannot produce and export a BOS it lacks)."""
+    from qwenkit.config import ModelConfig
+    from tests.tiny import tiny_hf_config
+
+    qwen = ModelConfig.from_hf(tiny_hf_config(vocab_size=151936, eos_token_id=151645, bos_token_id=None))
+    assert qwen.eos_token_ids == (151645, 151643) and qwen.to_hf()["bos_token_id"] == 151643
+    small = ModelConfig.from_hf(tiny_hf_config(vocab_size=576, eos_token_id=513, bos_token_id=None))
+    assert small.eos_token_ids == (513,) and small.to_hf()["bos_token_id"] is None

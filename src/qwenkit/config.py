@@ -105,12 +105,23 @@ class ModelConfig:
                 max_window_layers=int(cfg.get("max_window_layers", 0)),
                 rope_scaling=rope_scaling,
                 bos_token_id=cfg.get("bos_token_id"),
-                eos_token_ids=tuple(dict.fromkeys(eos_ids + QWEN_EOS_TOKEN_IDS)),
+                # Qwen's two EOS ids are stop ids of every Qwen2.5 checkpoint (instruct and base),
+                # whichever one its config names; not of a model whose vocabulary lacks them
+                eos_token_ids=tuple(dict.fromkeys(
+                    eos_ids + tuple(t for t in QWEN_EOS_TOKEN_IDS if t < int(cfg["vocab_size"]))
+                )),  # fmt: skip
                 architecture=archs[0] if archs else "Qwen2ForCausalLM",
                 name=str(cfg.get("_name_or_path", "")),
             )
         except KeyError as e:
             raise ConfigError(f"config.json is missing required field {e.args[0]!r}") from None
+
+    @property
+    def default_bos_token_id(self) -> int | None:
+        """The config's BOS id, else Qwen's <|endoftext|> when the vocabulary has it."""
+        if self.bos_token_id is not None:
+            return self.bos_token_id
+        return QWEN_EOS_TOKEN_IDS[1] if QWEN_EOS_TOKEN_IDS[1] < self.vocab_size else None
 
     def to_hf(self) -> dict[str, Any]:
         """An HF ``config.json`` dict that transformers' Qwen2ForCausalLM loads."""
@@ -132,7 +143,7 @@ class ModelConfig:
             "max_window_layers": self.max_window_layers,
             "hidden_act": "silu",
             "attention_dropout": 0.0,
-            "bos_token_id": self.bos_token_id if self.bos_token_id is not None else 151643,
+            "bos_token_id": self.default_bos_token_id,
             "eos_token_id": self.eos_token_ids[0],
             "torch_dtype": "float32",
         }

@@ -134,7 +134,7 @@ def write_hf_metadata(
     hf_cfg.update(config_extra)
     with open(out / "config.json", "w") as f:
         json.dump(hf_cfg, f, indent=2)
-    gen = {"bos_token_id": 151643, "eos_token_id": list(config.eos_token_ids)}
+    gen = {"bos_token_id": config.default_bos_token_id, "eos_token_id": list(config.eos_token_ids)}
     gen.update(generation or {})
     with open(out / "generation_config.json", "w") as f:
         json.dump(gen, f, indent=2)

@@ -208,15 +208,30 @@ ALWAYS_INLINE void att_task(const int ND, const attn_task_t *t, int64_t pos0, co
         }
     }
     for (int64_t i = 0; i < nrh; i++) sum[i] = att_softmax(sc + i * ldsc, pos0 + i / t->nh + 1, mx[i]);
-    for (int64_t j0 = 0; j0 < Lmax; j0 += bs) {
-        const float *vb = vbase + tab[j0 / bs] * block_stride + koff;
-        for (int64_t r = 0; r < t->nr; r++) {
-            const int64_t L = pos0 + r + 1;
-            if (j0 >= L) continue;
-            const int64_t n = L - j0 < bs ? L - j0 : bs;
-            for (int64_t h = 0; h < t->nh; h++) {
-                const int64_t i = r * t->nh + h;
-                att_pv(ND, ob + i * D, sc + i * ldsc + j0, vb, tok, n);
+    if (nrh == 1) { /* one row-head (decode): the sums stay in registers across blocks (same FMAs) */
+        __m256 acc[ND];
+        for (int d = 0; d < ND; d++) acc[d] = _mm256_setzero_ps();
+        for (int64_t j0 = 0; j0 < Lmax; j0 += bs) {
+            const float *vb = vbase + tab[j0 / bs] * block_stride + koff;
+            const int64_t n = Lmax - j0 < bs ? Lmax - j0 : bs;
+            for (int64_t j = 0; j < n; j++) {
+                const float *vj = vb + j * tok;
+                const __m256 pj = _mm256_set1_ps(sc[j0 + j]);
+                for (int d = 0; d < ND; d++) acc[d] = _mm256_fmadd_ps(pj, _mm256_loadu_ps(vj + 8 * d), acc[d]);
+            }
+        }
+        for (int d = 0; d < ND; d++) _mm256_storeu_ps(ob + 8 * d, acc[d]);
+    } else {
+        for (int64_t j0 = 0; j0 < Lmax; j0 += bs) {
+            const float *vb = vbase + tab[j0 / bs] * block_stride + koff;
+            for (int64_t r = 0; r < t->nr; r++) {
+                const int64_t L = pos0 + r + 1;
+                if (j0 >= L) continue;
+                const int64_t n = L - j0 < bs ? L - j0 : bs;
+                for (int64_t h = 0; h < t->nh; h++) {
+                    const int64_t i = r * t->nh + h;
+                    att_pv(ND, ob + i * D, sc + i * ldsc + j0, vb, tok, n);
+                }
             }
         }
     }
@@ -266,19 +281,25 @@ void qk_attn_paged(const float *q, int64_t q_stride, const float *kbase, const f
     {
         float *sc = (float *)malloc((size_t)(per * (ldsc + 2 * D + 2)) * sizeof(float));
         float *qs = sc + per * ldsc, *ob = qs + per * D, *mx = ob + per * D, *sum = mx + per;
-        /* heaviest (last) tiles first: they see the most keys */
+#define ATT_RUN(i)                                                                                              \
+    do {                                                                                                        \
+        const attn_task_t *t = tasks + (i);                                                                     \
+        const int64_t *tab = tables + t->s * tstride, koff = (t->h0 / group) * D;                               \
+        if (D == 64)                                                                                            \
+            att_task(8, t, pos0[i], q, q_stride, kbase, vbase, tab, bs, block_stride, tok, koff, scale, out, Hq, \
+                     sc, ldsc, qs, ob, mx, sum);                                                                \
+        else                                                                                                    \
+            att_task(16, t, pos0[i], q, q_stride, kbase, vbase, tab, bs, block_stride, tok, koff, scale, out,   \
+                     Hq, sc, ldsc, qs, ob, mx, sum);                                                            \
+    } while (0)
+        if (per == 1) { /* decodes only: tasks of similar size */
+#pragma omp for schedule(static)
+            for (int64_t i = 0; i < ntasks; i++) ATT_RUN(i);
+        } else { /* heaviest (last) tiles first: they see the most keys */
 #pragma omp for schedule(dynamic, 1)
-        for (int64_t i = ntasks - 1; i >= 0; i--) {
-            const attn_task_t *t = tasks + i;
-            const int64_t *tab = tables + t->s * tstride;
-            const int64_t koff = (t->h0 / group) * D;
-            if (D == 64)
-                att_task(8, t, pos0[i], q, q_stride, kbase, vbase, tab, bs, block_stride, tok, koff, scale, out, Hq, sc,
-                         ldsc, qs, ob, mx, sum);
-            else
-                att_task(16, t, pos0[i], q, q_stride, kbase, vbase, tab, bs, block_stride, tok, koff, scale, out, Hq,
-                         sc, ldsc, qs, ob, mx, sum);
+            for (int64_t i = ntasks - 1; i >= 0; i--) ATT_RUN(i);
         }
+#undef ATT_RUN
         free(sc);
     }
     free(pos0);

@@ -139,3 +139,49 @@ def test_same_request_same_bits_whatever_else_runs(model: Qwen2ForCausalLM, prom
     outs = run_engine(engine, prompts, plist, stagger=2)
     assert engine.scheduler.num_preemptions > 0
     assert _result(outs[8]) == want
+
+
+@pytest.mark.slow
+def test_real_05b_default_quantization_same_bits(gguf_05b_path) -> None:
+    """The 0.5B with the CLI/server default runtime (quantization "auto"), the server's
+    default sampling settings at temperature 1 with a seed: 16 tokens, bit-identical."""
+    import dataclasses
+
+    from qwenkit.loaders.load import load
+
+    loaded = load(gguf_05b_path, quantization="auto", progress=False)
+    tok = loaded.tokenizer
+
+    def chat(text: str) -> list[int]:
+        return tok.apply_chat_template([{"role": "user", "content": text}], tokenize=True)
+
+    def engine(**kw) -> LLMEngine:
+        return LLMEngine(
+            loaded.model, tok, generation_defaults=loaded.generation_defaults, kv_cache_memory="64MiB", **kw
+        )
+
+    base = engine().default_sampling_params()
+    params = dataclasses.replace(base, temperature=1.0, seed=1234, max_tokens=16, logprobs=1, ignore_eos=True)
+    prompt = chat("Name an animal.")
+
+    eng = engine()
+    [alone] = run_engine(eng, [prompt], params)
+    want = _result(alone)
+    [cached] = run_engine(eng, [prompt], params)
+    assert cached.num_cached_tokens > 0
+    assert _result(cached) == want
+
+    texts = [
+        "Name a bird.", "def fibonacci(n):", "Write a haiku about the sea.", "What is 17 * 23?",
+        "Explain recursion in one sentence.", "import numpy as np", "Translate 'hello' to French.",
+        "List three prime numbers.", "用中文介绍一下你自己。", "Write a SQL query that counts rows.",
+        "What is the capital of France?", "Reverse a string in Rust.", "Say hi.",
+        "Describe a binary search tree and its operations in a short paragraph.", "2+2=", "Why is the sky blue?",
+    ]  # fmt: skip
+    others = [chat(t) for t in texts]
+    other_params = [dataclasses.replace(base, max_tokens=4 + i % 8, seed=i) for i in range(len(others))]
+    outs = run_engine(engine(), others[:8] + [prompt] + others[8:], other_params[:8] + [params] + other_params[8:], stagger=4)
+    assert _result(outs[8]) == want
+
+    [chunked] = run_engine(engine(max_num_batched_tokens=16, max_num_seqs=16, enable_prefix_caching=False), [prompt], params)
+    assert _result(chunked) == want

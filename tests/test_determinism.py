@@ -1,6 +1,6 @@
 """Batch invariance: a seeded request gives the same tokens and bit-identical logprobs run alone,
-after its prompt is in the prefix cache, among 16 other requests, with chunked prefill, and
-when preempted and recomputed.
+after its prompt is in the prefix cache, among 16 other requests, with chunked prefill, when
+preempted and recomputed, and with another thread count.
 
 This holds on the CPU path with qwenkit's C kernels: int8 / int4 linears (the int8-activation
 GEMMs compute each row alike at every M) and `ops.paged_attention` (one kernel for every query
@@ -139,6 +139,15 @@ def test_same_request_same_bits_whatever_else_runs(model: Qwen2ForCausalLM, prom
     outs = run_engine(engine, prompts, plist, stagger=2)
     assert engine.scheduler.num_preemptions > 0
     assert _result(outs[8]) == want
+
+    # (f) another thread count (every kernel computes a row / row-head in one thread)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1 if threads > 1 else 3)
+    try:
+        [other_threads] = run_engine(_engine(model), [prompt], params)
+    finally:
+        torch.set_num_threads(threads)
+    assert _result(other_threads) == want
 
 
 @pytest.mark.slow

@@ -189,8 +189,10 @@ def test_real_05b_default_quantization_same_bits(gguf_05b_path) -> None:
     ]  # fmt: skip
     others = [chat(t) for t in texts]
     other_params = [dataclasses.replace(base, max_tokens=4 + i % 8, seed=i) for i in range(len(others))]
-    outs = run_engine(engine(), others[:8] + [prompt] + others[8:], other_params[:8] + [params] + other_params[8:], stagger=4)
+    prompts, plist = others[:8] + [prompt] + others[8:], other_params[:8] + [params] + other_params[8:]
+    outs = run_engine(engine(), prompts, plist, stagger=4)
     assert _result(outs[8]) == want
 
-    [chunked] = run_engine(engine(max_num_batched_tokens=16, max_num_seqs=16, enable_prefix_caching=False), [prompt], params)
+    chunking = engine(max_num_batched_tokens=16, max_num_seqs=16, enable_prefix_caching=False)
+    [chunked] = run_engine(chunking, [prompt], params)
     assert _result(chunked) == want

@@ -108,6 +108,21 @@ def _rows_uniform(x: torch.Tensor) -> bool:
     return True
 
 
+def _attn_layout_ok(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, *index: torch.Tensor) -> bool:
+    """The attention kernels' layouts: head_dim compiled in, whole GQA groups, q rows of
+    contiguous heads, contiguous pools, int64 tables / lengths."""
+    _, hq, d = q.shape
+    return (
+        d in ATTN_HEAD_DIMS
+        and hq % k_cache.shape[2] == 0
+        and q.stride(2) == 1
+        and q.stride(1) == d
+        and k_cache.is_contiguous()
+        and v_cache.is_contiguous()
+        and all(t.dtype == torch.int64 for t in index)
+    )
+
+
 def decode_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -123,15 +138,7 @@ def decode_attention(
     do not fit (the caller then uses torch)."""
     s, hq, d = q.shape
     hkv = k_cache.shape[2]
-    if (
-        d not in ATTN_HEAD_DIMS
-        or hq % hkv
-        or q.stride(2) != 1
-        or q.stride(1) != d
-        or not (k_cache.is_contiguous() and v_cache.is_contiguous())
-        or block_tables.dtype != torch.int64
-        or context_lens.dtype != torch.int64
-    ):
+    if not _attn_layout_ok(q, k_cache, v_cache, block_tables, context_lens):
         return None
     tables = block_tables.contiguous()
     ctx = context_lens.contiguous()
@@ -163,16 +170,7 @@ def paged_attention(
     Each (row, head) runs the same arithmetic as `decode_attention` at that position."""
     n, hq, d = q.shape
     hkv = k_cache.shape[2]
-    if (
-        d not in ATTN_HEAD_DIMS
-        or hq % hkv
-        or q.stride(2) != 1
-        or q.stride(1) != d
-        or not (k_cache.is_contiguous() and v_cache.is_contiguous())
-        or block_tables.dtype != torch.int64
-        or context_lens.dtype != torch.int64
-        or query_lens.dtype != torch.int64
-    ):
+    if not _attn_layout_ok(q, k_cache, v_cache, block_tables, context_lens, query_lens):
         return None
     tables = block_tables.contiguous()
     ctx = context_lens.contiguous()

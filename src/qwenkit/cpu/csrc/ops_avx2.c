@@ -239,7 +239,8 @@ ALWAYS_INLINE void att_task(const int ND, const attn_task_t *t, int64_t pos0, co
         const int64_t r = i / t->nh, h = i % t->nh;
         float *oh = out + ((t->row0 + r) * Hq + t->h0 + h) * D;
         const __m256 inv = _mm256_set1_ps(1.0f / sum[i]);
-        for (int d = 0; d < ND; d++) _mm256_storeu_ps(oh + 8 * d, _mm256_mul_ps(_mm256_loadu_ps(ob + i * D + 8 * d), inv));
+        for (int d = 0; d < ND; d++)
+            _mm256_storeu_ps(oh + 8 * d, _mm256_mul_ps(_mm256_loadu_ps(ob + i * D + 8 * d), inv));
     }
 }
 

@@ -94,6 +94,30 @@ def test_decode_attention_paged_matches_sdpa(hq: int, hkv: int, d: int) -> None:
     torch.testing.assert_close(got, want, rtol=2e-6, atol=2e-6)
 
 
+@pytest.mark.parametrize("hq,hkv,d", [(14, 2, 64), (12, 2, 128), (4, 4, 64)])
+def test_paged_attention_matches_sdpa_and_decode_rows(hq: int, hkv: int, d: int) -> None:
+    """Every row of a step (prefill chunks after cached keys, decodes) over the paged pool ==
+    causal SDPA within fp32 rounding, and bit-identical to that row run alone as a decode."""
+    g = _gen(5)
+    bs, blocks = 16, 64
+    k_pool = torch.randn(blocks, bs, hkv, d, generator=g)
+    v_pool = torch.randn(blocks, bs, hkv, d, generator=g)
+    qlen = torch.tensor([1, 37, 9, 1, 20])  # decode, prefill from 0, chunk after cached keys, ...
+    ctx = torch.tensor([5, 37, 70, 16, 53])
+    tables = torch.randperm(blocks, generator=g)[: 5 * 5].view(5, 5)
+    n = int(qlen.sum())
+    qkv_rows = torch.randn(n, (hq + 2 * hkv) * d, generator=g)
+    q = qkv_rows[:, : hq * d].view(n, hq, d)  # a strided view, as in the model
+    got = ops.paged_attention(q, k_pool, v_pool, tables, ctx, qlen, scale=d**-0.5)
+    seq = torch.repeat_interleave(torch.arange(5), qlen)
+    first = torch.cumsum(qlen, 0) - qlen
+    pos = (ctx - qlen)[seq] + torch.arange(n) - first[seq]
+    alone = ops.decode_attention(q, k_pool, v_pool, tables[seq], pos + 1, scale=d**-0.5)
+    assert torch.equal(got, alone)
+    want = _reference_decode(q, k_pool, v_pool, tables[seq], pos + 1, d**-0.5)
+    torch.testing.assert_close(got, want, rtol=2e-6, atol=2e-6)
+
+
 def test_decode_attention_refuses_other_head_dims() -> None:
     q = torch.randn(1, 4, 16)
     kv = torch.randn(1, 8, 2, 16)

@@ -10,6 +10,9 @@ These ops (`csrc/ops_avx2.c`) do the same math in one pass:
 * `decode_attention` — one query per sequence over its cached keys (all of them visible), with
   GQA, reading keys through a block table (the engine's paged cache, or one block per sequence
   for a contiguous cache) — no gather copy, no mask.
+* `paged_attention` — the same kernel for every query row of a step (prefill chunks and
+  decodes): causal, each row over exactly its keys 0..position, so a row's result does not
+  depend on chunking, prefix-cache hits or the batch (bit-identical to a decode row).
 
 `enabled(*tensors)` says when the fused modules (`modules.py`) may call them: CPU fp32 tensors, the library built, no
 autograd graph to record (training keeps the torch expressions), and not under `torch.compile`
@@ -39,7 +42,8 @@ def _lib() -> ctypes.CDLL | None:
     lib.qk_silu_mul.argtypes = [_P, _P, _I, _I]
     lib.qk_rope.argtypes = [_P, _I, _I, _I, _I, _P, _P]
     lib.qk_attn_decode.argtypes = [_P, _I, _P, _P, _P, _I, _P, _I, _I, _P, _I, _I, _I, _I, _F]
-    for f in (lib.qk_rms_norm, lib.qk_silu_mul, lib.qk_rope, lib.qk_attn_decode):
+    lib.qk_attn_paged.argtypes = [_P, _I, _P, _P, _P, _I, _P, _P, _I, _I, _P, _I, _I, _I, _I, _F]
+    for f in (lib.qk_rms_norm, lib.qk_silu_mul, lib.qk_rope, lib.qk_attn_decode, lib.qk_attn_paged):
         f.restype = None
     return lib
 
@@ -104,6 +108,21 @@ def _rows_uniform(x: torch.Tensor) -> bool:
     return True
 
 
+def _attn_layout_ok(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, *index: torch.Tensor) -> bool:
+    """The attention kernels' layouts: head_dim compiled in, whole GQA groups, q rows of
+    contiguous heads, contiguous pools, int64 tables / lengths."""
+    _, hq, d = q.shape
+    return (
+        d in ATTN_HEAD_DIMS
+        and hq % k_cache.shape[2] == 0
+        and q.stride(2) == 1
+        and q.stride(1) == d
+        and k_cache.is_contiguous()
+        and v_cache.is_contiguous()
+        and all(t.dtype == torch.int64 for t in index)
+    )
+
+
 def decode_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -119,15 +138,7 @@ def decode_attention(
     do not fit (the caller then uses torch)."""
     s, hq, d = q.shape
     hkv = k_cache.shape[2]
-    if (
-        d not in ATTN_HEAD_DIMS
-        or hq % hkv
-        or q.stride(2) != 1
-        or q.stride(1) != d
-        or not (k_cache.is_contiguous() and v_cache.is_contiguous())
-        or block_tables.dtype != torch.int64
-        or context_lens.dtype != torch.int64
-    ):
+    if not _attn_layout_ok(q, k_cache, v_cache, block_tables, context_lens):
         return None
     tables = block_tables.contiguous()
     ctx = context_lens.contiguous()
@@ -136,5 +147,39 @@ def decode_attention(
     _lib().qk_attn_decode(
         q.data_ptr(), q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(), tables.data_ptr(),
         tables.shape[1], ctx.data_ptr(), bs * hkv * d, bs, out.data_ptr(), s, hq, hkv, d, scale,
+    )  # fmt: skip
+    return out
+
+
+def paged_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    query_lens: torch.Tensor,
+    *,
+    scale: float,
+) -> torch.Tensor | None:
+    """Causal attention of a step's query rows over the paged cache (their keys written already).
+
+    q (N, Hq, D): the rows of S sequences in order, query_lens[s] (int64, sum N) each; sequence
+    s's row i sits at position context_lens[s] - query_lens[s] + i and sees keys 0..that
+    position; k_cache / v_cache (blocks, block_size, Hkv, D); block_tables (S, max_blocks)
+    int64. -> (N, Hq, D), or None when the layouts do not fit (the caller then uses torch).
+    Each (row, head) runs the same arithmetic as `decode_attention` at that position."""
+    n, hq, d = q.shape
+    hkv = k_cache.shape[2]
+    if not _attn_layout_ok(q, k_cache, v_cache, block_tables, context_lens, query_lens):
+        return None
+    tables = block_tables.contiguous()
+    ctx = context_lens.contiguous()
+    qlen = query_lens.contiguous()
+    out = q.new_empty(n, hq, d)
+    bs = k_cache.shape[1]
+    _lib().qk_attn_paged(
+        q.data_ptr(), q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(), tables.data_ptr(),
+        tables.shape[1], ctx.data_ptr(), qlen.data_ptr(), bs * hkv * d, bs, out.data_ptr(),
+        ctx.numel(), hq, hkv, d, scale,
     )  # fmt: skip
     return out

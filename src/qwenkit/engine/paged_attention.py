@@ -1,12 +1,19 @@
 """Attention over the paged KV cache: the engine's `attn_metadata` for one step.
 
 The step's tokens arrive as one flat stream (the model sees B=1, T=N). Sequences are split into
-two groups by query length: decodes (one query each) and prefill chunks (padded to the longest
-chunk). Per layer, the new K/V are written with one `index_copy_` over `slot_mapping`; each group
-then gathers the blocks holding its visible keys (one `index_select` over whole blocks) and
-runs one SDPA call with an additive mask that trims them exactly. All the
-index and mask tensors are built once per step (and per distinct window), never per layer or per
-sequence in Python.
+two groups by query length: decodes (one query each) and prefill chunks. Per layer, the new K/V
+are written with one `index_copy_` over `slot_mapping`. On CPU (fp32, head_dim 64 / 128) each
+group whose queries see all their keys then runs `ops.paged_attention`: one C kernel for every
+query row, decode or prefill, reading the pool in place, each row over exactly its keys
+0..position with the same arithmetic. So a row's result does not depend on how its prompt was
+chunked, on a prefix-cache hit, or on the other sequences of the step (batch-invariant, with
+the batch-invariant int8 / int4 GEMMs: the same request gives the same tokens whatever else runs).
+Otherwise (GPU, other head sizes, a sliding window or streaming window cutting keys off) the
+group gathers the blocks holding its visible keys (one `index_select` over whole blocks), padded
+to the longest chunk, and runs one SDPA call with an additive mask that trims them exactly;
+those results can differ in the last bits with chunking and batching. All the index and mask
+tensors are built once per step (and per distinct window), never per layer or per sequence in
+Python.
 
 Visibility (HF semantics): key j is visible to query i iff j <= i and, for a layer with window W,
 i - j < W. In streaming mode (StreamingLLM) the first `num_sink_tokens` positions stay visible as
@@ -56,6 +63,7 @@ class SequenceGroup:
         dtype: torch.dtype,
     ) -> None:
         self.num_seqs = int(query_lens.numel())
+        self.query_lens = query_lens
         self.num_tokens = int(query_lens.sum())
         self.token_start = token_start
         self.tq = int(query_lens.max())
@@ -194,12 +202,12 @@ class PagedAttentionMetadata:
         sinks: bool,
     ) -> torch.Tensor:
         n_heads, head_dim = q.shape[1], q.shape[2]
-        if g.tq == 1 and g.all_visible(window) and ops.enabled(q, k_pool):
-            # Decode, every cached key visible: the fused C kernel reads the pool through the
-            # block tables in place (no gather copy, no mask).
-            out = ops.decode_attention(
-                q[g.token_start : g.token_start + g.num_seqs], k_pool, v_pool, g.block_tables,
-                g.context_lens, scale=scale,
+        if g.all_visible(window) and ops.enabled(q, k_pool):
+            # Every query sees all its keys: the C kernel reads the pool through the block
+            # tables in place (no gather copy, no mask), the same arithmetic for every row.
+            out = ops.paged_attention(
+                q[g.token_start : g.token_start + g.num_tokens], k_pool, v_pool, g.block_tables,
+                g.context_lens, g.query_lens, scale=scale,
             )  # fmt: skip
             if out is not None:
                 return out

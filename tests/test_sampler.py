@@ -88,3 +88,19 @@ def test_forbidden_tokens_masked() -> None:
 def test_invalid_params_raise(kwargs: dict) -> None:
     with pytest.raises(ValueError, match=next(iter(kwargs))):
         SamplingParams(**kwargs)
+
+
+def test_filter_is_batch_invariant() -> None:
+    """A row's filtered logits do not depend on the other rows' top-k / top-p / min-p (an
+    unfiltered row beside a top-p row used to lose its tail to the fp32 cumulative sum)."""
+    v = 151936
+    logits = torch.randn(4, v, generator=_gen(3)) * 4
+    top_k = torch.tensor([v, 5, v, 40])
+    top_p = torch.tensor([1.0, 0.5, 0.9, 1.0])
+    min_p = torch.tensor([0.0, 0.0, 0.0, 0.05])
+    together = filter_logits(logits, top_k, top_p, min_p)
+    for i in range(4):
+        alone = filter_logits(logits[i : i + 1], top_k[i : i + 1], top_p[i : i + 1], min_p[i : i + 1])
+        assert torch.equal(together[i : i + 1], alone), i
+    assert torch.equal(together[0], logits[0])  # no filter asked: untouched
+    assert int(torch.isfinite(together[1]).sum()) <= 5

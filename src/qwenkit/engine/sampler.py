@@ -71,29 +71,33 @@ def filter_logits(
     """Mask (to -inf) tokens outside top-k / top-p / min-p. logits (B, V) already temperature-scaled.
 
     top_k: (B,) long with V meaning disabled; top_p: (B,) with 1 disabled; min_p: (B,) with 0
-    disabled. When every row uses top-k, only the top max(k) candidates are sorted.
+    disabled. Rows are filtered in groups of equal top-k (only the top k candidates are sorted),
+    and top-p / min-p act only on the rows that ask for them, so a row's result never depends
+    on what else is in the batch (seeded requests reproduce in any batch).
     """
-    b, v = logits.shape
-    if bool((top_k >= v).all() and (top_p >= 1.0).all() and (min_p <= 0).all()):
-        return logits  # no filter in this batch: skip the full-vocabulary sort
-    k_max = int(top_k.max())
-    if k_max < v:
-        vals, idx = logits.topk(k_max, dim=-1)  # (B, K), sorted descending
+    v = logits.shape[1]
+    active = (top_k < v) | (top_p < 1.0) | (min_p > 0)
+    if not bool(active.any()):
+        return logits  # no filter in this batch: skip the sort
+    out = logits.clone()
+    for k in top_k[active].unique().tolist():
+        rows = (active & (top_k == k)).nonzero().squeeze(1)
+        out[rows] = _filter_rows(logits[rows], int(k), top_p[rows], min_p[rows])
+    return out
+
+
+def _filter_rows(logits: torch.Tensor, k: int, top_p: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+    """`filter_logits` for rows (R, V) that share one top-k value."""
+    if k < logits.shape[1]:
+        vals, idx = logits.topk(k, dim=-1)  # (R, K), sorted descending
     else:
-        vals, idx = logits.sort(dim=-1, descending=True)  # (B, V)
-    ranks = torch.arange(vals.shape[1], device=logits.device)[None, :]
-    drop = ranks >= top_k[:, None]
-    vals = vals.masked_fill(drop, float("-inf"))
+        vals, idx = logits.sort(dim=-1, descending=True, stable=True)  # (R, V)
     probs = vals.softmax(dim=-1)
-    if bool((top_p < 1.0).any()):
-        # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
-        cum = probs.cumsum(dim=-1)
-        drop |= (cum - probs) >= top_p[:, None]
-    if bool((min_p > 0).any()):
-        drop |= probs < (min_p[:, None] * probs[:, :1])
-    vals = vals.masked_fill(drop, float("-inf"))
+    # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
+    drop = ((probs.cumsum(dim=-1) - probs) >= top_p[:, None]) & (top_p[:, None] < 1.0)
+    drop |= probs < (min_p[:, None] * probs[:, :1])
     out = torch.full_like(logits, float("-inf"))
-    return out.scatter_(1, idx, vals)
+    return out.scatter_(1, idx, vals.masked_fill(drop, float("-inf")))
 
 
 class Sampler:

@@ -109,12 +109,14 @@ def _median_time(fn: Callable[[], float], repeats: int) -> float:
 # ------------------------------------------------------------------------------------ engines
 class QwenkitEngine:
     """qwenkit's serving engine (`LLMEngine`, paged KV cache), one request at a time for the
-    single-stream figures; prefill in one chunk (`max_num_batched_tokens` = the longest prompt)."""
+    single-stream figures; prefill in one chunk (`max_num_batched_tokens` = the longest prompt),
+    without prefix caching (the bench repeats its prompts)."""
 
     def __init__(self, model: str, quantization: str, max_len: int) -> None:
         self.lm = load(model, quantization=quantization, progress=False)
+        # no prefix caching: every timed prefill computes its whole prompt
         self.engine = LLMEngine(self.lm.model, self.lm.tokenizer, max_num_seqs=1, max_model_len=max_len,
-                                max_num_batched_tokens=max_len)  # fmt: skip
+                                max_num_batched_tokens=max_len, enable_prefix_caching=False)  # fmt: skip
         self.config = {"quantization": quantization,
                        "spec": getattr(getattr(self.lm.model, "quant_policy", None), "spec", "fp32")}  # fmt: skip
 

@@ -232,69 +232,6 @@ def test_checkpoint_rejects_unknown_tensors(tmp_path) -> None:
 
 
 @pytest.mark.parametrize("tie", [False, True], ids=["untied", "tied"])
-@pytest.mark.parametrize("method", ["int8", "mixed", "int4-g128,lm_head=int4-g32,embed_tokens=none", "int8,lm_head=none"])
-def test_checkpoint_round_trip(tmp_path, method: str, tie: bool) -> None:
-    model = quantize_model(tiny(seed=5, tie_word_embeddings=tie), method)
-    x = ids(1, 20, seed=6)
-    save_quantized(model, tmp_path)
-    cfg = json.loads((tmp_path / "config.json").read_text())
-    assert cfg["quantization_config"]["quant_method"] == "qwenkit"
-    assert cfg["quantization_config"]["modules"] == model.quant_policy.as_dict()
-    loaded = load_quantized(tmp_path, model.config)
-    with torch.no_grad():
-        assert torch.equal(loaded(x), model(x))  # bit-exact: codes and scales are stored as-is
-        assert torch.equal(loaded(x[:, :3]), model(x[:, :3]))  # small-M kernel too
-    assert loaded.quant_policy == model.quant_policy
-    for a, b in zip(model.state_dict().values(), loaded.state_dict().values()):
-        assert torch.equal(a, b)
-
-
-def test_checkpoint_loads_through_qwenkit_load(tmp_path) -> None:
-    """`qwenkit.loaders.load.load(DIR)` sees quantization_config and does not re-quantize."""
-    from qwenkit.loaders.load import load
-
-    from tokenizers import Tokenizer, models
-
-    model = quantize_model(tiny(seed=7), "int4-g32")
-    save_quantized(model, tmp_path)
-    # load() reads a tokenizer too: a 3-word stand-in (not used here)
-    Tokenizer(models.WordLevel({"a": 0, "b": 1, "<unk>": 2}, unk_token="<unk>")).save(str(tmp_path / "tokenizer.json"))
-    (tmp_path / "generation_config.json").unlink()  # its Qwen EOS ids are outside that vocab
-    lm = load(tmp_path, progress=False, quantization="int8")
-    cpu.install(model)  # load() swaps in the CPU runtime's fused modules: compare like with like
-    x = ids(1, 12)
-    with torch.no_grad():
-        assert torch.equal(lm.model(x), model(x))
-    assert isinstance(lm.model.model.layers[0].mlp.gate_up_proj, Int4Linear)
-
-
-def test_checkpoint_rejects_unknown_tensors(tmp_path) -> None:
-    from safetensors.torch import load_file, save_file
-
-    from qwenkit.errors import ModelIntegrityError
-
-    model = quantize_model(tiny(), "int8")
-    save_quantized(model, tmp_path)
-    tensors = load_file(str(tmp_path / "model.safetensors"))
-    tensors["model.layers.0.mlp.extra.weight"] = torch.zeros(2)
-    save_file(tensors, str(tmp_path / "model.safetensors"))
-    with pytest.raises(ModelIntegrityError, match="unexpected"):
-        load_quantized(tmp_path, model.config)
-
-
-@pytest.mark.slow  # inductor compiles C++ (a minute on a busy 2-core machine)
-def test_decode_session_compiled_matches_eager() -> None:
-    from qwenkit.quant.runtime import DecodeSession
-
-    model = quantize_model(tiny(seed=8), "mixed")
-    prompt = ids(1, 12, seed=9)[0].tolist()
-    eager = DecodeSession(model)
-    want = eager.decode(eager.prefill(prompt, 9), 8)
-    compiled = DecodeSession(model, compile=True)
-    assert compiled.decode(compiled.prefill(prompt, 9), 8) == want
-
-
-@pytest.mark.parametrize("tie", [False, True], ids=["untied", "tied"])
 def test_quantize_while_loading_equals_quantize_after_loading(tie: bool) -> None:
     """Quantizing each module as its last tensor arrives (the loader's path, which never holds
     the whole fp32 model) gives the same model as loading everything and then quantizing, in

@@ -10,6 +10,6 @@ via ctypes) and the module swaps that put them into a model.
 """
 from __future__ import annotations
 
-from qwenkit.cpu.runtime import install
+from qwenkit.cpu.runtime import install, uninstall
 
-__all__ = ["install"]
+__all__ = ["install", "uninstall"]

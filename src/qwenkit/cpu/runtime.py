@@ -31,3 +31,14 @@ def install(model: nn.Module) -> nn.Module:
         if fused is not None:
             module.__class__ = fused  # the fused class only overrides methods: the state stays
     return model
+
+
+def uninstall(model: nn.Module) -> nn.Module:
+    """Undo `install`: every fused module goes back to its plain model class (training, export
+    to another runtime). Returns the model."""
+    plain = {fused: base for base, fused in FUSED.items()}
+    for module in model.modules():
+        base = plain.get(type(module))
+        if base is not None:
+            module.__class__ = base
+    return model

@@ -1,0 +1,108 @@
+"""Next-token loss without materialising (tokens x vocab) logits.
+
+The LM head and cross-entropy run in chunks of rows inside one autograd function that computes
+the gradients while the chunk's logits exist (as Liger's fused linear cross-entropy does), so
+peak memory is one (chunk x vocab) block instead of T x 151,936 fp32 logits and their softmax.
+Only positions with a target are scored: prompt tokens in SFT never reach the LM head.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from qwenkit.train.attention import DocumentAttention
+from qwenkit.train.batch import IGNORE_INDEX
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        targets: torch.Tensor,
+        chunk: int,
+        compute_dtype: torch.dtype,
+    ) -> torch.Tensor:
+        """hidden (N, H), weight (V, H), targets (N,) all valid -> summed loss (fp32 scalar)."""
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        n = hidden.shape[0]
+        loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        with torch.autocast(device_type=hidden.device.type, enabled=False):
+            w = weight.detach().to(compute_dtype)
+            rows = torch.arange(min(chunk, n), device=hidden.device)
+            for s in range(0, n, chunk):
+                h = hidden[s : s + chunk].detach().to(compute_dtype)
+                tgt = targets[s : s + chunk]
+                logits = (h @ w.t()).float()  # (c, V)
+                lse = torch.logsumexp(logits, dim=-1)
+                loss += (lse - logits.gather(1, tgt[:, None]).squeeze(1)).sum()
+                if need_h or need_w:
+                    g = logits.sub_(lse[:, None]).exp_()  # softmax, in place
+                    g[rows[: len(tgt)], tgt] -= 1.0
+                    g = g.to(compute_dtype)
+                    if grad_h is not None:
+                        grad_h[s : s + chunk] = (g @ w).to(hidden.dtype)
+                    if grad_w is not None:
+                        grad_w += (g.t() @ h).float()
+        ctx.save_for_backward(
+            grad_h if grad_h is not None else torch.empty(0),
+            grad_w if grad_w is not None else torch.empty(0),
+        )
+        ctx.weight_dtype = weight.dtype
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):  # type: ignore[override]
+        grad_h, grad_w = ctx.saved_tensors
+        gh = grad_h * grad_out.to(grad_h.dtype) if ctx.needs_input_grad[0] else None
+        gw = (grad_w * grad_out).to(ctx.weight_dtype) if ctx.needs_input_grad[1] else None
+        return gh, gw, None, None, None
+
+
+def linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    chunk: int = 1024,
+    compute_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """Summed next-token cross-entropy of `hidden @ weight.T` against `targets` (IGNORE_INDEX
+    rows skipped). hidden (..., H), targets (...). Returns an fp32 scalar (a sum, not a mean:
+    the trainer divides by the global target count)."""
+    keep = targets != IGNORE_INDEX
+    h = hidden[keep]
+    tgt = targets[keep]
+    if h.shape[0] == 0:
+        return hidden.sum() * 0.0  # keeps the graph (DDP needs every rank to backward)
+    return _LinearCrossEntropy.apply(h, weight, tgt, chunk, compute_dtype or hidden.dtype)
+
+
+class CausalLMLoss(nn.Module):
+    """The model plus its loss as one module: what DDP / FSDP2 wrap, so that the LM head's
+    weight is gathered by the wrapper's forward like every other parameter.
+
+    forward(input_ids, position_ids, document_ids, targets) -> summed loss over target tokens.
+    """
+
+    def __init__(self, model: nn.Module, chunk: int = 1024, compute_dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        self.model = model
+        self.chunk = chunk
+        self.compute_dtype = compute_dtype
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor,
+        document_ids: torch.Tensor,
+        targets: torch.Tensor,
+    ) -> torch.Tensor:
+        attn = DocumentAttention(document_ids)
+        hidden = self.model.hidden_states(input_ids, position_ids, attn)  # (B, T, H)
+        return linear_cross_entropy(
+            hidden, self.model.lm_head.weight, targets, chunk=self.chunk, compute_dtype=self.compute_dtype
+        )

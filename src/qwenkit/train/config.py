@@ -1,0 +1,209 @@
+"""Training configuration: one dataclass, recipe defaults, config files and `key=value` overrides.
+
+A run's configuration is the recipe's defaults, then a config file (`--config`: JSON, YAML or
+TOML), then `key=value` overrides from the command line; the result is printed in full at start
+and saved beside every checkpoint (`train_config.json`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from qwenkit.errors import QwenkitError
+
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+class TrainConfigError(QwenkitError, ValueError):
+    pass
+
+
+@dataclass
+class TrainConfig:
+    recipe: str = "sft"  # pretrain | sft
+    model: str = "qwen2.5-coder-0.5b-instruct"
+    data: str = ""
+    out: str = ""
+    eval_data: str | None = None
+    eval_examples: int = 0  # without eval_data: hold out the last N examples
+    # sequences
+    max_length: int = 2048
+    overflow: str = "truncate"  # truncate | drop | split (pretraining: chunk long documents)
+    packing: bool = True  # best-fit-decreasing rows of max_length; False: length buckets
+    bucket_lengths: tuple[int, ...] = (512, 1024, 2048, 4096, 8192)
+    token_budget: int = 8192  # bucketing: rows per step = token_budget // bucket length
+    batch_size: int = 8  # packing: rows per optimizer step, all ranks together
+    micro_batch_size: int = 1  # rows per forward/backward on one rank
+    # schedule
+    max_steps: int = 0  # 0: run `epochs` epochs
+    epochs: float = 1.0
+    lr: float = 7e-6
+    min_lr: float = 7e-7
+    warmup_steps: int = -1  # -1: warmup_ratio of the run
+    warmup_ratio: float = 0.03
+    weight_decay: float = 0.1
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    max_grad_norm: float = 1.0
+    # compute
+    precision: str = "auto"  # auto | fp32 | bf16 (autocast, fp32 master weights)
+    gradient_checkpointing: bool = False
+    loss_chunk: int = 1024
+    num_threads: int = 0  # 0: torch's default
+    fsdp: bool = False
+    device: str = "auto"  # auto | cpu | cuda
+    # LoRA (peft)
+    lora: bool = False
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.0
+    lora_targets: tuple[str, ...] = LORA_TARGETS
+    # bookkeeping
+    seed: int = 0
+    log_every: int = 1
+    eval_every: int = 0  # 0: only at the start and the end
+    save_every: int = 0  # 0: only at the end (and on Ctrl-C)
+    save_total_limit: int = 0  # 0: keep every checkpoint
+    resume: str | None = None  # a checkpoint folder, or "auto" (the latest in `out`)
+    tensorboard: bool = True
+    memory_check: bool = True
+    progress: bool = True
+    extra: dict[str, Any] = field(default_factory=dict)  # recipe-specific settings
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+RECIPES: dict[str, dict[str, Any]] = {
+    # continued pretraining (seed defaults): cosine 3e-4 -> 1e-5, length buckets 512..8192 with a
+    # budget of 8192 tokens a step, long documents chunked rather than cut
+    "pretrain": dict(lr=3e-4, min_lr=1e-5, packing=False, overflow="split", max_length=8192,
+                     weight_decay=0.1, warmup_ratio=0.05),
+    # SFT (seed defaults): cosine 7e-6 -> 7e-7, weight decay 0.1 (not norms / biases), clip 1.0
+    "sft": dict(lr=7e-6, min_lr=7e-7, packing=True, overflow="truncate", max_length=2048,
+                weight_decay=0.1, max_grad_norm=1.0),
+}
+# LoRA trains ~1% of the weights from zero-initialised B: it needs a far larger learning rate than
+# full SFT (peft / TRL examples use 1e-4..2e-4). Applied when `lora=true` and lr was not given.
+LORA_DEFAULTS: dict[str, Any] = dict(lr=1e-4, min_lr=1e-5)
+
+_FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+
+
+def read_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as e:
+        raise TrainConfigError(f"{p}: cannot read config file ({e.strerror})") from None
+    try:
+        if p.suffix in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text)
+        elif p.suffix == ".toml":
+            import tomllib
+
+            data = tomllib.loads(text)
+        else:
+            data = json.loads(text)
+    except Exception as e:  # the parsers' errors name line and column
+        raise TrainConfigError(f"{p}: not valid {p.suffix.lstrip('.') or 'json'}: {e}") from None
+    if not isinstance(data, dict):
+        raise TrainConfigError(f"{p}: expected a mapping of settings, got {type(data).__name__}")
+    return data
+
+
+def _coerce(name: str, value: Any) -> Any:
+    hint = typing.get_type_hints(TrainConfig)[name]
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if value is None:
+        return None
+    try:
+        if hint is bool:
+            if isinstance(value, str):
+                if value.lower() in ("1", "true", "yes", "on"):
+                    return True
+                if value.lower() in ("0", "false", "no", "off"):
+                    return False
+                raise ValueError(value)
+            return bool(value)
+        if hint in (int, float):
+            if isinstance(value, bool):
+                raise ValueError(value)
+            v = hint(value)
+            if hint is int and isinstance(value, float) and v != value:
+                raise ValueError(value)
+            return v
+        if origin is tuple:
+            if isinstance(value, str):
+                value = [v for v in value.split(",") if v] if not value.startswith("[") else json.loads(value)
+            return tuple(args[0](v) for v in value)
+        if origin is dict:
+            if isinstance(value, str):
+                value = json.loads(value)
+            if not isinstance(value, dict):
+                raise ValueError(value)
+            return dict(value)
+        return str(value)
+    except (TypeError, ValueError, json.JSONDecodeError):
+        raise TrainConfigError(f"setting {name!r}: cannot use {value!r} as {hint}") from None
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """`["lr=1e-4", "lora=true"]` -> {"lr": "1e-4", "lora": "true"} (coerced later)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise TrainConfigError(f"override {item!r}: expected key=value")
+        out[key.strip().replace("-", "_")] = value
+    return out
+
+
+def build_config(recipe: str, *layers: dict[str, Any]) -> TrainConfig:
+    """Recipe defaults, then each layer of settings in order (file, CLI flags, overrides)."""
+    if recipe not in RECIPES:
+        raise TrainConfigError(f"unknown recipe {recipe!r}; choose from {sorted(RECIPES)}")
+    merged: dict[str, Any] = {"recipe": recipe, **RECIPES[recipe]}
+    given: set[str] = set()
+    for layer in layers:
+        for key, value in layer.items():
+            if key not in _FIELDS:
+                raise TrainConfigError(f"unknown setting {key!r} (settings: {', '.join(sorted(_FIELDS))})")
+            merged[key] = _coerce(key, value)
+            given.add(key)
+    if _coerce("lora", merged.get("lora", False)):
+        for key, value in LORA_DEFAULTS.items():
+            if key not in given:
+                merged[key] = value
+    cfg = TrainConfig(**merged)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: TrainConfig) -> None:
+    def bad(name: str, why: str) -> None:
+        raise TrainConfigError(f"setting {name!r}={getattr(cfg, name)!r}: {why}")
+
+    if cfg.overflow not in ("truncate", "drop", "split"):
+        bad("overflow", "expected truncate, drop or split")
+    if cfg.precision not in ("auto", "fp32", "bf16"):
+        bad("precision", "expected auto, fp32 or bf16")
+    for name in ("max_length", "batch_size", "micro_batch_size", "token_budget", "loss_chunk", "lora_r"):
+        if getattr(cfg, name) <= 0:
+            bad(name, "must be positive")
+    if cfg.lr <= 0 or cfg.min_lr < 0 or cfg.min_lr > cfg.lr:
+        bad("min_lr", f"need 0 <= min_lr <= lr (lr={cfg.lr})")
+    if cfg.max_steps < 0 or cfg.epochs <= 0 and cfg.max_steps == 0:
+        bad("max_steps", "set max_steps > 0 or epochs > 0")
+    unknown = set(cfg.lora_targets) - set(LORA_TARGETS)
+    if unknown:
+        bad("lora_targets", f"unknown projections {sorted(unknown)}; choose from {LORA_TARGETS}")

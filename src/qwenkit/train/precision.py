@@ -1,0 +1,51 @@
+"""Mixed precision for training: which compute dtype a machine gets, the autocast context, and
+the machine's measured GEMM peak (for the MFU estimate).
+
+`precision=auto` picks bf16 autocast (fp32 master weights, fp32 optimizer) on CUDA with bf16 and
+on CPUs with AMX-BF16, where torch's bf16 GEMM is several times its fp32 GEMM; elsewhere fp32,
+since emulated or AVX-512-BF16-only bf16 GEMMs are not faster end to end there (measured:
+docs/benchmarks.md, `qwenkit bench train`).
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import time
+
+import torch
+
+from qwenkit.cpu.build import cpu_flags
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    return "bf16" if "amx_bf16" in cpu_flags() else "fp32"
+
+
+def autocast_context(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
+    if precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+@functools.lru_cache(maxsize=None)
+def peak_flops(precision: str, device: torch.device) -> float:
+    """FLOP/s of a large GEMM in the training dtype, measured once (~0.3 s): the MFU denominator."""
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    m, k, n = (512, 2048, 2048) if device.type == "cpu" else (8192, 8192, 8192)
+    a = torch.randn(m, k, device=device, dtype=dtype)
+    b = torch.randn(k, n, device=device, dtype=dtype)
+    for _ in range(2):
+        a @ b
+    reps = 5
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return 2.0 * m * k * n * reps / (time.perf_counter() - t0)

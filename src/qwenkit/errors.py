@@ -12,3 +12,7 @@ class ModelNotAvailableError(QwenkitError):
 
 class ModelIntegrityError(QwenkitError):
     """A model file exists but is corrupted, truncated or fails its checksum."""
+
+
+class AdapterError(QwenkitError):
+    """A LoRA adapter folder is missing, malformed, or does not fit the model it is applied to."""

@@ -89,6 +89,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--quantization", "-q", default="auto",
                    help="runtime weight format: auto (= int8, see qwenkit.quant.policy), none (fp32), int8, "
                         "int4, mixed, ... (`qwenkit eval quant` compares them)")
+    g.add_argument("--lora", default=None, metavar="PATH",
+                   help="LoRA adapter folder (peft format) merged into the weights at load, before quantizing")
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
@@ -108,7 +110,7 @@ class _Generator:
         from qwenkit.loaders.load import load
 
         _threads(args.threads)
-        self.lm = load(args.model, progress=progress, quantization=args.quantization)
+        self.lm = load(args.model, progress=progress, quantization=args.quantization, lora=args.lora)
         self.llm = LLM(self.lm, **engine_kwargs(args))
 
     def stream(self, prompt_ids: list[int], params: Any) -> Iterator[tuple[str, dict[str, Any] | None]]:
@@ -147,7 +149,7 @@ def cmd_generate_batch(args: argparse.Namespace) -> int:
     from qwenkit.loaders.load import load
 
     _threads(args.threads)
-    lm = load(args.model, quantization=args.quantization)
+    lm = load(args.model, quantization=args.quantization, lora=args.lora)
     items = []
     with open(args.input, encoding="utf-8") as f:
         for n, line in enumerate(f, 1):

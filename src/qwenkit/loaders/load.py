@@ -13,11 +13,12 @@ import torch
 
 from qwenkit import cpu
 from qwenkit.config import ModelConfig
-from qwenkit.errors import ModelIntegrityError
+from qwenkit.errors import AdapterError, ModelIntegrityError
 from qwenkit.loaders.catalog import DEFAULT_MODEL
 from qwenkit.loaders.gguf import GGUFFile
 from qwenkit.loaders.gguf_tokenizer import tokenizer_from_gguf
 from qwenkit.loaders.hf import generation_config, hf_config, iter_hf_weights
+from qwenkit.loaders.lora import merge_adapter_into, read_adapter
 from qwenkit.loaders.quantized import load_quantized, read_quantization_config
 from qwenkit.loaders.resolve import resolve_model
 from qwenkit.model import Qwen2ForCausalLM
@@ -84,12 +85,16 @@ def load(
     device: str | torch.device = "cpu",
     progress: bool = True,
     quantization: str = "none",
+    lora: str | os.PathLike[str] | None = None,
 ) -> LoadedModel:
     """`quantization`: a `qwenkit.quant` method (``none``, ``auto``, ``int8``, ``int4``,
     ``mixed``, ... or a policy spec); weights are quantized after loading. A quantized
-    checkpoint (``qwenkit quantize``) loads as stored, whatever this says. On the CPU the
-    runtime's fused modules are swapped in (`qwenkit.cpu.install`)."""
+    checkpoint (``qwenkit quantize``) loads as stored, whatever this says. `lora`: a peft LoRA
+    adapter folder, merged into the weights after loading and before quantizing
+    (`qwenkit.loaders.lora`). On the CPU the runtime's fused modules are swapped in
+    (`qwenkit.cpu.install`)."""
     t0 = time.perf_counter()
+    adapter = read_adapter(lora) if lora is not None else None  # a bad adapter fails before the load
     src = resolve(spec)
     tensor_types: dict[str, str] = {}
     if src.format == "gguf":
@@ -107,18 +112,26 @@ def load(
     if not config.name:
         config = config.replace(name=src.name)
     if src.format == "hf" and read_quantization_config(src.path) is not None:
+        if adapter is not None:
+            raise AdapterError(
+                f"{src.path}: a LoRA adapter merges into full-precision weights, not a quantized "
+                "checkpoint; load the original model with the adapter and quantize after"
+            )
         model = load_quantized(src.path, config, device)
     else:
         model = build_empty_model(config, dtype, device)
         method = resolve_method(quantization)
         stream = _to_device(weights, device)
-        if method != "none":  # each module quantized as soon as it is loaded (peak memory)
+        # each module quantized as soon as it is loaded (peak memory); with an adapter, after merging
+        if method != "none" and adapter is None:
             stream = quantize_while_loading(model, method, stream)
         loaded = model.load_weights(stream, adopt=src.format == "gguf")  # GGUF: fresh dequantized tensors
         expected = {n for n, _ in model.named_parameters(remove_duplicate=False)}
         missing = expected - loaded
         if missing:
             raise ModelIntegrityError(f"{src.path}: missing tensors {sorted(missing)[:8]}")
+        if adapter is not None:
+            merge_adapter_into(model, adapter)
         if method != "none":
             quantize_model(model, method)  # what is left (tied tables) + the policy record
     if torch.device(device).type == "cpu":

@@ -127,17 +127,19 @@ def load_engine_client(
     dtype: torch.dtype = torch.float32,
     device: str = "cpu",
     quantization: str = "none",
+    lora: str | os.PathLike[str] | None = None,
     **engine_args: Any,
 ) -> AsyncEngineClient:
     """Load a registry name / .gguf / HF folder / hub id and start the async engine on it.
 
     `quantization`: runtime weight format (`qwenkit.loaders.load.load`); `qwenkit serve`
-    passes its `--quantization` (default ``auto``)."""
+    passes its `--quantization` (default ``auto``). `lora`: a LoRA adapter folder merged into the
+    weights at load (before quantizing); the served name stays the base model's."""
     from qwenkit.engine.async_engine import AsyncLLMEngine
     from qwenkit.engine.llm_engine import LLMEngine
     from qwenkit.loaders.load import load
 
-    loaded = load(model, dtype=dtype, device=device, progress=False, quantization=quantization)
+    loaded = load(model, dtype=dtype, device=device, progress=False, quantization=quantization, lora=lora)
     core = LLMEngine(
         loaded.model, loaded.tokenizer, generation_defaults=loaded.generation_defaults, **engine_args
     )

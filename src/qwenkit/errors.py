@@ -12,3 +12,9 @@ class ModelNotAvailableError(QwenkitError):
 
 class ModelIntegrityError(QwenkitError):
     """A model file exists but is corrupted, truncated or fails its checksum."""
+
+
+class DataError(QwenkitError, ValueError):
+    """Training data is malformed, lacks a needed field, or a tokenized shard is corrupt.
+
+    The message names the file (and line / row / document) and what is wrong."""

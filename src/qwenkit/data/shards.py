@@ -167,7 +167,8 @@ class ShardReader:
             self.vocab_size = int(manifest["vocab_size"])
             self.tokenizer = str(manifest.get("tokenizer", ""))
             num_docs, num_tokens = int(manifest["num_docs"]), int(manifest["num_tokens"])
-            files = manifest["files"]
+            if not isinstance(manifest["files"], dict):
+                raise TypeError("'files' must be an object")
         except (KeyError, TypeError, ValueError) as e:
             raise DataError(f"{self.manifest_path}: manifest lacks or mangles field {e}") from None
         self.manifest = manifest

@@ -16,3 +16,9 @@ class ModelIntegrityError(QwenkitError):
 
 class AdapterError(QwenkitError):
     """A LoRA adapter folder is missing, malformed, or does not fit the model it is applied to."""
+
+
+class DataError(QwenkitError, ValueError):
+    """Training data is malformed, lacks a needed field, or a tokenized shard is corrupt.
+
+    The message names the file (and line / row / document) and what is wrong."""

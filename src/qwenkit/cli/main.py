@@ -305,16 +305,27 @@ def _add_optional_subcommands(sub: Any) -> None:
     from qwenkit.eval.cli import add_eval_parser
     from qwenkit.cli.quantize import add_quantize_parser
     from qwenkit.serve.cli import add_serve_parser
+    from qwenkit.train.cli import add_train_parser
 
     add_serve_parser(sub)
     add_eval_parser(sub)
     add_quantize_parser(sub)
     add_bench_parser(sub)
+    add_train_parser(sub)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if getattr(args, "accepts_overrides", False):
+        # `key=value` settings may follow options (argparse takes positionals only once)
+        if args.model and "=" in args.model:
+            args.overrides.insert(0, args.model)
+            args.model = None
+        args.overrides += [u for u in unknown if "=" in u and not u.startswith("-")]
+        unknown = [u for u in unknown if not ("=" in u and not u.startswith("-"))]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     logging.basicConfig(
         level=getattr(logging, str(args.log_level).upper(), logging.INFO),
         format="%(levelname)s %(name)s: %(message)s",

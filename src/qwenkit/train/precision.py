@@ -2,9 +2,9 @@
 the machine's measured GEMM peak (for the MFU estimate).
 
 `precision=auto` picks bf16 autocast (fp32 master weights, fp32 optimizer) on CUDA with bf16 and
-on CPUs with AMX-BF16, where torch's bf16 GEMM is several times its fp32 GEMM; elsewhere fp32,
-since emulated or AVX-512-BF16-only bf16 GEMMs are not faster end to end there (measured:
-docs/benchmarks.md, `qwenkit bench train`).
+on CPUs with native bf16 dot products (AMX-BF16, or AVX512-BF16: oneDNN's bf16 GEMM is ~5x its
+fp32 GEMM on such a Zen 4, ~7x with AMX); fp32 on AVX2-only CPUs, where bf16 is emulated
+(measured: docs/benchmarks.md, `qwenkit bench train`).
 """
 from __future__ import annotations
 
@@ -22,7 +22,8 @@ def resolve_precision(precision: str, device: torch.device) -> str:
         return precision
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    return "bf16" if "amx_bf16" in cpu_flags() else "fp32"
+    flags = cpu_flags()
+    return "bf16" if "amx_bf16" in flags or "avx512_bf16" in flags else "fp32"
 
 
 def autocast_context(precision: str, device: torch.device) -> contextlib.AbstractContextManager:

@@ -1,0 +1,69 @@
+"""`qwenkit train pretrain|sft|merge`.
+
+    qwenkit train sft MODEL --data train.jsonl --out runs/sft [--lora] [--config sft.yaml] [key=value ...]
+    torchrun --nproc-per-node 2 -m qwenkit train sft MODEL --data ... --out ...   (DDP; --fsdp: FSDP2)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from typing import Any
+
+FLAG_SETTINGS = ("data", "out", "eval_data", "config", "resume", "max_steps", "lora", "fsdp", "precision")
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from qwenkit.train.config import build_config, parse_overrides, read_config_file
+    from qwenkit.train.recipes import run
+
+    file_settings = read_config_file(args.config) if args.config else {}
+    flags: dict[str, Any] = {"model": args.model} if args.model else {}
+    for key in ("data", "out", "eval_data", "resume", "max_steps", "precision"):
+        value = getattr(args, key)
+        if value is not None:
+            flags[key] = value
+    if args.lora:
+        flags["lora"] = True
+    for key in ("lora_r", "lora_alpha"):
+        if getattr(args, key) is not None:
+            flags[key] = getattr(args, key)
+    if args.lora_targets:
+        flags["lora_targets"] = args.lora_targets
+    if args.fsdp:
+        flags["fsdp"] = True
+    cfg = build_config(args.recipe, file_settings, flags, parse_overrides(args.overrides))
+    summary = run(cfg)
+    if not args.quiet_summary and os.environ.get("RANK", "0") == "0":
+        print(json.dumps({k: v for k, v in summary.items() if k != "data"}, indent=2, default=str))
+    return 130 if "interrupted_at" in summary else 0
+
+
+def add_train_parser(sub: Any) -> None:
+    from qwenkit.train.merge import add_merge_parser
+
+    p = sub.add_parser("train", help="pretraining, SFT and LoRA (torchrun for DDP / FSDP2)")
+    tsub = p.add_subparsers(dest="recipe", required=True)
+    for recipe, helptext in (("pretrain", "continued pretraining on raw text / code or token shards"),
+                             ("sft", "supervised fine-tuning on messages, prompt/completion or text")):
+        r = tsub.add_parser(recipe, help=helptext,
+                            description=f"{helptext}. Extra `key=value` arguments override any setting "
+                                        "(see qwenkit.train.config.TrainConfig).")
+        r.add_argument("model", nargs="?", default=None, help="registry name, .gguf, HF folder or hub id")
+        r.add_argument("--data", help="JSONL / Parquet / datasets folder / token shards")
+        r.add_argument("--out", help="output folder (checkpoints, metrics)")
+        r.add_argument("--eval-data", dest="eval_data", default=None, help="held-out data for eval loss")
+        r.add_argument("--config", default=None, help="settings file (JSON / YAML / TOML)")
+        r.add_argument("--resume", nargs="?", const="auto", default=None,
+                       help="continue from the latest checkpoint in --out, or from the given one")
+        r.add_argument("--max-steps", dest="max_steps", type=int, default=None)
+        r.add_argument("--precision", choices=["auto", "fp32", "bf16"], default=None)
+        r.add_argument("--lora", action="store_true", help="train LoRA adapters (peft) instead of all weights")
+        r.add_argument("--lora-r", dest="lora_r", type=int, default=None)
+        r.add_argument("--lora-alpha", dest="lora_alpha", type=int, default=None)
+        r.add_argument("--lora-targets", dest="lora_targets", default=None, help="comma-separated projections")
+        r.add_argument("--fsdp", action="store_true", help="FSDP2 (fully_shard) instead of DDP")
+        r.add_argument("--quiet-summary", action="store_true", help=argparse.SUPPRESS)
+        r.add_argument("overrides", nargs="*", default=[], help="key=value settings")
+        r.set_defaults(func=cmd_train, accepts_overrides=True)
+    add_merge_parser(tsub)

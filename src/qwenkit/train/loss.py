@@ -29,24 +29,31 @@ class _LinearCrossEntropy(torch.autograd.Function):
         n = hidden.shape[0]
         loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_h = torch.empty_like(hidden) if need_h else None
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        grad_w = torch.empty(0) if need_w else None  # set from the first chunk
         with torch.autocast(device_type=hidden.device.type, enabled=False):
             w = weight.detach().to(compute_dtype)
             rows = torch.arange(min(chunk, n), device=hidden.device)
             for s in range(0, n, chunk):
                 h = hidden[s : s + chunk].detach().to(compute_dtype)
                 tgt = targets[s : s + chunk]
-                logits = (h @ w.t()).float()  # (c, V)
-                lse = torch.logsumexp(logits, dim=-1)
-                loss += (lse - logits.gather(1, tgt[:, None]).squeeze(1)).sum()
+                logits = h @ w.t()  # (c, V)
+                # one fused pass for the normaliser (fp32), then exp in place for the gradient
+                logp = torch.log_softmax(logits.float(), dim=-1)
+                del logits
+                loss -= logp.gather(1, tgt[:, None]).sum()
                 if need_h or need_w:
-                    g = logits.sub_(lse[:, None]).exp_()  # softmax, in place
+                    g = logp.exp_()  # softmax
                     g[rows[: len(tgt)], tgt] -= 1.0
                     g = g.to(compute_dtype)
                     if grad_h is not None:
                         grad_h[s : s + chunk] = (g @ w).to(hidden.dtype)
                     if grad_w is not None:
-                        grad_w += (g.t() @ h).float()
+                        gw = g.t() @ h
+                        if s == 0:
+                            grad_w = gw.float()
+                        else:
+                            grad_w += gw
+                del logp
         ctx.save_for_backward(
             grad_h if grad_h is not None else torch.empty(0),
             grad_w if grad_w is not None else torch.empty(0),

@@ -50,3 +50,24 @@ def peak_flops(precision: str, device: torch.device) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize()
     return 2.0 * m * k * n * reps / (time.perf_counter() - t0)
+
+
+def cast_frozen_linears(model: torch.nn.Module, dtype: torch.dtype) -> int:
+    """Store frozen linear weights (LoRA's base model) in the autocast dtype.
+
+    Autocast would round them to `dtype` at every use anyway (same values), so this only drops
+    the per-step casts and halves their memory. Embeddings and norms stay fp32 (they are not
+    autocast), and so does a LM head tied to the embedding. Returns the number of weights cast.
+    """
+    tied = None
+    emb = getattr(getattr(model, "model", None), "embed_tokens", None)
+    if emb is not None:
+        tied = emb.weight
+    n = 0
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear) and not module.weight.requires_grad and module.weight is not tied:
+            module.weight.data = module.weight.data.to(dtype)
+            if module.bias is not None and not module.bias.requires_grad:
+                module.bias.data = module.bias.data.to(dtype)
+            n += 1
+    return n

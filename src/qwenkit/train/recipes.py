@@ -25,7 +25,7 @@ from qwenkit.train.batch import Batch
 from qwenkit.train.config import TrainConfig
 from qwenkit.train.dataloader import StepLoader, split_held_out
 from qwenkit.train.distributed import DistInfo, init_distributed, shutdown
-from qwenkit.train.precision import resolve_precision
+from qwenkit.train.precision import cast_frozen_linears, resolve_precision
 from qwenkit.train.sft_data import tokenize_records
 from qwenkit.train.trainer import Trainer
 
@@ -155,6 +155,8 @@ def _run(cfg: TrainConfig, info: DistInfo) -> dict[str, Any]:
         peft_model = prepare_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
                                   targets=cfg.lora_targets)
         model = peft_model.get_base_model()
+        if cfg.precision == "bf16":
+            cast_frozen_linears(model, torch.bfloat16)
     model.train()
 
     docs, data_stats = load_documents(cfg.data, cfg, tokenizer)

@@ -63,6 +63,7 @@ def test_bench_train_tiny_both_engines_agree(tiny_hf_dir: Path, corpus: Path, tm
         assert r["precision"] == "fp32" and r["seq_len"] == SEQ_LEN and r["batch"] == BATCH
         assert len(r["losses"]) == 2 and len(r["step_s"]) == 2
         assert r["timed_tokens"] == SEQ_LEN * BATCH and r["tokens_per_s"] > 0 and r["peak_rss_gb"] > 0
+        assert r["config"]["peak_rss_gb_self_report"] > 0
     for mode in ("full", "lora"):
         ours, theirs = results[("qwenkit", mode)], results[("trl", mode)]
         # the equal-loss check: same model, same first batch, before any update
@@ -75,6 +76,10 @@ def test_bench_train_tiny_both_engines_agree(tiny_hf_dir: Path, corpus: Path, tm
     for mode in ("full", "lora"):
         ours, theirs = results[("qwenkit", mode)], results[("trl", mode)]
         assert ours["losses"][1] == pytest.approx(theirs["losses"][1], rel=1e-3)
+
+
+def test_an_hf_folder_is_used_as_it_is(tiny_hf_dir: Path) -> None:
+    assert bench.hf_model_dir(str(tiny_hf_dir)) == tiny_hf_dir
 
 
 def test_report_lists_errors_and_ratios() -> None:

@@ -102,9 +102,9 @@ def hf_model_dir(spec: str) -> Path:
     if p.is_dir() and (p / "config.json").is_file():
         return p
     from qwenkit.loaders.cache import cache_home
-    from qwenkit.loaders.load import resolve
+    from qwenkit.loaders.resolve import resolve_model
 
-    src = resolve(spec)
+    src = resolve_model(spec)
     if src.format == "hf":
         return src.path
     if src.entry is not None:
@@ -369,6 +369,10 @@ def run_worker(args: argparse.Namespace, rows: list[list[int]]) -> TrainResult:
     else:
         raise ValueError(f"unknown engine {args.engine!r}; choose from {', '.join(ENGINES)}")
     res.loadavg_after = os.getloadavg()[0]
+    import resource
+
+    # the parent replaces this with the child's ru_maxrss from os.wait4 (the same figure, at exit)
+    res.peak_rss_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
     return res
 
 
@@ -429,6 +433,7 @@ def _spawn(args: argparse.Namespace, engine: str, mode: str, precision: str, row
             break
     if res is None:
         res = TrainResult(engine, mode, precision, error=f"worker exited with {proc.returncode} and no result")
+    res.config["peak_rss_gb_self_report"] = res.peak_rss_gb
     res.peak_rss_gb = usage.ru_maxrss / 1024**2  # KiB on Linux: this child's own peak
     return res
 

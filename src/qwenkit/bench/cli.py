@@ -1,8 +1,9 @@
-"""CLI hook: `qwenkit bench decode|batch|prefill|all|throughput|kernels`.
+"""CLI hook: `qwenkit bench decode|batch|prefill|all|throughput|kernels|train`.
 
 The main CLI registers it with ``add_bench_parser(subparsers)``. `decode`, `batch`, `prefill` and `all`
 run `qwenkit.bench.decode` (qwenkit vs llama.cpp vs transformers, one subprocess per engine);
-`kernels` runs the linear-kernel micro-benchmark on the real projection shapes.
+`kernels` runs the linear-kernel micro-benchmark on the real projection shapes; `train` runs
+`qwenkit.bench.train` (qwenkit's trainer vs TRL's SFTTrainer, full and LoRA, one subprocess each).
 """
 from __future__ import annotations
 
@@ -57,7 +58,7 @@ def cmd_throughput(args: argparse.Namespace) -> int:
 def add_bench_parser(subparsers: Any) -> argparse.ArgumentParser:
     from qwenkit.bench.decode import add_arguments
 
-    bench = subparsers.add_parser("bench", help="benchmarks: decode, prefill, kernels")
+    bench = subparsers.add_parser("bench", help="benchmarks: decode, prefill, kernels, train")
     sub = bench.add_subparsers(dest="bench_command", required=True)
     for mode, helptext in (
         ("decode", "single-stream decode tok/s vs llama.cpp and transformers"),
@@ -92,4 +93,10 @@ def add_bench_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", default=None)
     p.set_defaults(func=cmd_kernels)
+
+    from qwenkit.bench import train as train_bench
+
+    p = sub.add_parser("train", help="training tok/s, peak RSS and first-step loss vs TRL SFTTrainer (full, LoRA)")
+    train_bench.add_arguments(p)
+    p.set_defaults(func=train_bench.cmd_train)
     return bench

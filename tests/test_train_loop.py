@@ -51,6 +51,7 @@ def max_rel_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> floa
 def base_args(model: Path, data: Path, out: Path, *extra: str) -> list[str]:
     return ["train", "sft", str(model), "--data", str(data), "--out", str(out), "max_length=64", "batch_size=4",
             "lr=1e-3", "min_lr=1e-4", "warmup_steps=1", "progress=false", "tensorboard=false", "seed=3",
+            "precision=fp32",
             "--quiet-summary", *extra]
 
 
@@ -104,8 +105,14 @@ def test_resume_is_exact_single_process(tiny_hf_dir: Path, sft_data: Path, tmp_p
 def torchrun(args: list[str], nproc: int = 2, timeout: float = 240) -> None:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
            "--standalone", "-m", "qwenkit", *args]
-    proc = subprocess.run(cmd, env=env_for_subprocess(), capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    proc = subprocess.Popen(cmd, env=env_for_subprocess(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # torchrun's workers too
+        out, err = proc.communicate()
+    assert proc.returncode == 0, out[-3000:] + err[-5000:]
 
 
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
@@ -180,3 +187,14 @@ def test_memory_estimate_refuses_a_run_that_cannot_fit(tiny_hf_dir: Path, sft_da
     monkeypatch.setattr(recipes, "_available_bytes", lambda: 1024**2)
     assert main(base_args(tiny_hf_dir, sft_data, tmp_path / "o", "--max-steps", "1")) == 2
     assert "GiB is available" in caplog.text
+
+
+def test_bf16_autocast_lora_run(tiny_hf_dir: Path, sft_data: Path, tmp_path: Path) -> None:
+    """bf16 autocast (frozen base linears stored in bf16) trains and its loss tracks fp32's."""
+    runs = {}
+    for precision in ("fp32", "bf16"):
+        out = tmp_path / precision
+        assert main(base_args(tiny_hf_dir, sft_data, out, "--lora", "--max-steps", "2", f"precision={precision}")) == 0
+        runs[precision] = [json.loads(x)["loss"] for x in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+    assert len(runs["bf16"]) == 2
+    assert abs(runs["bf16"][0] - runs["fp32"][0]) <= 2e-2 * runs["fp32"][0]

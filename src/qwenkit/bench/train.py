@@ -211,11 +211,10 @@ def run_qwenkit(args: argparse.Namespace, rows: list[list[int]], res: TrainResul
     import numpy as np
     import torch
 
-    from qwenkit import cpu
-    from qwenkit.loaders.load import load
     from qwenkit.train.config import build_config
     from qwenkit.train.dataloader import StepLoader
     from qwenkit.train.distributed import DistInfo
+    from qwenkit.train.recipes import load_training_model
     from qwenkit.train.trainer import Trainer
 
     total = args.warmup_steps + args.steps
@@ -232,18 +231,12 @@ def run_qwenkit(args: argparse.Namespace, rows: list[list[int]], res: TrainResul
         })  # fmt: skip
         t0 = time.perf_counter()
         torch.manual_seed(0)
-        model = cpu.uninstall(load(cfg.model, dtype=torch.float32, progress=False).model)
-        if cfg.lora:
-            from qwenkit.train.lora import prepare_lora
-
-            model = prepare_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
-                                 targets=cfg.lora_targets).get_base_model()  # fmt: skip
-        model.train()
+        info = DistInfo(0, 1, 0, torch.device("cpu"))
+        _, model, _ = load_training_model(cfg, info)  # as `qwenkit train` does (LoRA, bf16 base)
         # rows of exactly seq_len, packed into rows of seq_len: one row each, in data order
         docs = [np.asarray(r, dtype=np.int64) for r in rows]
         loader = StepLoader(docs, max_length=cfg.max_length, packing=True, batch_size=cfg.batch_size,
                             micro_batch_size=cfg.micro_batch_size, shuffle=False, max_steps=total)  # fmt: skip
-        info = DistInfo(0, 1, 0, torch.device("cpu"))
 
         def no_save(*_: Any) -> None:
             raise RuntimeError("the bench writes no checkpoint")

@@ -36,7 +36,7 @@ def keep_freed_memory() -> bool:
         return False
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     ok = mallopt(_M_MMAP_MAX, 0) == 1
-    ok &= mallopt(_M_TRIM_THRESHOLD, 2**31 - 1) == 1
+    ok &= mallopt(_M_TRIM_THRESHOLD, -1) == 1  # -1 becomes SIZE_MAX in glibc: never trim
     ok &= mallopt(_M_TOP_PAD, 64 << 20) == 1
     _applied = bool(ok)
     logger.debug("malloc: freed memory kept in the process (%s)", "on" if ok else "failed")

@@ -54,7 +54,7 @@ class TrainConfig:
     # compute
     precision: str = "auto"  # auto | fp32 | bf16 (autocast, fp32 master weights)
     gradient_checkpointing: bool = False
-    loss_chunk: int = 1024
+    loss_chunk: int = 512  # rows of the LM head + cross-entropy at a time
     num_threads: int = 0  # 0: torch's default
     fsdp: bool = False
     device: str = "auto"  # auto | cpu | cuda

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from qwenkit import cpu
+from qwenkit.cpu.allocator import keep_freed_memory
 from qwenkit.data.readers import read_records
 from qwenkit.data.shards import TokenShards
 from qwenkit.errors import DataError, QwenkitError
@@ -121,6 +122,27 @@ def _available_bytes() -> int:
     return 0
 
 
+def load_training_model(cfg: TrainConfig, info: DistInfo) -> tuple[Any, nn.Module, Any]:
+    """(loaded model record, the plain module to train, the peft model or None).
+
+    fp32 weights (the master copy); the CPU runtime's inference modules are taken out; with
+    LoRA under bf16 autocast the frozen linears are stored in bf16."""
+    if info.device.type == "cpu":
+        keep_freed_memory()  # no page faults on every step's big buffers (cpu/allocator.py)
+    lm = load(cfg.model, dtype=torch.float32, device=info.device, progress=cfg.progress and info.is_main)
+    model = cpu.uninstall(lm.model)
+    peft_model = None
+    if cfg.lora:
+        from qwenkit.train.lora import prepare_lora
+
+        peft_model = prepare_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
+                                  targets=cfg.lora_targets)
+        model = peft_model.get_base_model()
+        if resolve_precision(cfg.precision, info.device) == "bf16":
+            cast_frozen_linears(model, torch.bfloat16)
+    return lm, model.train(), peft_model
+
+
 def run(cfg: TrainConfig) -> dict[str, Any]:
     info = init_distributed(cfg.device)
     try:
@@ -145,19 +167,8 @@ def _run(cfg: TrainConfig, info: DistInfo) -> dict[str, Any]:
         (out / "train_config.json").write_text(text)
     torch.manual_seed(cfg.seed)
 
-    lm = load(cfg.model, dtype=torch.float32, device=info.device, progress=cfg.progress and info.is_main)
-    model = cpu.uninstall(lm.model)
+    lm, model, peft_model = load_training_model(cfg, info)
     tokenizer = lm.tokenizer
-    peft_model = None
-    if cfg.lora:
-        from qwenkit.train.lora import prepare_lora
-
-        peft_model = prepare_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
-                                  targets=cfg.lora_targets)
-        model = peft_model.get_base_model()
-        if cfg.precision == "bf16":
-            cast_frozen_linears(model, torch.bfloat16)
-    model.train()
 
     docs, data_stats = load_documents(cfg.data, cfg, tokenizer)
     if cfg.eval_data:

@@ -128,6 +128,10 @@ def test_two_gloo_ranks_equal_one_process_and_resume(tiny_hf_dir: Path, sft_data
     torchrun(base_args(tiny_hf_dir, sft_data, resumed, "--max-steps", "3", *extra,
                        "--resume", str(two / "checkpoint-000001")))
     assert max_rel_diff(weights(resumed / "checkpoint-000003"), weights(two / "checkpoint-000003")) <= 1e-6
+    # the data position and the optimizer state do not depend on the layout: 2 ranks -> 1 process
+    single = tmp_path / "single"
+    assert main(base_args(tiny_hf_dir, sft_data, single, "--max-steps", "3", "--resume", str(two / "checkpoint-000001"))) == 0
+    assert max_rel_diff(weights(single / "checkpoint-000003"), weights(one / "checkpoint-000003")) <= 1e-5
 
 
 def test_sigterm_writes_a_checkpoint_and_resume_continues(tiny_hf_dir: Path, sft_data: Path, tmp_path: Path) -> None:
@@ -198,3 +202,31 @@ def test_bf16_autocast_lora_run(tiny_hf_dir: Path, sft_data: Path, tmp_path: Pat
         runs[precision] = [json.loads(x)["loss"] for x in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
     assert len(runs["bf16"]) == 2
     assert abs(runs["bf16"][0] - runs["fp32"][0]) <= 2e-2 * runs["fp32"][0]
+
+
+def test_gradient_checkpointing_gives_the_same_update(tiny_hf_dir: Path, sft_data: Path, tmp_path: Path) -> None:
+    ref = tmp_path / "ref"
+    assert main(base_args(tiny_hf_dir, sft_data, ref, "--max-steps", "2")) == 0
+    ckpt = tmp_path / "ckpt"
+    assert main(base_args(tiny_hf_dir, sft_data, ckpt, "--max-steps", "2", "gradient_checkpointing=true")) == 0
+    assert max_rel_diff(weights(ckpt / "checkpoint-000002"), weights(ref / "checkpoint-000002")) <= 1e-6
+
+
+def test_pretrain_on_token_shards_with_length_buckets(tiny_hf_dir: Path, tiny_tokenizer, tmp_path: Path) -> None:
+    from qwenkit.data.shards import ShardWriter
+
+    shards = tmp_path / "shards"
+    texts = [" ".join(f"word{i * j % 97}" for j in range(n)) for i, n in enumerate([5, 40, 90, 12, 200, 33, 70, 8] * 3)]
+    with ShardWriter(shards, "part-00000", vocab_size=len(tiny_tokenizer), tokenizer="tiny") as w:
+        for t in texts:
+            w.append(tiny_tokenizer.encode(t) + [tiny_tokenizer.eos_token_id])
+    out = tmp_path / "cpt"
+    args = ["train", "pretrain", str(tiny_hf_dir), "--data", str(shards), "--out", str(out), "max_length=64",
+            "bucket_lengths=32,64", "token_budget=128", "--max-steps", "3", "progress=false", "tensorboard=false",
+            "precision=fp32", "--quiet-summary"]
+    assert main(args) == 0
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+    assert len(rows) == 3
+    assert all(r["tokens"] <= 128 for r in rows)  # the token budget per step (padding excluded)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["data"]["format"] == "token_shards"

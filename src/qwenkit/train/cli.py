@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 from typing import Any
 
@@ -33,10 +34,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.fsdp:
         flags["fsdp"] = True
     cfg = build_config(args.recipe, file_settings, flags, parse_overrides(args.overrides))
-    summary = run(cfg)
+    try:
+        summary = run(cfg)
+    except KeyboardInterrupt:  # the trainer has written a checkpoint of the last finished step
+        logging.getLogger(__name__).warning("interrupted; continue with --resume")
+        return 130
     if not args.quiet_summary and os.environ.get("RANK", "0") == "0":
         print(json.dumps({k: v for k, v in summary.items() if k != "data"}, indent=2, default=str))
-    return 130 if "interrupted_at" in summary else 0
+    return 0
 
 
 def add_train_parser(sub: Any) -> None:

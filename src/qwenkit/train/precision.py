@@ -34,9 +34,9 @@ def autocast_context(precision: str, device: torch.device) -> contextlib.Abstrac
 
 @functools.lru_cache(maxsize=None)
 def peak_flops(precision: str, device: torch.device) -> float:
-    """FLOP/s of a large GEMM in the training dtype, measured once (~0.3 s): the MFU denominator."""
+    """FLOP/s of a large GEMM in the training dtype, measured once (~1 s): the MFU denominator."""
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-    m, k, n = (512, 2048, 2048) if device.type == "cpu" else (8192, 8192, 8192)
+    m, k, n = (1024, 2048, 4096) if device.type == "cpu" else (8192, 8192, 8192)
     a = torch.randn(m, k, device=device, dtype=dtype)
     b = torch.randn(k, n, device=device, dtype=dtype)
     for _ in range(2):

@@ -120,7 +120,7 @@ class Trainer:
         eval_batches: list[Batch] | None = None,
         save_model: Callable[[nn.Module, Path], None],
         load_trainable: Callable[[nn.Module, Path], None],
-        flops_per_token: float = 0.0,
+        flops: tuple[float, float] = (0.0, 0.0),
     ) -> None:
         self.cfg = cfg
         self.info = info
@@ -129,7 +129,7 @@ class Trainer:
         self.eval_batches = eval_batches or []
         self.save_model = save_model
         self.load_trainable = load_trainable
-        self.flops_per_token = flops_per_token
+        self.flops = flops  # (per token, per target token): the MFU estimate
         self.out = Path(cfg.out)
         self.state = TrainState()
         self.precision = cfg.precision
@@ -154,7 +154,7 @@ class Trainer:
             self._restore(resume_from)
         self._metrics_file = None
         self._tb = None
-        self._peak = peak_flops(self.precision, info.device) if flops_per_token else 0.0
+        self._peak = peak_flops(self.precision, info.device) if any(flops) else 0.0
 
     # ------------------------------------------------------------------ state
     def _restore(self, folder: Path) -> None:
@@ -331,7 +331,8 @@ class Trainer:
                 m["step"] = self.state.step
                 m["peak_rss_gb"] = peak_rss_gb()
                 if self._peak:
-                    m["mfu"] = m["tokens_per_s"] * self.flops_per_token / self._peak
+                    work = m["tokens"] * self.flops[0] + m["target_tokens"] * self.flops[1]
+                    m["mfu"] = work / dt / self._peak
                 if cfg.eval_every and self.state.step % cfg.eval_every == 0:
                     m["eval_loss"] = self.evaluate()
                 if self.state.step % max(cfg.log_every, 1) == 0 or "eval_loss" in m:

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from qwenkit import cpu
-from qwenkit.cpu.allocator import keep_freed_memory
+from qwenkit.cpu.allocator import available_bytes, keep_freed_memory
 from qwenkit.data.readers import read_records
 from qwenkit.data.shards import TokenShards
 from qwenkit.errors import DataError, QwenkitError
@@ -117,13 +117,7 @@ def check_memory(model: nn.Module, cfg: TrainConfig, info: DistInfo) -> dict[str
 
 
 def _available_bytes() -> int:
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
+    return available_bytes()
 
 
 def load_training_model(cfg: TrainConfig, info: DistInfo) -> tuple[Any, nn.Module, Any]:

@@ -21,6 +21,7 @@ from typing import Any, Callable, Iterator, Protocol
 import torch
 from torch import nn
 
+from qwenkit.cpu.allocator import ResidentCap
 from qwenkit.train import checkpoint as ckpt
 from qwenkit.train.batch import Batch
 from qwenkit.train.config import TrainConfig
@@ -152,6 +153,7 @@ class Trainer:
         )
         if resume_from is not None:
             self._restore(resume_from)
+        self._rss_cap = ResidentCap() if info.device.type == "cpu" else None
         self._metrics_file = None
         self._tb = None
         self._peak = peak_flops(self.precision, info.device) if any(flops) else 0.0
@@ -180,8 +182,10 @@ class Trainer:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
         step = self.state.step
+        # on the CPU the full state dict holds references, not copies (a 0.5B's AdamW state is 4 GB)
+        offload = self.info.device.type != "cpu"
         optim_full = get_optimizer_state_dict(
-            self.wrapped, self.optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+            self.wrapped, self.optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=offload)
         )
         model_for_save = self._full_model_for_save()
         tmp = self.out / f".tmp-checkpoint-{step:06d}"
@@ -192,6 +196,7 @@ class Trainer:
             torch.save(self.scheduler.state_dict(), tmp / "scheduler.pt")
             with open(tmp / "train_config.json", "w") as f:
                 json.dump(self.cfg.to_dict(), f, indent=2)
+            del optim_full
             ckpt.write_state(tmp, {
                 "step": step, "tokens": self.state.tokens, "target_tokens": self.state.target_tokens,
                 "data": self.data.state_dict(), "world_size": self.info.world_size,
@@ -212,7 +217,8 @@ class Trainer:
             return self.model
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-        full = get_model_state_dict(self.wrapped, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        offload = self.info.device.type != "cpu"
+        full = get_model_state_dict(self.wrapped, options=StateDictOptions(full_state_dict=True, cpu_offload=offload))
         if not self.info.is_main:
             return self.model
         with torch.device("meta"):
@@ -323,6 +329,8 @@ class Trainer:
                 t0 = time.perf_counter()
                 m = self._step(micro)
                 dt = time.perf_counter() - t0
+                if self._rss_cap is not None:
+                    self._rss_cap.check()
                 self.state.step += 1
                 self.state.tokens += int(m["tokens"])
                 self.state.target_tokens += int(m["target_tokens"])

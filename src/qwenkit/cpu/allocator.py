@@ -69,10 +69,10 @@ class ResidentCap:
     free pages go back to the kernel (`malloc_trim`). With blocks of varying sizes (SFT rows with
     varying numbers of targets) the heap fragments and would otherwise grow step after step; the
     next step then page-faults once, as without the setting. Default limit: what is resident now
-    plus 60% of the memory available now."""
+    plus 80% of the memory available now."""
 
     def __init__(self, limit: int | None = None) -> None:
-        self.limit = limit if limit is not None else resident_bytes() + int(0.6 * available_bytes())
+        self.limit = limit if limit is not None else resident_bytes() + int(0.8 * available_bytes())
         self.trims = 0
         try:
             self._trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim

@@ -357,3 +357,44 @@ def test_real_05b_lora_matches_peft(gguf_05b_path: Path, tmp_path: Path) -> None
     merged = load(hf_dir, progress=False, lora=adapter_dir).model
     with torch.no_grad():
         assert (merged(ids) - want).abs().max().item() <= tol
+
+
+def test_split_projections_run_one_fused_base_gemm() -> None:
+    """q/k/v and gate/up base weights stay views of one tensor: one GEMM, LoRA added per shard;
+    same outputs and gradients as peft's per-projection forward (the fallback)."""
+    import torch
+
+    from qwenkit.train.lora import SplitLinear, cast_frozen_split, prepare_lora
+    from tests.tiny import make_hf_and_ours
+
+    _, ours = make_hf_and_ours(seed=5)
+    peft_model = prepare_lora(ours, r=4)
+    model = peft_model.get_base_model()
+    torch.manual_seed(0)
+    for n, p in model.named_parameters():
+        if "lora_B" in n:
+            p.data.normal_(0, 0.1)
+    splits = [m for m in model.modules() if isinstance(m, SplitLinear)]
+    assert splits and all(m._fused_base([m.get_submodule(s) for s in m.shard_names]) is not None for m in splits)
+    ids = torch.randint(0, 256, (2, 12))
+
+    def run() -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        model.zero_grad()
+        out = model(ids)
+        out.square().mean().backward()
+        return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    fused_out, fused_grads = run()
+    saved = [m._fused for m in splits]
+    for m in splits:
+        m._fused = None  # peft's own forward per projection
+    ref_out, ref_grads = run()
+    for m, f in zip(splits, saved):
+        m._fused = f
+    assert torch.allclose(fused_out, ref_out, rtol=0, atol=1e-5)
+    for n, g in ref_grads.items():
+        assert torch.allclose(fused_grads[n], g, rtol=1e-4, atol=1e-6), n
+    # bf16 storage keeps the shards views of one tensor
+    cast_frozen_split(model, torch.bfloat16)
+    assert all(m._fused[0].dtype == torch.bfloat16 and m._fused_base([m.get_submodule(s) for s in m.shard_names])
+               is not None for m in splits)  # fmt: skip

@@ -55,7 +55,6 @@ class SplitLinear(nn.Module):
             if merged.bias is not None:
                 child.bias = nn.Parameter(merged.bias.data[rows], requires_grad=merged.bias.requires_grad)
             split.add_module(name, child)
-        split._fused = (merged.weight.data, merged.bias.data if merged.bias is not None else None)
         return split
 
     def to_merged(self) -> MergedLinear:
@@ -73,95 +72,10 @@ class SplitLinear(nn.Module):
         return merged
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        children = [self.get_submodule(name) for name in self.shard_names]
-        fused = self._fused_base(children)
-        if fused is None:
-            return torch.cat([child(x) for child in children], dim=-1)
-        # one GEMM for every shard's base projection (their weights are views of one tensor),
-        # then each shard's LoRA update added into its columns: peft's math, fewer small GEMMs
-        deltas = [_lora_delta(child, x) for child in children]
-        if any(d is NotImplemented for d in deltas):
-            return torch.cat([child(x) for child in children], dim=-1)
-        out = torch.nn.functional.linear(x, *fused)
-        start = 0
-        for size, delta in zip(self.output_sizes, deltas):
-            if delta is not None:
-                out[..., start : start + size] += delta.to(out.dtype)
-            start += size
-        return out
-
-    def _fused_base(self, children: list[nn.Module]) -> tuple[torch.Tensor, torch.Tensor | None] | None:
-        """(weight, bias) spanning all shards, when the frozen base weights are consecutive views
-        of one tensor (as `from_merged` and `cast_frozen_split` leave them); else None."""
-        fused = getattr(self, "_fused", None)
-        if fused is None:
-            return None
-        weight, bias = fused
-        bases = [getattr(c, "base_layer", c) for c in children]
-        if not all(isinstance(b, nn.Linear) for b in bases):
-            return None
-        row = weight.stride(0) * weight.element_size()
-        start = 0
-        for b, size in zip(bases, self.output_sizes):
-            w = b.weight
-            if w.requires_grad or w.data_ptr() != weight.data_ptr() + start * row or w.shape[0] != size:
-                return None
-            if (b.bias is None) != (bias is None):
-                return None
-            if bias is not None and (b.bias.requires_grad or b.bias.data_ptr() != bias.data_ptr() + start * bias.element_size()):
-                return None
-            start += size
-        return weight, bias
-
-    def set_fused_base(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
-        """Point every shard's base weight (and bias) at rows of `weight` (`bias`)."""
-        children = [self.get_submodule(name) for name in self.shard_names]
-        start = 0
-        for child, size in zip(children, self.output_sizes):
-            base = getattr(child, "base_layer", child)
-            base.weight.data = weight[start : start + size]
-            if bias is not None:
-                base.bias.data = bias[start : start + size]
-            start += size
-        self._fused = (weight, bias)
+        return torch.cat([self.get_submodule(name)(x) for name in self.shard_names], dim=-1)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, output_sizes={self.output_sizes}"
-
-
-def _lora_delta(child: nn.Module, x: torch.Tensor) -> Any:
-    """The LoRA update a peft `lora.Linear` adds to its base output (None: no active adapter);
-    NotImplemented where peft's own forward must run (merged or disabled adapters, DoRA, ...)."""
-    if isinstance(child, nn.Linear):
-        return None
-    if getattr(child, "merged", False) or getattr(child, "disable_adapters", True):
-        return NotImplemented
-    lora_a = getattr(child, "lora_A", None)
-    if lora_a is None:
-        return NotImplemented
-    delta = None
-    for name in child.active_adapters:
-        if name not in lora_a:
-            continue
-        if child.use_dora.get(name, False) or getattr(child, "lora_variant", {}).get(name) is not None:
-            return NotImplemented
-        a, b = lora_a[name], child.lora_B[name]
-        h = child._cast_input_dtype(x, a.weight.dtype)
-        d = b(a(child.lora_dropout[name](h))) * child.scaling[name]
-        delta = d if delta is None else delta + d
-    return delta
-
-
-def cast_frozen_split(model: nn.Module, dtype: torch.dtype) -> None:
-    """Cast each `SplitLinear`'s frozen base weights to `dtype` as one fused tensor (so the
-    single-GEMM base path keeps working); done before `cast_frozen_linears`."""
-    for module in model.modules():
-        if isinstance(module, SplitLinear) and getattr(module, "_fused", None) is not None:
-            weight, bias = module._fused
-            if weight.dtype == dtype or module._fused_base(
-                    [module.get_submodule(n) for n in module.shard_names]) is None:
-                continue
-            module.set_fused_base(weight.to(dtype), bias.to(dtype) if bias is not None else None)
 
 
 def _replace(root: nn.Module, name: str, module: nn.Module) -> None:

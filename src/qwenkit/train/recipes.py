@@ -137,9 +137,6 @@ def load_training_model(cfg: TrainConfig, info: DistInfo) -> tuple[Any, nn.Modul
                                   targets=cfg.lora_targets)
         model = peft_model.get_base_model()
         if resolve_precision(cfg.precision, info.device) == "bf16":
-            from qwenkit.train.lora import cast_frozen_split
-
-            cast_frozen_split(model, torch.bfloat16)  # q/k/v and gate/up stay one tensor each
             cast_frozen_linears(model, torch.bfloat16)
     return lm, model.train(), peft_model
 

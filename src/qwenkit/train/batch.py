@@ -30,6 +30,11 @@ class Batch:
         return int((self.targets != IGNORE_INDEX).sum())
 
     @property
+    def num_units(self) -> int:
+        """What the loss is normalised by (objectives' batches define their own: pairs, ...)."""
+        return self.num_target_tokens
+
+    @property
     def num_tokens(self) -> int:
         return int((self.document_ids >= 0).sum())
 

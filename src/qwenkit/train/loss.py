@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from qwenkit.train.attention import DocumentAttention
-from qwenkit.train.batch import IGNORE_INDEX
+from qwenkit.train.batch import IGNORE_INDEX, Batch
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -92,7 +92,8 @@ class CausalLMLoss(nn.Module):
     """The model plus its loss as one module: what DDP / FSDP2 wrap, so that the LM head's
     weight is gathered by the wrapper's forward like every other parameter.
 
-    forward(input_ids, position_ids, document_ids, targets) -> summed loss over target tokens.
+    forward(input_ids, position_ids, document_ids, targets) -> summed loss over target tokens;
+    forward(batch) does the same for a `Batch` (the trainer's objective interface).
     """
 
     def __init__(self, model: nn.Module, chunk: int = 1024, compute_dtype: torch.dtype | None = None) -> None:
@@ -103,11 +104,14 @@ class CausalLMLoss(nn.Module):
 
     def forward(
         self,
-        input_ids: torch.Tensor,
-        position_ids: torch.Tensor,
-        document_ids: torch.Tensor,
-        targets: torch.Tensor,
+        input_ids: torch.Tensor | Batch,
+        position_ids: torch.Tensor | None = None,
+        document_ids: torch.Tensor | None = None,
+        targets: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        if isinstance(input_ids, Batch):
+            b = input_ids
+            input_ids, position_ids, document_ids, targets = b.input_ids, b.position_ids, b.document_ids, b.targets
         attn = DocumentAttention(document_ids)
         hidden = self.model.hidden_states(input_ids, position_ids, attn)  # (B, T, H)
         return linear_cross_entropy(

@@ -1,9 +1,15 @@
 """The trainer loop every recipe shares (pretraining, SFT, LoRA; DPO / GRPO / KD build on it).
 
 One optimizer step = this rank's micro-batches of one global step (`StepLoader`). The loss is a
-sum over target tokens divided by the number of target tokens of the whole global step, counted
-over every micro-batch and rank before the first backward: the per-token loss and the update are
-the same whatever the micro-batch size, accumulation steps or world size.
+sum over units (target tokens for LM losses; pairs, sequences ... for other objectives) divided by
+the number of units of the whole global step, counted over every micro-batch and rank before the
+first backward: the per-unit loss and the update are the same whatever the micro-batch size,
+accumulation steps or world size.
+
+An objective is an nn.Module holding the model (what DDP / FSDP2 wrap): `forward(micro_batch)`
+returns the loss summed over the micro-batch's units, or `(loss_sum, stats)` where `stats` maps
+metric names to sums over the same units (logged as global means). Micro-batches have
+`num_units`, `num_tokens` and `to(device)`. Without one, the objective is `CausalLMLoss`.
 """
 from __future__ import annotations
 
@@ -23,7 +29,6 @@ from torch import nn
 
 from qwenkit.cpu.allocator import ResidentCap
 from qwenkit.train import checkpoint as ckpt
-from qwenkit.train.batch import Batch
 from qwenkit.train.config import TrainConfig
 from qwenkit.train.distributed import DistInfo, all_reduce_sum, barrier, wrap
 from qwenkit.train.loss import CausalLMLoss
@@ -32,12 +37,22 @@ from qwenkit.train.precision import autocast_context, peak_flops
 logger = logging.getLogger(__name__)
 
 
+class MicroBatch(Protocol):
+    @property
+    def num_units(self) -> int: ...
+
+    @property
+    def num_tokens(self) -> int: ...
+
+    def to(self, device: torch.device | str) -> Any: ...
+
+
 class StepSource(Protocol):
     """What the loop reads: per optimizer step, this rank's micro-batches."""
 
     steps_per_epoch: int
 
-    def __iter__(self) -> Iterator[list[Batch]]: ...
+    def __iter__(self) -> Iterator[list[MicroBatch]]: ...
 
     def state_dict(self) -> dict[str, Any]: ...
 
@@ -118,10 +133,12 @@ class Trainer:
         train_data: StepSource,
         info: DistInfo,
         *,
-        eval_batches: list[Batch] | None = None,
+        eval_batches: list[MicroBatch] | None = None,
         save_model: Callable[[nn.Module, Path], None],
         load_trainable: Callable[[nn.Module, Path], None],
         flops: tuple[float, float] = (0.0, 0.0),
+        objective: Callable[[nn.Module, torch.dtype | None], nn.Module] | None = None,
+        after_step: Callable[[Trainer], dict[str, float] | None] | None = None,
     ) -> None:
         self.cfg = cfg
         self.info = info
@@ -144,7 +161,14 @@ class Trainer:
         if cfg.gradient_checkpointing:
             enable_gradient_checkpointing(model)
         compute = torch.bfloat16 if self.precision == "bf16" else None
-        self.loss_module = CausalLMLoss(model, chunk=cfg.loss_chunk, compute_dtype=compute).to(info.device)
+        if objective is None:
+            self.loss_module: nn.Module = CausalLMLoss(model, chunk=cfg.loss_chunk, compute_dtype=compute)
+        else:  # a factory: (model, compute dtype) -> the objective module holding `model`
+            self.loss_module = objective(model, compute)
+        self.loss_module = self.loss_module.to(info.device)
+        # after each optimizer step (e.g. invalidating an engine's prefix cache); what it returns is
+        # added to the step's metrics (e.g. a rollout source's reward statistics)
+        self.after_step = after_step
         self.wrapped = wrap(self.loss_module, info, cfg.fsdp, list(model.model.layers))
         self.optimizer = make_optimizer(self.wrapped, cfg, info.device)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -230,13 +254,14 @@ class Trainer:
         return clone
 
     # ------------------------------------------------------------------ loop
-    def _step(self, micro: list[Batch]) -> dict[str, float]:
-        local_targets = sum(b.num_target_tokens for b in micro)
+    def _step(self, micro: list[MicroBatch]) -> dict[str, float]:
+        local_targets = sum(b.num_units for b in micro)
         local_tokens = sum(b.num_tokens for b in micro)
         global_targets, global_tokens = all_reduce_sum([local_targets, local_tokens], self.info)
         # DDP / FSDP average gradients over ranks: scale back to a sum, then by the global count
         scale = self.info.world_size / max(global_targets, 1.0)
         loss_sum = 0.0
+        stat_sums: dict[str, float] = {}
         for i, mb in enumerate(micro):
             mb = mb.to(self.info.device)
             sync = i == len(micro) - 1
@@ -245,9 +270,11 @@ class Trainer:
             if self.cfg.fsdp and hasattr(self.wrapped, "set_requires_gradient_sync"):
                 self.wrapped.set_requires_gradient_sync(sync)
             with ctx, autocast_context(self.precision, self.info.device):
-                loss = self.wrapped(mb.input_ids, mb.position_ids, mb.document_ids, mb.targets)
+                loss, stats = _split(self.wrapped(mb))
             (loss * scale).backward()
             loss_sum += float(loss.detach())
+            for k, v in stats.items():
+                stat_sums[k] = stat_sums.get(k, 0.0) + float(v)
         grad_norm = torch.nn.utils.clip_grad_norm_(
             [p for p in self.wrapped.parameters() if p.requires_grad],
             self.cfg.max_grad_norm if self.cfg.max_grad_norm > 0 else float("inf"),
@@ -258,14 +285,17 @@ class Trainer:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        (total_loss,) = all_reduce_sum([loss_sum], self.info)
-        return {
+        names = sorted(stat_sums)
+        total_loss, *totals = all_reduce_sum([loss_sum] + [stat_sums[k] for k in names], self.info)
+        out = {
             "loss": total_loss / max(global_targets, 1.0),
             "grad_norm": float(grad_norm),
             "lr": lr,
             "tokens": global_tokens,
             "target_tokens": global_targets,
         }
+        out.update({k: v / max(global_targets, 1.0) for k, v in zip(names, totals)})
+        return out
 
     @torch.no_grad()
     def evaluate(self) -> float | None:
@@ -277,8 +307,8 @@ class Trainer:
         for b in self.eval_batches[self.info.rank :: self.info.world_size]:
             b = b.to(self.info.device)
             with autocast_context(self.precision, self.info.device):
-                loss_sum += float(self.loss_module(b.input_ids, b.position_ids, b.document_ids, b.targets))
-            count += b.num_target_tokens
+                loss_sum += float(_split(self.loss_module(b))[0])
+            count += b.num_units
         loss_sum, count = all_reduce_sum([loss_sum, count], self.info)
         self.wrapped.train()
         return loss_sum / max(count, 1)
@@ -328,6 +358,8 @@ class Trainer:
                 micro = next(data)
                 t0 = time.perf_counter()
                 m = self._step(micro)
+                if self.after_step is not None:
+                    m.update(self.after_step(self) or {})
                 dt = time.perf_counter() - t0
                 if self._rss_cap is not None:
                     self._rss_cap.check()
@@ -372,6 +404,12 @@ class Trainer:
         if self._tb is not None:
             self._tb.close()
         return summary
+
+
+def _split(out: Any) -> tuple[torch.Tensor, dict[str, Any]]:
+    if isinstance(out, tuple):
+        return out[0], out[1]
+    return out, {}
 
 
 def _raise_interrupt(signum: int, frame: Any) -> None:

@@ -1,4 +1,4 @@
-"""`qwenkit train pretrain|sft|merge`.
+"""`qwenkit train pretrain|sft|dpo|grpo|distill|merge`.
 
     qwenkit train sft MODEL --data train.jsonl --out runs/sft [--lora] [--config sft.yaml] [key=value ...]
     torchrun --nproc-per-node 2 -m qwenkit train sft MODEL --data ... --out ...   (DDP; --fsdp: FSDP2)
@@ -50,7 +50,10 @@ def add_train_parser(sub: Any) -> None:
     p = sub.add_parser("train", help="pretraining, SFT and LoRA (torchrun for DDP / FSDP2)")
     tsub = p.add_subparsers(dest="recipe", required=True)
     for recipe, helptext in (("pretrain", "continued pretraining on raw text / code or token shards"),
-                             ("sft", "supervised fine-tuning on messages, prompt/completion or text")):
+                             ("sft", "supervised fine-tuning on messages, prompt/completion or text"),
+                             ("dpo", "direct preference optimisation on prompt/chosen/rejected pairs"),
+                             ("grpo", "GRPO: online RL with rollouts from qwenkit's engine on the trained module"),
+                             ("distill", "knowledge distillation from a teacher (KD / GKD, int4 recovery)")):
         r = tsub.add_parser(recipe, help=helptext,
                             description=f"{helptext}. Extra `key=value` arguments override any setting "
                                         "(see qwenkit.train.config.TrainConfig).")

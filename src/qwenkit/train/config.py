@@ -25,7 +25,7 @@ class TrainConfigError(QwenkitError, ValueError):
 
 @dataclass
 class TrainConfig:
-    recipe: str = "sft"  # pretrain | sft
+    recipe: str = "sft"  # pretrain | sft | dpo | grpo | distill
     model: str = "qwen2.5-coder-0.5b-instruct"
     data: str = ""
     out: str = ""
@@ -64,6 +64,18 @@ class TrainConfig:
     lora_alpha: int = 32
     lora_dropout: float = 0.0
     lora_targets: tuple[str, ...] = LORA_TARGETS
+    # post-training, TRL's names; one field serves several recipes, each with its own default
+    # (RECIPES): beta = DPO's beta / GRPO's KL coefficient / GKD's JSD interpolation
+    beta: float = 0.0
+    loss_type: str = ""  # DPO: sigmoid | ipo | robust; GRPO: grpo | dr_grpo | dapo
+    temperature: float = 1.0  # sampling temperature of rollouts / distillation temperature
+
+    # DPO (train/dpo.py)
+
+    # GRPO (train/grpo.py)
+
+    # distillation (train/distill.py)
+
     # bookkeeping
     seed: int = 0
     log_every: int = 1
@@ -88,6 +100,16 @@ RECIPES: dict[str, dict[str, Any]] = {
     # SFT (seed defaults): cosine 7e-6 -> 7e-7, weight decay 0.1 (not norms / biases), clip 1.0
     "sft": dict(lr=7e-6, min_lr=7e-7, packing=True, overflow="truncate", max_length=2048,
                 weight_decay=0.1, max_grad_norm=1.0),
+
+    # DPO (seed: beta 0.1, sigmoid loss)
+    "dpo": dict(beta=0.1, loss_type="sigmoid", packing=False, max_length=1024, lr=1e-6, min_lr=1e-7),
+
+    # GRPO (TRL's defaults: no KL term, temperature 1.0)
+    "grpo": dict(beta=0.0, loss_type="grpo", temperature=1.0, packing=False, max_length=1024, lr=1e-6,
+                 min_lr=1e-7),
+
+    # distillation (TRL GKD's defaults: beta 0.5, temperature 0.9)
+    "distill": dict(beta=0.5, temperature=0.9, packing=True, max_length=1024, lr=5e-6, min_lr=5e-7),
 }
 # LoRA trains ~1% of the weights from zero-initialised B: it needs a far larger learning rate than
 # full SFT (peft / TRL examples use 1e-4..2e-4). Applied when `lora=true` and lr was not given.

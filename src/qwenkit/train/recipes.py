@@ -10,7 +10,7 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -141,48 +141,12 @@ def load_training_model(cfg: TrainConfig, info: DistInfo) -> tuple[Any, nn.Modul
     return lm, model.train(), peft_model
 
 
-def run(cfg: TrainConfig) -> dict[str, Any]:
-    info = init_distributed(cfg.device)
-    try:
-        return _run(cfg, info)
-    finally:
-        shutdown()
-
-
-def _run(cfg: TrainConfig, info: DistInfo) -> dict[str, Any]:
-    if not cfg.data:
-        raise DataError("no training data: pass --data (JSONL / Parquet / a datasets folder / token shards)")
-    if not cfg.out:
-        raise QwenkitError("no output folder: pass --out DIR")
-    if cfg.num_threads:
-        torch.set_num_threads(cfg.num_threads)
-    cfg.precision = resolve_precision(cfg.precision, info.device)
-    out = Path(cfg.out)
-    if info.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        text = json.dumps(cfg.to_dict(), indent=2)
-        logger.info("configuration:\n%s", text)
-        (out / "train_config.json").write_text(text)
-    torch.manual_seed(cfg.seed)
-
-    lm, model, peft_model = load_training_model(cfg, info)
+def checkpoint_io(cfg: TrainConfig, lm: Any, peft_model: Any) -> tuple[
+    Callable[[nn.Module, Path], None], Callable[[nn.Module, Path], None]
+]:
+    """(save_model, load_trainable) for the Trainer: an HF folder of the full model, or the peft
+    adapter plus the exact trainable tensors (for resuming) with LoRA."""
     tokenizer = lm.tokenizer
-
-    docs, data_stats = load_documents(cfg.data, cfg, tokenizer)
-    if cfg.eval_data:
-        held, _ = load_documents(cfg.eval_data, cfg, tokenizer)
-        train_docs = docs
-    elif cfg.eval_examples:
-        train_docs, held = split_held_out(docs, n=cfg.eval_examples)
-    else:
-        train_docs, held = docs, None
-    loader = StepLoader(train_docs, max_length=cfg.max_length, packing=cfg.packing, batch_size=cfg.batch_size,
-                        token_budget=cfg.token_budget, buckets=None if cfg.packing else cfg.bucket_lengths,
-                        micro_batch_size=cfg.micro_batch_size, rank=info.rank, world_size=info.world_size,
-                        seed=cfg.seed)
-    mem = check_memory(model, cfg, info)
-    logger.info("data: %s; %d steps an epoch; memory estimate %.1f GiB", data_stats, loader.steps_per_epoch,
-                mem["estimate_gb"])
 
     def save_model(m: nn.Module, folder: Path) -> None:
         if peft_model is not None:
@@ -211,6 +175,67 @@ def _run(cfg: TrainConfig, info: DistInfo) -> dict[str, Any]:
             if missing:
                 raise QwenkitError(f"{folder}: checkpoint lacks {sorted(missing)[:4]}")
 
+    return save_model, load_trainable
+
+
+# recipes beyond the LM loss live in their own modules, each with `run_recipe(cfg, info)`
+RECIPE_MODULES = {"dpo": "qwenkit.train.dpo", "grpo": "qwenkit.train.grpo", "distill": "qwenkit.train.distill"}
+
+
+def run(cfg: TrainConfig) -> dict[str, Any]:
+    info = init_distributed(cfg.device)
+    try:
+        if cfg.recipe in RECIPE_MODULES:
+            import importlib
+
+            return importlib.import_module(RECIPE_MODULES[cfg.recipe]).run_recipe(cfg, info)
+        return _run(cfg, info)
+    finally:
+        shutdown()
+
+
+def start_run(cfg: TrainConfig, info: DistInfo) -> Path:
+    """Common start of every recipe: checks, threads, precision, the printed and saved config."""
+    if not cfg.data:
+        raise DataError("no training data: pass --data (JSONL / Parquet / a datasets folder / token shards)")
+    if not cfg.out:
+        raise QwenkitError("no output folder: pass --out DIR")
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    cfg.precision = resolve_precision(cfg.precision, info.device)
+    out = Path(cfg.out)
+    if info.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        text = json.dumps(cfg.to_dict(), indent=2)
+        logger.info("configuration:\n%s", text)
+        (out / "train_config.json").write_text(text)
+    torch.manual_seed(cfg.seed)
+    return out
+
+
+def _run(cfg: TrainConfig, info: DistInfo) -> dict[str, Any]:
+    out = start_run(cfg, info)
+
+    lm, model, peft_model = load_training_model(cfg, info)
+    tokenizer = lm.tokenizer
+
+    docs, data_stats = load_documents(cfg.data, cfg, tokenizer)
+    if cfg.eval_data:
+        held, _ = load_documents(cfg.eval_data, cfg, tokenizer)
+        train_docs = docs
+    elif cfg.eval_examples:
+        train_docs, held = split_held_out(docs, n=cfg.eval_examples)
+    else:
+        train_docs, held = docs, None
+    loader = StepLoader(train_docs, max_length=cfg.max_length, packing=cfg.packing, batch_size=cfg.batch_size,
+                        token_budget=cfg.token_budget, buckets=None if cfg.packing else cfg.bucket_lengths,
+                        micro_batch_size=cfg.micro_batch_size, rank=info.rank, world_size=info.world_size,
+                        seed=cfg.seed)
+    mem = check_memory(model, cfg, info)
+    logger.info("data: %s; %d steps an epoch; memory estimate %.1f GiB", data_stats, loader.steps_per_epoch,
+                mem["estimate_gb"])
+
+    save_model, load_trainable = checkpoint_io(cfg, lm, peft_model)
     trainer = Trainer(cfg, model, loader, info, eval_batches=eval_batches(held, cfg) if held is not None else None,
                       save_model=save_model, load_trainable=load_trainable,
                       flops=linear_flops(model, cfg.lora))

@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -40,6 +39,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from qwenkit.cpu.allocator import peak_resident_bytes, resident_bytes
 from qwenkit.engine.llm_engine import LLMEngine
 from qwenkit.loaders.load import load, load_tokenizer, resolve
 from qwenkit.loaders.catalog import DEFAULT_MODEL
@@ -91,15 +91,6 @@ def best_of(rounds: Sequence[EngineResult]) -> EngineResult:
     best.loadavg_after = ok[-1].loadavg_after
     best.rounds = [asdict(r) for r in rounds] if len(rounds) > 1 else []
     return best
-
-
-def _rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1e6
-
-
-def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e3  # KB on Linux
 
 
 def _median_time(fn: Callable[[], float], repeats: int) -> float:
@@ -327,7 +318,7 @@ def run_worker(engine: str, args: argparse.Namespace, token_ids: list[int]) -> E
             reps = args.repeats if n <= 512 else max(1, args.repeats - 1)
             t = _median_time(lambda: eng.prefill(token_ids[:n]), reps)
             res.prefill_tps[str(n)], res.ttft_s[str(n)] = n / t, t
-    res.peak_rss_mb, res.rss_mb = _peak_rss_mb(), _rss_mb()
+    res.peak_rss_mb, res.rss_mb = peak_resident_bytes() / 1e6, resident_bytes() / 1e6
     res.loadavg_after = os.getloadavg()[0]
     return res
 

@@ -14,13 +14,13 @@ from __future__ import annotations
 import json
 import os
 import random
-import resource
 import sys
 import time
 from typing import Any, Sequence, TextIO
 
 import torch
 
+from qwenkit.cpu.allocator import peak_resident_bytes
 from qwenkit.engine.llm_engine import LLMEngine
 from qwenkit.engine.outputs import RequestOutputKind
 from qwenkit.loaders.load import load
@@ -47,10 +47,6 @@ def percentiles(values: Sequence[float]) -> dict[str, float]:
     return {"mean": float(t.mean()), "p50": q[0], "p90": q[1], "p99": q[2]}
 
 
-def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def _summary(
     name: str, concurrency: int, prompts: list[list[int]], output_len: int, elapsed: float,
     ttft: list[float], itl: list[float],
@@ -69,7 +65,7 @@ def _summary(
         "total_tok_s": (prompt_tokens + output_tokens) / elapsed,
         "ttft_ms": {k: v * 1e3 for k, v in percentiles(ttft).items()},
         "itl_ms": {k: v * 1e3 for k, v in percentiles(itl).items()},
-        "peak_rss_mb": _peak_rss_mb(),
+        "peak_rss_mb": peak_resident_bytes() / 1e6,
     }
 
 

@@ -362,10 +362,10 @@ def run_worker(args: argparse.Namespace, rows: list[list[int]]) -> TrainResult:
     else:
         raise ValueError(f"unknown engine {args.engine!r}; choose from {', '.join(ENGINES)}")
     res.loadavg_after = os.getloadavg()[0]
-    import resource
-
     # the parent replaces this with the child's ru_maxrss from os.wait4 (the same figure, at exit)
-    res.peak_rss_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
+    from qwenkit.cpu.allocator import peak_resident_bytes
+
+    res.peak_rss_gb = peak_resident_bytes() / 1024**3
     return res
 
 

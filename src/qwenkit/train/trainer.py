@@ -17,7 +17,6 @@ import contextlib
 import json
 import logging
 import math
-import resource
 import signal
 import time
 from dataclasses import dataclass, field
@@ -27,7 +26,7 @@ from typing import Any, Callable, Iterator, Protocol
 import torch
 from torch import nn
 
-from qwenkit.cpu.allocator import ResidentCap
+from qwenkit.cpu.allocator import ResidentCap, peak_resident_bytes
 from qwenkit.train import checkpoint as ckpt
 from qwenkit.train.config import TrainConfig
 from qwenkit.train.distributed import DistInfo, all_reduce_sum, barrier, wrap
@@ -107,7 +106,7 @@ def enable_gradient_checkpointing(model: nn.Module) -> None:
 
 
 def peak_rss_gb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # Linux: KiB
+    return peak_resident_bytes() / 1024**3
 
 
 @dataclass

@@ -234,8 +234,11 @@ def test_rollouts_sample_from_the_module_being_trained(tiny_hf_dir: Path) -> Non
 # ------------------------------------------------------------------ end to end
 def toy_reward_module(tmp_path: Path) -> str:
     (tmp_path / "toy_reward.py").write_text(textwrap.dedent("""
+        import itertools
+        _n = itertools.count()  # a tiny random model's samples may all be alike: vary the rewards anyway
+
         def length_reward(prompts, completions, completion_ids, **kwargs):
-            return [len(ids) / 10.0 + 0.01 * sum(ids) % 1.0 for ids in completion_ids]
+            return [len(ids) / 10.0 + (next(_n) % 3) / 4 for ids in completion_ids]
     """))
     return "toy_reward:length_reward"
 

@@ -246,7 +246,7 @@ def load_prompts(path: str, tokenizer: Any, max_prompt_length: int) -> list[Prom
     from qwenkit.data.readers import read_records
 
     rows = []
-    for rec in read_records(path):
+    for rec in read_records(path, check=False):  # GRPO rows: a prompt and any columns
         prompt = rec.data.get("prompt")
         if prompt is None:
             raise rec.error("GRPO rows need a 'prompt' (text or a list of messages)")

@@ -140,6 +140,16 @@ class BlockManager:
             block.hash, block.token_ids = h, tokens
             self.hash_to_block_id[h] = block_id
 
+    def reset_prefix_cache(self) -> bool:
+        """Forget every cached block (vLLM's `reset_prefix_cache`), e.g. after the weights changed:
+        their KV was computed by the old weights. False (nothing done) while blocks are in use."""
+        if any(b.ref_count for b in self.blocks):
+            return False
+        for b in self.blocks:
+            b.hash, b.token_ids = None, ()
+        self.hash_to_block_id.clear()
+        return True
+
     # ------------------------------------------------------------------ release
     def _decref(self, block_id: int) -> None:
         block = self.blocks[block_id]

@@ -68,6 +68,8 @@ class EngineConfig:
     max_model_len: int | None = None
     streaming_window: int | None = None
     num_sink_tokens: int = 4
+    # False: run the module as given (no fused CPU modules swapped in), e.g. a module being trained
+    install_cpu_runtime: bool = True
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> EngineConfig:
@@ -148,7 +150,7 @@ class LLMEngine:
         self.generation_defaults = dict(generation_defaults or {})
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
-        if self.device.type == "cpu":
+        if self.device.type == "cpu" and cfg.install_cpu_runtime:
             cpu.install(model)  # the fused C ops and one-call decode step (no-op if installed)
         mc = self.model_config
 
@@ -302,6 +304,10 @@ class LLMEngine:
             out = self._make_output(req)
             if out is not None:
                 self._aborted.append(out)
+
+    def reset_prefix_cache(self) -> bool:
+        """Drop the prefix cache (after the model's weights changed); False while requests run."""
+        return self.block_manager.reset_prefix_cache()
 
     def has_unfinished_requests(self) -> bool:
         return bool(self._requests) or bool(self._aborted)

@@ -26,8 +26,8 @@ def cmd_train(args: argparse.Namespace) -> int:
             flags[key] = value
     if args.lora:
         flags["lora"] = True
-    for key in ("lora_r", "lora_alpha"):
-        if getattr(args, key) is not None:
+    for key in ("lora_r", "lora_alpha", "num_generations"):
+        if getattr(args, key, None) is not None:
             flags[key] = getattr(args, key)
     if args.lora_targets:
         flags["lora_targets"] = args.lora_targets
@@ -71,6 +71,9 @@ def add_train_parser(sub: Any) -> None:
         r.add_argument("--lora-alpha", dest="lora_alpha", type=int, default=None)
         r.add_argument("--lora-targets", dest="lora_targets", default=None, help="comma-separated projections")
         r.add_argument("--fsdp", action="store_true", help="FSDP2 (fully_shard) instead of DDP")
+        if recipe == "grpo":
+            r.add_argument("--num-generations", dest="num_generations", type=int, default=None,
+                           help="completions per prompt (default 8)")
         r.add_argument("--quiet-summary", action="store_true", help=argparse.SUPPRESS)
         r.add_argument("overrides", nargs="*", default=[], help="key=value settings")
         r.set_defaults(func=cmd_train, accepts_overrides=True)

@@ -72,7 +72,25 @@ class TrainConfig:
 
     # DPO (train/dpo.py)
 
-    # GRPO (train/grpo.py)
+    # GRPO (train/grpo.py), TRL's names; batch_size counts completions (prompts x num_generations)
+    num_generations: int = 8  # completions per prompt (the group)
+    max_prompt_length: int = 512  # longer prompts keep their last tokens
+    max_completion_length: int = 256
+    top_p: float = 1.0
+    top_k: int = 0  # 0: off
+    epsilon: float = 0.2  # clipping: ratio in [1 - epsilon, 1 + epsilon_high]
+    epsilon_high: float = 0.0  # 0: = epsilon (DAPO's clip-higher: e.g. 0.28)
+    scale_rewards: str = "group"  # group | batch | none
+    num_iterations: int = 1  # optimizer steps per rollout batch (old log-probs when > 1)
+    reward_funcs: tuple[str, ...] = ("code",)  # code | format | module:function
+    reward_weights: tuple[float, ...] = ()  # empty: 1.0 each
+    reward_timeout: float = 5.0  # seconds per test of the code reward
+    order_by_reward_variance: bool = False  # pre-pass: prompts with varying rewards first
+    rollout_quantization: str = "none"  # none | int8 (a quantized view, re-quantized every step)
+    vllm_importance_sampling_correction: bool = True  # with quantized rollouts
+    vllm_importance_sampling_mode: str = "token_truncate"  # token|sequence _truncate|_mask
+    vllm_importance_sampling_clip_max: float = 3.0  # 0: none
+    vllm_importance_sampling_clip_min: float = 0.0  # 0: none
 
     # distillation (train/distill.py)
 
@@ -226,6 +244,36 @@ def validate(cfg: TrainConfig) -> None:
         bad("min_lr", f"need 0 <= min_lr <= lr (lr={cfg.lr})")
     if cfg.max_steps < 0 or cfg.epochs <= 0 and cfg.max_steps == 0:
         bad("max_steps", "set max_steps > 0 or epochs > 0")
+    if cfg.recipe == "grpo":
+        if cfg.loss_type not in ("grpo", "dr_grpo", "dapo"):
+            bad("loss_type", "GRPO: expected grpo, dr_grpo or dapo")
+        if cfg.num_generations < 2:
+            bad("num_generations", "need at least 2 completions per prompt (advantages are group-relative)")
+        if cfg.batch_size % cfg.num_generations:
+            bad("batch_size", f"counts completions: must be a multiple of num_generations={cfg.num_generations}")
+        for name in ("max_prompt_length", "max_completion_length", "num_iterations"):
+            if getattr(cfg, name) <= 0:
+                bad(name, "must be positive")
+        if cfg.scale_rewards not in ("group", "batch", "none"):
+            bad("scale_rewards", "expected group, batch or none")
+        if not 0 < cfg.epsilon < 1 or cfg.epsilon_high < 0:
+            bad("epsilon", "need 0 < epsilon < 1 and epsilon_high >= 0")
+        if cfg.temperature <= 0 or not 0 < cfg.top_p <= 1:
+            bad("temperature", "GRPO samples: need temperature > 0 and 0 < top_p <= 1")
+        if cfg.rollout_quantization not in ("none", "int8"):
+            bad("rollout_quantization", "expected none or int8")
+        if cfg.rollout_quantization != "none" and cfg.lora:
+            bad("rollout_quantization", "quantized rollouts need full training (LoRA layers are not quantized)")
+        if (cfg.rollout_quantization != "none" and cfg.vllm_importance_sampling_correction
+                and cfg.temperature != 1.0):
+            bad("temperature", "the importance-sampling correction compares the engine's raw (temperature 1) "
+                "log-probs: use temperature=1 or vllm_importance_sampling_correction=false")
+        if cfg.vllm_importance_sampling_mode not in ("token_truncate", "token_mask", "sequence_truncate",
+                                                     "sequence_mask"):
+            bad("vllm_importance_sampling_mode", "expected token_truncate, token_mask, sequence_truncate or "
+                "sequence_mask")
+        if not cfg.reward_funcs:
+            bad("reward_funcs", "need at least one reward function")
     unknown = set(cfg.lora_targets) - set(LORA_TARGETS)
     if unknown:
         bad("lora_targets", f"unknown projections {sorted(unknown)}; choose from {LORA_TARGETS}")

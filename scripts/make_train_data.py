@@ -8,7 +8,9 @@ writes
 - mbpp-train.jsonl / mbpp-eval.jsonl: {"messages"} rows from MBPP+ (the copy shipped in
   qwenkit.eval.data): the first 200 tasks for SFT, the last 199 held out. The user turn is the
   task (its docstring, with the example assertion), the assistant turn the canonical solution in a
-  fenced block.
+  fenced block;
+- mbpp-prompts-train.jsonl / mbpp-prompts-eval.jsonl: {"prompt": [user message], "task_id"} rows
+  of the same two splits, for GRPO (the `code` reward runs the task's tests by task_id).
 """
 from __future__ import annotations
 
@@ -41,15 +43,15 @@ def main(out: Path) -> None:
             for r in rows:
                 f.write(json.dumps(r) + "\n")
     tasks = load_tasks(find_mbpp_plus())
-    rows = []
+    rows, prompts = [], []
     for task_id, t in tasks.items():
         task = t["prompt"].strip().strip('"').strip()
         answer = t["canonical_solution"].strip("\n")
-        rows.append({"messages": [
-            {"role": "user", "content": f"{task}\nWrite the Python function."},
-            {"role": "assistant", "content": f"```python\n{answer}\n```"},
-        ]})
-    for name, part in (("mbpp-train", rows[:200]), ("mbpp-eval", rows[200:])):
+        user = {"role": "user", "content": f"{task}\nWrite the Python function."}
+        rows.append({"messages": [user, {"role": "assistant", "content": f"```python\n{answer}\n```"}]})
+        prompts.append({"prompt": [user], "task_id": task_id})
+    for name, part in (("mbpp-train", rows[:200]), ("mbpp-eval", rows[200:]),
+                       ("mbpp-prompts-train", prompts[:200]), ("mbpp-prompts-eval", prompts[200:])):
         with open(out / f"{name}.jsonl", "w") as f:
             for r in part:
                 f.write(json.dumps(r) + "\n")

@@ -11,7 +11,6 @@ exact text the samples were generated from.
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest

@@ -1,9 +1,10 @@
-"""CLI hook: `qwenkit bench decode|batch|prefill|all|throughput|kernels|train`.
+"""CLI hook: `qwenkit bench decode|batch|prefill|all|throughput|kernels|train|rollout`.
 
 The main CLI registers it with ``add_bench_parser(subparsers)``. `decode`, `batch`, `prefill` and `all`
 run `qwenkit.bench.decode` (qwenkit vs llama.cpp vs transformers, one subprocess per engine);
 `kernels` runs the linear-kernel micro-benchmark on the real projection shapes; `train` runs
-`qwenkit.bench.train` (qwenkit's trainer vs TRL's SFTTrainer, full and LoRA, one subprocess each).
+`qwenkit.bench.train` (qwenkit's trainer vs TRL's SFTTrainer, full and LoRA, one subprocess each); `rollout` runs
+`qwenkit.bench.rollout` (GRPO rollout generation: qwenkit's engine vs TRL's transformers path).
 """
 from __future__ import annotations
 
@@ -99,4 +100,10 @@ def add_bench_parser(subparsers: Any) -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="training tok/s, peak RSS and first-step loss vs TRL SFTTrainer (full, LoRA)")
     train_bench.add_arguments(p)
     p.set_defaults(func=train_bench.cmd_train)
+
+    from qwenkit.bench import rollout as rollout_bench
+
+    p = sub.add_parser("rollout", help="GRPO rollout tokens/s: qwenkit's engine vs TRL GRPOTrainer's generate")
+    rollout_bench.add_arguments(p)
+    p.set_defaults(func=rollout_bench.cmd_rollout)
     return bench

@@ -300,8 +300,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_optional_subcommands(sub: Any) -> None:
-    """Subcommands owned by other packages (serve, eval, quantize, bench)."""
+    """Subcommands owned by other packages (serve, eval, quantize, bench, train, data)."""
     from qwenkit.bench.cli import add_bench_parser
+    from qwenkit.cli.data import add_data_parser
     from qwenkit.eval.cli import add_eval_parser
     from qwenkit.cli.quantize import add_quantize_parser
     from qwenkit.serve.cli import add_serve_parser
@@ -312,6 +313,7 @@ def _add_optional_subcommands(sub: Any) -> None:
     add_quantize_parser(sub)
     add_bench_parser(sub)
     add_train_parser(sub)
+    add_data_parser(sub)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

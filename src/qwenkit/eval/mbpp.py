@@ -170,28 +170,33 @@ class MbppPlus:
 
     # ---------------------------------------------------------------- checking
     def check(self, task_id: str, solution: str) -> CheckOutcome:
-        t = self.problems[task_id]
-        task = {
-            "solution": solution,
-            "canonical": t["prompt"] + t["canonical_solution"],
-            "entry_point": t["entry_point"],
-            "atol": t["atol"],
-            "output_not_none": t["entry_point"] in MBPP_OUTPUT_NOT_NONE_TASKS,
-            "min_time_limit": MIN_TIME_LIMIT_S,
-            "time_limit_factor": TIME_LIMIT_FACTOR,
-            "suite_time_cap": SUITE_TIMEOUT_CAP_S,
-            "module_time_limit": MODULE_TIME_LIMIT_S,
-            "suites": [{"name": "base", "inputs": t["base_input"]}, {"name": "plus", "inputs": t["plus_input"]}],
-        }
-        reports, res = run_program("mbpp", task, self.limits)
-        by_suite = {r["suite"]: r for r in reports if "suite" in r}
-        base, plus = by_suite.get("base"), by_suite.get("plus")
-        if base is None:
-            status = "timeout" if res.timed_out else "crash"
-            return CheckOutcome(False, status, res.describe(), False, status)
-        base_ok = base["status"] == "pass"
-        if plus is None:
-            plus_status = "timeout" if res.timed_out else ("crash" if base_ok else "skipped")
-            plus = {"status": plus_status, "error": res.describe() if base_ok else None}
-        plus_ok = base_ok and plus["status"] == "pass"
-        return CheckOutcome(base_ok, base["status"], base.get("error") or plus.get("error"), plus_ok, plus["status"])
+        return check_task(self.problems[task_id], solution, self.limits)
+
+
+def check_task(t: dict[str, Any], solution: str, limits: SandboxLimits) -> CheckOutcome:
+    """Check `solution` against one MBPP+-style task (`prompt`, `canonical_solution`,
+    `entry_point`, `base_input`, optional `plus_input` / `atol`), evalplus's way."""
+    task = {
+        "solution": solution,
+        "canonical": t["prompt"] + t["canonical_solution"],
+        "entry_point": t["entry_point"],
+        "atol": t.get("atol", 0),
+        "output_not_none": t["entry_point"] in MBPP_OUTPUT_NOT_NONE_TASKS,
+        "min_time_limit": MIN_TIME_LIMIT_S,
+        "time_limit_factor": TIME_LIMIT_FACTOR,
+        "suite_time_cap": SUITE_TIMEOUT_CAP_S,
+        "module_time_limit": MODULE_TIME_LIMIT_S,
+        "suites": [{"name": "base", "inputs": t["base_input"]}, {"name": "plus", "inputs": t.get("plus_input", [])}],
+    }
+    reports, res = run_program("mbpp", task, limits)
+    by_suite = {r["suite"]: r for r in reports if "suite" in r}
+    base, plus = by_suite.get("base"), by_suite.get("plus")
+    if base is None:
+        status = "timeout" if res.timed_out else "crash"
+        return CheckOutcome(False, status, res.describe(), False, status)
+    base_ok = base["status"] == "pass"
+    if plus is None:
+        plus_status = "timeout" if res.timed_out else ("crash" if base_ok else "skipped")
+        plus = {"status": plus_status, "error": res.describe() if base_ok else None}
+    plus_ok = base_ok and plus["status"] == "pass"
+    return CheckOutcome(base_ok, base["status"], base.get("error") or plus.get("error"), plus_ok, plus["status"])

@@ -247,6 +247,7 @@ def toy_reward_module(tmp_path: Path) -> str:
     ["loss_type=grpo"],
     ["loss_type=dapo", "beta=0.04", "num_iterations=2", "epsilon_high=0.28", "order_by_reward_variance=true"],
     ["loss_type=dr_grpo", "rollout_quantization=int8"],
+    ["lora=true", "precision=bf16", "beta=0.04", "order_by_reward_variance=true"],  # bf16 frozen base: rollouts and reference under autocast
 ])
 def test_train_grpo_cli_end_to_end(tiny_hf_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                    extra: list[str]) -> None:
@@ -260,8 +261,10 @@ def test_train_grpo_cli_end_to_end(tiny_hf_dir: Path, tmp_path: Path, monkeypatc
     out = tmp_path / "run"
     args = ["train", "grpo", str(tiny_hf_dir), "--data", str(data), "--out", str(out), "--max-steps", "2",
             "--num-generations", "2", "batch_size=4", "micro_batch_size=2", "max_completion_length=6",
-            "max_prompt_length=32", "lr=1e-3", "min_lr=1e-4", "warmup_steps=0", "precision=fp32",
+            "max_prompt_length=32", "lr=1e-3", "min_lr=1e-4", "warmup_steps=0",
             f"reward_funcs={func}", "progress=false", "tensorboard=false", "--quiet-summary", *extra]
+    if not any(e.startswith("precision=") for e in extra):
+        args.append("precision=fp32")
     assert main(args) == 0
     recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in recs if "loss" in r]
@@ -275,5 +278,5 @@ def test_train_grpo_cli_end_to_end(tiny_hf_dir: Path, tmp_path: Path, monkeypatc
     if "rollout_quantization=int8" in extra:
         assert "time/requantize_s" in steps[0] and "sampling/importance_sampling_ratio/mean" in steps[0]
     ckpt = out / "checkpoint-000002"
-    assert (ckpt / "model.safetensors").is_file()
+    assert (ckpt / ("adapter_model.safetensors" if "lora=true" in extra else "model.safetensors")).is_file()
     assert json.loads((ckpt / "train_config.json").read_text())["num_generations"] == 2

@@ -30,6 +30,7 @@ from qwenkit.errors import DataError
 from qwenkit.train.attention import DocumentAttention
 from qwenkit.train.config import TrainConfig
 from qwenkit.train.distributed import DistInfo
+from qwenkit.train.precision import autocast_context
 
 logger = logging.getLogger(__name__)
 
@@ -321,7 +322,8 @@ class GRPOSource:
         from qwenkit.train.rewards import score
 
         G = self.cfg.num_generations
-        batch = self.rollouts.generate([r.ids for r in rows])
+        with autocast_context(self.cfg.precision, self.device):
+            batch = self.rollouts.generate([r.ids for r in rows])
         t0 = time.perf_counter()
         prompts = [r.prompt for r in rows for _ in range(G)]
         conversational = [not isinstance(r.prompt, str) for r in rows for _ in range(G)]
@@ -336,7 +338,10 @@ class GRPOSource:
 
     def __iter__(self):
         while True:
-            micro = self.build_step()
+            # rollouts, old and reference log-probs in the trainer's precision (under bf16 a LoRA
+            # run's frozen base linears are stored in bf16)
+            with autocast_context(self.cfg.precision, self.device):
+                micro = self.build_step()
             for _ in range(self.cfg.num_iterations):
                 self.yielded_at = time.perf_counter()
                 yield micro

@@ -93,6 +93,12 @@ class TrainConfig:
     vllm_importance_sampling_clip_min: float = 0.0  # 0: none
 
     # distillation (train/distill.py)
+    teacher: str = ""  # model spec; "" with fake_quant: the student's own fp32 weights (self-distillation)
+    kd_ratio: float = 1.0  # loss = kd_ratio * KD + (1 - kd_ratio) * CE
+    kd_loss: str = "kl"  # kl: forward KL(teacher_T || student_T) * T^2 | jsd: TRL GKD's generalized JSD (beta)
+    teacher_top_k: int = 0  # > 0: teacher's top-k log-probs cached to disk by a pre-pass, KD on that support
+    teacher_cache: str = ""  # the cache folder ("" = OUT/teacher_topk)
+    fake_quant: str = ""  # a qwenkit quantization method / policy (int4-all, int4, ...): train through it
 
     # bookkeeping
     seed: int = 0
@@ -127,7 +133,8 @@ RECIPES: dict[str, dict[str, Any]] = {
                  min_lr=1e-7),
 
     # distillation (TRL GKD's defaults: beta 0.5, temperature 0.9)
-    "distill": dict(beta=0.5, temperature=0.9, packing=True, max_length=1024, lr=5e-6, min_lr=5e-7),
+    "distill": dict(beta=0.5, temperature=0.9, packing=True, max_length=1024, lr=5e-6, min_lr=5e-7,
+                    loss_chunk=128),  # KD holds ~6 (chunk x vocab) fp32 blocks (student, teacher, softmaxes)
 }
 # LoRA trains ~1% of the weights from zero-initialised B: it needs a far larger learning rate than
 # full SFT (peft / TRL examples use 1e-4..2e-4). Applied when `lora=true` and lr was not given.
@@ -277,3 +284,23 @@ def validate(cfg: TrainConfig) -> None:
     unknown = set(cfg.lora_targets) - set(LORA_TARGETS)
     if unknown:
         bad("lora_targets", f"unknown projections {sorted(unknown)}; choose from {LORA_TARGETS}")
+    if cfg.recipe == "distill":
+        if not 0.0 <= cfg.kd_ratio <= 1.0:
+            bad("kd_ratio", "expected 0 <= kd_ratio <= 1")
+        if cfg.kd_loss not in ("kl", "jsd"):
+            bad("kd_loss", "expected kl or jsd")
+        if not 0.0 <= cfg.beta <= 1.0:
+            bad("beta", "the JSD interpolation needs 0 <= beta <= 1")
+        if cfg.temperature <= 0:
+            bad("temperature", "must be positive")
+        if cfg.teacher_top_k < 0:
+            bad("teacher_top_k", "must be >= 0 (0: teacher logits on the fly)")
+        if not cfg.teacher and not cfg.fake_quant:
+            bad("teacher", "name a teacher model (or set fake_quant for self-distillation from fp32 weights)")
+        if cfg.fake_quant:
+            from qwenkit.quant.policy import parse
+
+            try:
+                parse(cfg.fake_quant)
+            except ValueError as e:
+                bad("fake_quant", str(e))

@@ -33,6 +33,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         flags["lora_targets"] = args.lora_targets
     if args.fsdp:
         flags["fsdp"] = True
+    if getattr(args, "precompute_ref", False):
+        flags["precompute_ref"] = True
     cfg = build_config(args.recipe, file_settings, flags, parse_overrides(args.overrides))
     try:
         summary = run(cfg)
@@ -71,6 +73,9 @@ def add_train_parser(sub: Any) -> None:
         r.add_argument("--lora-alpha", dest="lora_alpha", type=int, default=None)
         r.add_argument("--lora-targets", dest="lora_targets", default=None, help="comma-separated projections")
         r.add_argument("--fsdp", action="store_true", help="FSDP2 (fully_shard) instead of DDP")
+        if recipe == "dpo":
+            r.add_argument("--precompute-ref", dest="precompute_ref", action="store_true",
+                           help="score the reference log-probs once before training (no reference model kept)")
         r.add_argument("--quiet-summary", action="store_true", help=argparse.SUPPRESS)
         r.add_argument("overrides", nargs="*", default=[], help="key=value settings")
         r.set_defaults(func=cmd_train, accepts_overrides=True)

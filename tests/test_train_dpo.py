@@ -272,7 +272,7 @@ def trl_tokenized(tokenizer_dir: Path, examples: list[dict[str, Any]], max_lengt
     return out
 
 
-@pytest.mark.parametrize("max_length", [None, 24])
+@pytest.mark.parametrize("max_length", [None, 18, 54])  # 18, 54: rows cut and pairs dropped
 def test_tokenization_equals_trl(qwen_tokenizer_dir: Path, max_length: int | None) -> None:
     from qwenkit.tokenizer import Tokenizer
 
@@ -329,17 +329,21 @@ def test_pair_loader_layout_and_resume() -> None:
 
 
 # ---------------------------------------------------------------------------- end to end
-def write_prefs(path: Path, n: int = 12) -> Path:
+def write_prefs(path: Path, n: int = 12, parity: bool = True) -> Path:
+    """Parity questions answered right (chosen) and wrong; without `parity` the chosen answer is
+    always "yes" (a preference a tiny model learns in a few steps)."""
     with open(path, "w") as f:
         for i in range(n):
+            good = "yes" if i % 2 == 0 or not parity else "no"
+            bad = "no" if good == "yes" else "yes"
             f.write(json.dumps({"prompt": [{"role": "user", "content": f"Is {i} even?"}],
-                                "chosen": [{"role": "assistant", "content": "yes" if i % 2 == 0 else "no"}],
-                                "rejected": [{"role": "assistant", "content": "no" if i % 2 == 0 else "yes"}]}) + "\n")
+                                "chosen": [{"role": "assistant", "content": good}],
+                                "rejected": [{"role": "assistant", "content": bad}]}) + "\n")
     return path
 
 
 def dpo_args(model: Path, data: Path, out: Path, *extra: str) -> list[str]:
-    return ["train", "dpo", str(model), "--data", str(data), "--out", str(out), "max_length=64", "batch_size=4",
+    return ["train", "dpo", str(model), "--data", str(data), "--out", str(out), "max_length=256", "batch_size=4",
             "micro_batch_size=2", "lr=5e-3", "min_lr=5e-4", "warmup_steps=0", "progress=false", "tensorboard=false",
             "precision=fp32", "--quiet-summary", *extra]  # fmt: skip
 
@@ -374,9 +378,9 @@ def test_dpo_lora_learns(tiny_hf_dir: Path, tmp_path: Path) -> None:
     """LoRA with the adapter-disabled reference: the training loss falls on a consistent preference."""
     from qwenkit.cli.main import main
 
-    data = write_prefs(tmp_path / "prefs.jsonl", n=8)
+    data = write_prefs(tmp_path / "prefs.jsonl", n=8, parity=False)
     out = tmp_path / "lora"
-    assert main(dpo_args(tiny_hf_dir, data, out, "--max-steps", "6", "--lora", "lr=2e-2", "min_lr=2e-2",
+    assert main(dpo_args(tiny_hf_dir, data, out, "--max-steps", "6", "--lora", "lr=5e-3", "min_lr=5e-3", "beta=0.5",
                          "batch_size=8", "micro_batch_size=8")) == 0  # fmt: skip
     steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in steps if "loss" in r]

@@ -374,6 +374,25 @@ def test_dpo_cli_end_to_end(tiny_hf_dir: Path, tmp_path: Path, mode: str) -> Non
     assert summary["step"] == 3 and "eval_rewards/accuracies_end" in summary
 
 
+def test_resume_with_precomputed_reference_is_exact(tiny_hf_dir: Path, tmp_path: Path) -> None:
+    """Resuming elsewhere (no cached ref_logps.pt) recomputes the reference from the starting model,
+    not from the checkpoint: the result equals a straight run."""
+    from safetensors.torch import load_file
+
+    from qwenkit.cli.main import main
+
+    data = write_prefs(tmp_path / "prefs.jsonl")
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert main(dpo_args(tiny_hf_dir, data, straight, "--max-steps", "4", "save_every=2", "--precompute-ref")) == 0
+    assert main(dpo_args(tiny_hf_dir, data, resumed, "--max-steps", "4", "--precompute-ref",
+                         "--resume", str(straight / "checkpoint-000002"))) == 0  # fmt: skip
+    a = load_file(str(straight / "checkpoint-000004" / "model.safetensors"))
+    b = load_file(str(resumed / "checkpoint-000004" / "model.safetensors"))
+    start = load_file(str(tiny_hf_dir / "model.safetensors"))
+    assert max(float((a[k] - start[k]).abs().max()) for k in a) > 1e-3  # it trained
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-6
+
+
 def test_dpo_lora_learns(tiny_hf_dir: Path, tmp_path: Path) -> None:
     """LoRA with the adapter-disabled reference: the training loss falls on a consistent preference."""
     from qwenkit.cli.main import main

@@ -307,8 +307,8 @@ def run_recipe(cfg: TrainConfig, info: DistInfo) -> dict[str, Any]:
                         rank=info.rank, world_size=info.world_size, seed=cfg.seed)  # fmt: skip
     # the estimate's "rows": two per pair, each up to max_length
     mem = check_memory(model, dataclasses.replace(cfg, packing=True, micro_batch_size=2 * cfg.micro_batch_size), info)
-    logger.info("data: %s; %d steps an epoch; memory estimate %.1f GiB (+ the reference model)", data_stats,
-                loader.steps_per_epoch, mem["estimate_gb"])
+    logger.info("data: %s; %d steps an epoch; memory estimate %.1f GiB%s", data_stats, loader.steps_per_epoch,
+                mem["estimate_gb"], " + the reference model" if ref_model is not None else "")
     eval_batches = [collate_pairs(held[s : s + cfg.micro_batch_size]) for s in range(0, len(held), cfg.micro_batch_size)]
 
     def after_step(trainer: Trainer) -> dict[str, float] | None:

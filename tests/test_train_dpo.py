@@ -166,7 +166,7 @@ def test_full_path_equals_trl(loss_type: str) -> None:
     batch = collate_pairs(pairs)
     loss_sum, stats = obj(batch)
     (loss_sum / batch.num_units).backward()
-    assert float(loss_sum) / 6 == pytest.approx(float(want), rel=1e-5, abs=1e-6)
+    assert float(loss_sum.detach()) / 6 == pytest.approx(float(want), rel=1e-5, abs=1e-6)
     assert float(stats["rewards/margins"]) != 0.0
     for k, v in stats.items():
         assert float(v) / 6 == pytest.approx(metrics[k], rel=1e-5, abs=1e-5), k
@@ -225,7 +225,7 @@ def test_chunked_logps_gradient_and_empty_pairs() -> None:
         assert batch.num_units == 3
         loss, _ = obj(batch)
         loss.backward()
-        grads.append((float(loss), ours.lm_head.weight.grad.clone(), ours.model.embed_tokens.weight.grad.clone()))
+        grads.append((float(loss.detach()), ours.lm_head.weight.grad.clone(), ours.model.embed_tokens.weight.grad.clone()))
     assert grads[0][0] == pytest.approx(grads[1][0], rel=1e-6)
     for a, b in zip(grads[0][1:], grads[1][1:]):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)

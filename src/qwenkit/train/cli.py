@@ -33,6 +33,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         flags["lora_targets"] = args.lora_targets
     if args.fsdp:
         flags["fsdp"] = True
+    if getattr(args, "precompute_ref", False):
+        flags["precompute_ref"] = True
     cfg = build_config(args.recipe, file_settings, flags, parse_overrides(args.overrides))
     try:
         summary = run(cfg)
@@ -74,6 +76,9 @@ def add_train_parser(sub: Any) -> None:
         if recipe == "grpo":
             r.add_argument("--num-generations", dest="num_generations", type=int, default=None,
                            help="completions per prompt (default 8)")
+        if recipe == "dpo":
+            r.add_argument("--precompute-ref", dest="precompute_ref", action="store_true",
+                           help="score the reference log-probs once before training (no reference model kept)")
         r.add_argument("--quiet-summary", action="store_true", help=argparse.SUPPRESS)
         r.add_argument("overrides", nargs="*", default=[], help="key=value settings")
         r.set_defaults(func=cmd_train, accepts_overrides=True)

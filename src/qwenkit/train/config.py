@@ -70,11 +70,15 @@ class TrainConfig:
     loss_type: str = ""  # DPO: sigmoid | ipo | robust; GRPO: grpo | dr_grpo | dapo
     temperature: float = 1.0  # sampling temperature of rollouts / distillation temperature
 
-    # DPO (train/dpo.py)
+    # DPO (train/dpo.py; TRL's DPOConfig names)
+    label_smoothing: float = 0.0  # robust loss: the assumed rate of flipped labels, in [0, 0.5)
+    precompute_ref: bool = False  # reference log-probs computed once before training (TRL precompute_ref_log_probs)
+    ref_model: str | None = None  # the reference model; default the starting model (LoRA: adapters disabled)
+    max_prompt_length: int = 0  # > 0: keep only the last N prompt tokens (GRPO's default: 512)
+    truncation_mode: str = "keep_start"  # rows over max_length: keep_start | keep_end
 
     # GRPO (train/grpo.py), TRL's names; batch_size counts completions (prompts x num_generations)
     num_generations: int = 8  # completions per prompt (the group)
-    max_prompt_length: int = 512  # longer prompts keep their last tokens
     max_completion_length: int = 256
     top_p: float = 1.0
     top_k: int = 0  # 0: off
@@ -130,7 +134,7 @@ RECIPES: dict[str, dict[str, Any]] = {
 
     # GRPO (TRL's defaults: no KL term, temperature 1.0)
     "grpo": dict(beta=0.0, loss_type="grpo", temperature=1.0, packing=False, max_length=1024, lr=1e-6,
-                 min_lr=1e-7),
+                 min_lr=1e-7, max_prompt_length=512),
 
     # distillation (TRL GKD's defaults: beta 0.5, temperature 0.9)
     "distill": dict(beta=0.5, temperature=0.9, packing=True, max_length=1024, lr=5e-6, min_lr=5e-7,
@@ -251,6 +255,17 @@ def validate(cfg: TrainConfig) -> None:
         bad("min_lr", f"need 0 <= min_lr <= lr (lr={cfg.lr})")
     if cfg.max_steps < 0 or cfg.epochs <= 0 and cfg.max_steps == 0:
         bad("max_steps", "set max_steps > 0 or epochs > 0")
+    if cfg.recipe == "dpo":
+        if cfg.loss_type not in ("sigmoid", "ipo", "robust"):
+            bad("loss_type", "DPO losses: sigmoid, ipo or robust")
+        if cfg.beta <= 0:
+            bad("beta", "must be positive")
+        if not 0.0 <= cfg.label_smoothing < 0.5:
+            bad("label_smoothing", "must lie in [0, 0.5)")
+        if cfg.truncation_mode not in ("keep_start", "keep_end"):
+            bad("truncation_mode", "expected keep_start or keep_end")
+        if cfg.max_prompt_length < 0:
+            bad("max_prompt_length", "must be >= 0 (0: no limit)")
     if cfg.recipe == "grpo":
         if cfg.loss_type not in ("grpo", "dr_grpo", "dapo"):
             bad("loss_type", "GRPO: expected grpo, dr_grpo or dapo")

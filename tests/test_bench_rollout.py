@@ -18,7 +18,7 @@ P, G, L = 2, 3, 8
 
 def test_bench_rollout_tiny(tiny_hf_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "rollout.json"
-    rc = bench.main(["--model", str(tiny_hf_dir), "--engines", "qwenkit,qwenkit-int8,trl", "--prompts", str(P),
+    rc = bench.main(["--model", str(tiny_hf_dir), "--engines", "qwenkit,qwenkit-int8,qwenkit-autocast,trl,trl-bf16", "--prompts", str(P),
                      "-G", str(G), "--max-completion-length", str(L), "--threads", "1", "--json", str(out)])  # fmt: skip
     report = capsys.readouterr().out
     assert rc == 0, report
@@ -30,7 +30,7 @@ def test_bench_rollout_tiny(tiny_hf_dir: Path, tmp_path: Path, capsys: pytest.Ca
     assert {"cpu", "cpu_flags", "threads", "versions", "workload"} <= set(env)
     assert env["workload"]["num_generations"] == G and env["workload"]["prompts"] == P
     rows = {r["engine"]: r for r in data["results"]}
-    assert set(rows) == {"qwenkit", "qwenkit-int8", "trl"}
+    assert set(rows) == {"qwenkit", "qwenkit-int8", "qwenkit-autocast", "trl", "trl-bf16"}
     for r in rows.values():
         assert r["error"] is None
         assert r["completions"] == P * G
@@ -41,7 +41,10 @@ def test_bench_rollout_tiny(tiny_hf_dir: Path, tmp_path: Path, capsys: pytest.Ca
     assert rows["trl"]["config"]["rows"] == P * G
     gc = rows["trl"]["config"]["generation_config"]
     assert gc["do_sample"] is True and gc["max_new_tokens"] == L and gc["top_k"] == 0
-    assert set(data["ratios"]) == {"qwenkit / trl", "qwenkit-int8 / trl"}
+    assert rows["trl-bf16"]["config"]["autocast"] == "bfloat16"
+    assert rows["qwenkit-autocast"]["config"]["autocast"] == "bfloat16"
+    assert set(data["ratios"]) == {f"{q} / {t}" for q in ("qwenkit", "qwenkit-int8", "qwenkit-autocast")
+                                   for t in ("trl", "trl-bf16")}
 
 
 def test_trl_generation_config_is_grpo_trainers(tiny_hf_dir: Path, tmp_path: Path) -> None:

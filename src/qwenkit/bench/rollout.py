@@ -10,15 +10,17 @@ G 8, temperature 1.0, top_p 1.0, top_k 0, repetition_penalty 1.0), stopping at t
 Engines (one after another in this process, each after an untimed warm-up generation):
 - ``qwenkit``: `LLM` over the plain fp32 nn.Module as the trainer holds it (`load(...,
   quantization="none")`, `cpu.uninstall`: what GRPO's rollouts run on), every prompt one request
-  with ``n=G``; ``qwenkit-bf16``: the same module in bf16; ``qwenkit-int8``: the default int8
-  inference runtime (a second qwenkit row, not what a trainer holds).
+  with ``n=G``; ``qwenkit-bf16``: the same module in bf16 (a bf16 LoRA run's frozen base);
+  ``qwenkit-autocast``: the fp32 module under bf16 autocast (a bf16 full fine-tune's rollouts);
+  ``qwenkit-int8``: the default int8 inference runtime (what `rollout_quantization=int8` runs).
 - ``trl``: GRPOTrainer's non-vLLM path mirrored: ``AutoModelForCausalLM`` fp32 from the same HF
   folder, the prompts repeated G times in a row (its RepeatSampler), left-padded with the pad
   token (EOS when the tokenizer has none), one ``model.generate`` call under ``no_grad`` with the
   `GenerationConfig` GRPOTrainer builds (max_new_tokens, do_sample, pad/bos/eos ids with the
   tokenizer's EOS first, temperature, top_p, top_k, min_p, repetition_penalty,
   cache_implementation None, disable_compile), completion tokens counted up to and including
-  the first EOS (its completion mask).
+  the first EOS (its completion mask). ``trl-bf16``: the same under bf16 autocast, as TRL's
+  default ``bf16=True`` runs it (accelerate's autocast wrapper stays on the unwrapped model).
 
 Reported: completion tokens (EOS included, as both count it), generation wall time (the call
 only: model load and warm-up excluded), completion tokens/s and each qwenkit row's ratio to trl.
@@ -36,7 +38,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-ENGINES = ("qwenkit", "qwenkit-bf16", "qwenkit-int8", "trl")
+ENGINES = ("qwenkit", "qwenkit-bf16", "qwenkit-autocast", "qwenkit-int8", "trl", "trl-bf16")
 
 
 def log(msg: str) -> None:
@@ -91,6 +93,7 @@ def run_qwenkit(args: argparse.Namespace, prompts: list[list[int]], res: Rollout
     from qwenkit.sampling_params import SamplingParams
 
     variant = res.engine.partition("-")[2] or "fp32"
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=variant == "autocast")
     t0 = time.perf_counter()
     dtype = torch.bfloat16 if variant == "bf16" else torch.float32
     lm = load(str(args.model_dir), dtype=dtype, quantization="int8" if variant == "int8" else "none", progress=False)
@@ -103,12 +106,14 @@ def run_qwenkit(args: argparse.Namespace, prompts: list[list[int]], res: Rollout
     sp = SamplingParams(n=g, temperature=args.temperature, top_p=1.0, top_k=-1, min_p=0.0, repetition_penalty=1.0,
                         max_tokens=length)  # fmt: skip
     torch.manual_seed(args.seed)  # unseeded requests draw from torch's global generator, as transformers does
-    llm.generate([{"prompt_token_ids": prompts[0]}], SamplingParams(max_tokens=4), use_tqdm=False)
-    t = time.perf_counter()
-    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], sp, use_tqdm=False)
-    seconds = time.perf_counter() - t
+    with autocast:
+        llm.generate([{"prompt_token_ids": prompts[0]}], SamplingParams(max_tokens=4), use_tqdm=False)
+        t = time.perf_counter()
+        outs = llm.generate([{"prompt_token_ids": p} for p in prompts], sp, use_tqdm=False)
+        seconds = time.perf_counter() - t
     comps = [o for out in outs for o in out.outputs]
     res.config = {"dtype": str(dtype).removeprefix("torch."), "quantization": variant if variant == "int8" else "none",
+                  "autocast": "bfloat16" if variant == "autocast" else None,
                   "requests": len(prompts), "n": g, "max_num_seqs": len(prompts) * g,
                   "torch_threads": torch.get_num_threads()}  # fmt: skip
     n_eos = sum(bool(o.token_ids) and o.token_ids[-1] in eos for o in comps)
@@ -150,7 +155,8 @@ def run_trl(args: argparse.Namespace, prompts: list[list[int]], res: RolloutResu
     mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
     model.train()  # GRPOTrainer generates inside its training step
     torch.manual_seed(args.seed)
-    with torch.no_grad():
+    bf16 = res.engine == "trl-bf16"
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         warm = copy.deepcopy(gen_cfg)
         warm.max_new_tokens = 4
         model.generate(input_ids=ids[:1], attention_mask=mask[:1], generation_config=warm)
@@ -162,7 +168,7 @@ def run_trl(args: argparse.Namespace, prompts: list[list[int]], res: RolloutResu
     has = is_eos.any(dim=1)
     first = torch.where(has, is_eos.int().argmax(dim=1), torch.full_like(has, completion.size(1), dtype=torch.long))
     lengths = torch.minimum(first + 1, torch.tensor(completion.size(1)))  # up to and including the first EOS
-    res.config = {"dtype": "float32", "rows": len(rows), "padded_prompt_width": width,
+    res.config = {"dtype": "float32", "autocast": "bfloat16" if bf16 else None, "rows": len(rows), "padded_prompt_width": width,
                   "generated_width": int(completion.size(1)), "attn_implementation": model.config._attn_implementation,
                   "generation_config": {k: v for k, v in gen_cfg.to_diff_dict().items() if k != "transformers_version"},
                   "torch_threads": torch.get_num_threads(), "transformers": transformers.__version__}  # fmt: skip
@@ -186,7 +192,7 @@ def run_bench(args: argparse.Namespace) -> tuple[list[RolloutResult], dict[str, 
         res = RolloutResult(engine, len(prompts), args.num_generations, args.max_completion_length)
         t = time.perf_counter()
         try:
-            (run_trl if engine == "trl" else run_qwenkit)(args, prompts, res)
+            (run_trl if engine.startswith("trl") else run_qwenkit)(args, prompts, res)
         except Exception as e:  # reported in the table, not a crash of the whole run
             import traceback
 
@@ -205,12 +211,10 @@ def run_bench(args: argparse.Namespace) -> tuple[list[RolloutResult], dict[str, 
 
 
 def ratios(results: Sequence[RolloutResult]) -> dict[str, float]:
-    """Each qwenkit row's completion tokens/s over trl's."""
-    trl = next((r for r in results if r.engine == "trl" and not r.error), None)
-    if trl is None or not trl.tokens_per_s:
-        return {}
-    return {f"{r.engine} / trl": r.tokens_per_s / trl.tokens_per_s
-            for r in results if r.engine != "trl" and not r.error}  # fmt: skip
+    """Each qwenkit row's completion tokens/s over each trl row's."""
+    ok = [r for r in results if not r.error and r.tokens_per_s]
+    return {f"{q.engine} / {t.engine}": q.tokens_per_s / t.tokens_per_s
+            for t in ok if t.engine.startswith("trl") for q in ok if not q.engine.startswith("trl")}  # fmt: skip
 
 
 def format_report(results: Sequence[RolloutResult], env: dict[str, Any]) -> str:

@@ -196,7 +196,15 @@ def _patch_embedding(module: nn.Embedding, fmt: str) -> None:
     _install(module, fmt, lambda self: self.weight, frozen=not module.weight.requires_grad)
 
     def forward(self: nn.Embedding, ids: torch.Tensor) -> torch.Tensor:
-        return F.embedding(ids, self.fake_quant_weight())
+        if self._fq_frozen or self._fq_caching:
+            return F.embedding(ids, self.fake_quant_weight())
+        if self.fq_scales is None:
+            _search(self)
+        # int8 rows are independent: only the looked-up rows are rounded (the grid of a 151,936-row
+        # table per forward would cost more than the decoder's); the gradient reaches those rows
+        rows = F.embedding(ids, self.weight)
+        flat = rows.reshape(-1, rows.shape[-1])
+        return fake_quant(flat, "int8", self.fq_scales[ids.reshape(-1)], None).reshape(rows.shape)
 
     module.forward = types.MethodType(forward, module)  # type: ignore[method-assign]
 

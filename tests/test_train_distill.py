@@ -278,46 +278,98 @@ def test_fake_quant_model_matches_quantized_modules_and_ste_gradient() -> None:
                                rtol=1e-6, atol=1e-7)
 
 
-def test_export_runs_on_the_trained_grid(tmp_path: Path, tiny_tokenizer: Any) -> None:
-    """Full FT and LoRA: the exported weights loaded with -q int4-all hold exactly the fake-quant
-    grid; logits agree up to the int4 kernels' 8-bit activations."""
-    from qwenkit.loaders.hf import export_hf
+def test_fixed_grid_state_and_refresh() -> None:
+    """Between searches each forward rounds the current weights onto the *fixed* grid (numerics'
+    expressions with the old scales); a refresh is qwenkit's search again; the state round-trips."""
+    from qwenkit.quant.numerics import dequantize_int4, quantize_int4_groupwise
+    from qwenkit.train.fake_quant import fake_quant_state, load_fake_quant_state, refresh_fake_quant
+    from tests.tiny import make_hf_and_ours
+
+    _, model = make_hf_and_ours(vocab_size=128, tie_word_embeddings=True, num_hidden_layers=2)
+    apply_fake_quant(model, "int4-all")
+    lin = model.model.layers[0].mlp.gate_up_proj
+    w0 = lin.weight.detach().clone()
+    _, s0, z0 = quantize_int4_groupwise(w0, 32)
+    state = fake_quant_state(model)
+    torch.testing.assert_close(state["model.layers.0.mlp.gate_up_proj.scales"], s0, rtol=0, atol=0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.3 * p.std())
+    w1 = lin.weight.detach()
+    # reference: codes of w1 with the old (s0, z0), numerics' own rounding, dequantized by numerics
+    g = w1.reshape(w1.shape[0], -1, 32)
+    q = torch.round((g - z0[..., None]) / s0[..., None] + 8.0).clamp_(0, 15).to(torch.uint8).reshape(w1.shape)
+    ref = dequantize_int4(q[:, 0::2] | (q[:, 1::2] << 4), s0, z0)
+    assert torch.equal(effective_weight(lin).detach(), ref)
+    assert not torch.equal(ref, quantize_dequantize(w1, "int4-g32"))  # a new search would differ
+    refresh_fake_quant(model)
+    assert torch.equal(effective_weight(lin).detach(), quantize_dequantize(w1, "int4-g32"))
+    assert torch.equal(effective_weight(model.model.embed_tokens).detach(),
+                       quantize_dequantize(model.model.embed_tokens.weight, "int8"))
+    load_fake_quant_state(model, state)  # back to the first grids
+    assert torch.equal(effective_weight(lin).detach(), ref)
+    with pytest.raises(ValueError, match="gate_up_proj"):
+        load_fake_quant_state(model, {k: v for k, v in state.items() if "gate_up" not in k}, "x.safetensors")
+
+
+def test_export_is_the_trained_grid(tmp_path: Path, tiny_tokenizer: Any) -> None:
+    """Full FT and LoRA: the exported quantized checkpoint, loaded by qwenkit (no re-quantization),
+    holds exactly the fake-quant grid of the trained weights (codes moved, scales fixed); its int4
+    kernels' logits agree with the fake-quant forward up to their 8-bit activations."""
     from qwenkit.loaders.load import load
     from qwenkit.quant.linear import QuantizedLinear
-    from qwenkit.train.lora import prepare_lora, save_adapter
+    from qwenkit.train.fake_quant import save_fake_quant_checkpoint
+    from qwenkit.train.lora import prepare_lora
     from tests.tiny import make_hf_and_ours
 
     _, model = make_hf_and_ours(vocab_size=len(tiny_tokenizer), tie_word_embeddings=True, num_hidden_layers=2)
-    export_hf(model, tmp_path / "full", tokenizer=tiny_tokenizer)
-    fq = copy.deepcopy(model)
+    lora_base = copy.deepcopy(model)
+    fq = model
     apply_fake_quant(fq, "int4-all")
+    with torch.no_grad():  # "training": the masters move, the grids stay
+        for p in fq.parameters():
+            p.add_(torch.randn_like(p) * 0.3 * p.std())
+    save_fake_quant_checkpoint(fq, tmp_path / "q", tokenizer=tiny_tokenizer)
+    rt = load(tmp_path / "q", progress=False).model
     ids = torch.randint(0, len(tiny_tokenizer), (1, 20))
-    rt = load(tmp_path / "full", quantization="int4-all", progress=False).model
+    checked = 0
     for name, m in rt.named_modules():
         if isinstance(m, QuantizedLinear) or name.endswith("embed_tokens"):
-            assert torch.equal(m.dequantize(), effective_weight(fq.get_submodule(name)).detach()), name
+            grid = effective_weight(fq.get_submodule(name)).detach()
+            assert torch.equal(m.dequantize(), grid), name
+            checked += 1
+    assert checked == 2 * 4 + 2
+    assert not torch.equal(rt.lm_head.dequantize(), quantize_dequantize(fq.lm_head.weight, "int4-g32"))
     with torch.no_grad():
-        diff = (rt(ids[0]) - fq(ids)[0]).abs().max() / fq(ids).abs().max()
-    assert diff < 2e-2, diff  # measured ~5e-3: per-32 8-bit activations in the int4 kernels
+        ref = fq(ids)[0]
+        diff = float((rt(ids[0]) - ref).abs().max() / ref.abs().max())
+    assert diff < 2e-2, diff  # measured 6.4e-3 (LoRA below: 7.7e-3): per-block 8-bit activations in the int4 kernels
 
-    # LoRA: the grid of W + scale * B @ A, which `load(..., lora=)` merges before quantizing
-    lora_model = copy.deepcopy(model)
-    peft_model = prepare_lora(lora_model, r=4, alpha=8)
+    # LoRA: the grid of W + scale * B @ A (peft-injected, unfused q/k/v and gate/up)
+    peft_model = prepare_lora(lora_base, r=4, alpha=8)
     with torch.no_grad():
         for n, p in peft_model.named_parameters():
             if "lora_B" in n:
                 p.normal_(0, 0.05)
     base = peft_model.get_base_model()
     apply_fake_quant(base, "int4-all")
-    save_adapter(peft_model, tmp_path / "adapter")
-    rt = load(tmp_path / "full", quantization="int4-all", lora=tmp_path / "adapter", progress=False).model
+    with torch.no_grad():
+        for n, p in peft_model.named_parameters():
+            if "lora_B" in n:
+                p.add_(torch.randn_like(p) * 0.05)
+    save_fake_quant_checkpoint(base, tmp_path / "lq", tokenizer=tiny_tokenizer)
+    rt = load(tmp_path / "lq", progress=False).model
     for name, m in rt.named_modules():
-        if isinstance(m, QuantizedLinear) and name != "lm_head":
+        if isinstance(m, QuantizedLinear) or name.endswith("embed_tokens"):
             sub = base.get_submodule(name)
             shards = getattr(sub, "shard_names", None)
             trained = torch.cat([effective_weight(sub.get_submodule(s)) for s in shards]) if shards else \
                 effective_weight(sub)
             assert torch.equal(m.dequantize(), trained.detach()), name
+    with torch.no_grad():
+        ref = base(ids)[0]
+        diff = float((rt(ids[0]) - ref).abs().max() / ref.abs().max())
+    assert diff < 2e-2, diff
 
 
 # ---------------------------------------------------------------------------- end to end
@@ -394,8 +446,55 @@ def test_cli_int4_self_distillation_and_topk(student_dir: Path, sft_data: Path, 
     assert (tmp_path / "topk" / "checkpoint-000002").is_dir()
 
 
-def test_int4_self_distillation_lowers_kl_on_a_batch() -> None:
-    """Training through the int4 grid against the fp32 weights lowers the grid's KL to them."""
+def _tensors(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return {k: v for f in sorted(folder.glob("*.safetensors")) for k, v in load_file(str(f)).items()}
+
+
+def test_cli_fake_quant_resume_and_quantized_checkpoint(student_dir: Path, sft_data: Path, tmp_path: Path) -> None:
+    """A run resumed from step 2 ends bit for bit where the straight run does (the grid of step 0
+    is restored, not searched on the step-2 weights); checkpoint/quantized holds that grid."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from qwenkit import cpu
+    from qwenkit.loaders.load import load
+    from qwenkit.quant.linear import QuantizedLinear
+    from qwenkit.train.distill import FAKE_QUANT_STATE
+    from qwenkit.train.fake_quant import load_fake_quant_state
+
+    args = ("fake_quant=int4-all", "lr=1e-3", "min_lr=1e-4", "save_every=2", "--max-steps", "4")
+    run_cli(student_dir, sft_data, tmp_path / "a", *args)
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    shutil.rmtree(tmp_path / "b" / "checkpoint-000004")
+    run_cli(student_dir, sft_data, tmp_path / "b", *args, "--resume")
+    a, b = tmp_path / "a" / "checkpoint-000004", tmp_path / "b" / "checkpoint-000004"
+    for sub in (".", "quantized"):
+        ta, tb = _tensors(a / sub), _tensors(b / sub)
+        assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta), sub
+    sa, s2 = _tensors(a), _tensors(tmp_path / "a" / "checkpoint-000002")
+    assert not torch.equal(sa["model.layers.0.mlp.down_proj.weight"], s2["model.layers.0.mlp.down_proj.weight"])
+    # the quantized checkpoint = the fake-quant grid of the final fp32 weights with the saved grid
+    model = cpu.uninstall(load(a, dtype=torch.float32, quantization="none", progress=False).model)
+    apply_fake_quant(model, "int4-all", search=False)
+    load_fake_quant_state(model, load_file(str(a / FAKE_QUANT_STATE)))
+    rt = load(a / "quantized", progress=False).model
+    n = 0
+    for name, m in rt.named_modules():
+        if isinstance(m, QuantizedLinear) or name.endswith("embed_tokens"):
+            assert torch.equal(m.dequantize(), effective_weight(model.get_submodule(name)).detach()), name
+            n += 1
+    assert n >= 4
+
+
+@pytest.mark.parametrize("refresh", [False])  # True (a search every step) also passes, measured 0.20; 24 s
+def test_int4_self_distillation_lowers_kl_on_a_batch(refresh: bool) -> None:
+    """Training through the int4 grid against the fp32 weights lowers the grid's KL to them, on
+    the fixed grid and with a new search after every step."""
+    from qwenkit.train.fake_quant import refresh_fake_quant
+
     from qwenkit.train.packing import collate
     from qwenkit.train.sft_data import Example
 
@@ -417,7 +516,10 @@ def test_int4_self_distillation_lowers_kl_on_a_batch() -> None:
         opt.zero_grad()
         (loss / b.num_units).backward()
         opt.step()
-    assert kls[0] > 1e-3 and kls[-1] < 0.5 * kls[0], kls
+        if refresh:
+            refresh_fake_quant(student)
+    assert kls[0] > 1e-3 and all(b < a for a, b in zip(kls, kls[1:])), kls
+    assert kls[-1] < (0.5 if refresh else 0.6) * kls[0], kls  # measured: 0.53 (fixed grid)
 
 
 def test_bad_settings() -> None:
@@ -429,3 +531,103 @@ def test_bad_settings() -> None:
         build_config("distill", {"teacher": "t", "kd_loss": "mse"})
     with pytest.raises(TrainConfigError, match="fake_quant"):
         build_config("distill", {"fake_quant": "int3"})
+
+
+# ---------------------------------------------------------------------------- on-policy (GKD lmbda)
+def _student(student_dir: Path) -> tuple[Any, Any]:
+    from qwenkit import cpu
+    from qwenkit.loaders.load import load
+
+    lm = load(student_dir, dtype=torch.float32, quantization="none", progress=False)
+    return lm.tokenizer, cpu.uninstall(lm.model).train()
+
+
+def _docs(sft_data: Path, tokenizer: Any) -> list[Any]:
+    from qwenkit.data.readers import read_records
+    from qwenkit.train.sft_data import tokenize_records
+
+    return tokenize_records(read_records(sft_data), tokenizer, max_length=192, overflow="truncate")[0]
+
+
+def _documents(batches: list[Any]) -> list[tuple[list[int], list[int]]]:
+    """(prompt ids, trained ids) of every document of a step's batches, in row order."""
+    out = []
+    for b in batches:
+        for r in range(b.input_ids.shape[0]):
+            for d in range(int(b.document_ids[r].max()) + 1):
+                at = (b.document_ids[r] == d).nonzero().flatten()
+                ids, tgt = b.input_ids[r, at].tolist(), b.targets[r, at].tolist()
+                first = next(i for i, t in enumerate(tgt) if t != IGNORE_INDEX)  # predicts token first + 1
+                trained = [t for t in tgt if t != IGNORE_INDEX]
+                out.append((ids[: first + 1], trained))
+    return out
+
+
+def _loaders(docs: list[Any], on_policy: Any) -> tuple[Any, Any]:
+    kw = dict(max_length=192, packing=True, batch_size=4, micro_batch_size=2, seed=0)
+    return DistillLoader(docs, on_policy=on_policy, **kw), DistillLoader(docs, **kw)
+
+
+def test_on_policy_targets_are_the_students_samples(student_dir: Path, sft_data: Path) -> None:
+    """lmbda=1: each document keeps its prompt and is trained on the engine's sample from the
+    student (the engine's log-probs of those tokens are the student's own); greedy sampling
+    gives the student's argmax; the same seed gives the same samples; lmbda=0 keeps the data."""
+    from qwenkit.train.attention import DocumentAttention
+    from qwenkit.train.distill import OnPolicy
+
+    tokenizer, model = _student(student_dir)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(0.05)  # the sharp head samples nearly greedily: spread it
+    docs = _docs(sft_data, tokenizer)
+    kw = dict(lmbda=1.0, max_new_tokens=6, max_length=192, seed=3)
+    op = OnPolicy(model, tokenizer, temperature=0.9, **kw)
+    loader, plain = _loaders(docs, op)
+    step, data_step = next(iter(loader)), next(iter(plain))
+    got, data = _documents(step), _documents(data_step)
+    assert [p for p, _ in got] == [p for p, _ in data]  # same documents, same prompts
+    assert [c for _, c in got] == [list(c) for c in op.last.completion_ids]  # the engine's samples
+    assert [c for _, c in got] != [c for _, c in data]
+    assert [list(p) for p in op.last.prompt_ids] == [p for p, _ in got]
+    assert model.training and op.metrics["on_policy"] == 1.0
+    # the engine's (temperature 1) log-probs of the trained tokens = the student's own
+    engine_lp = torch.tensor([x for lp in op.last.sampling_logps for x in lp])
+    ours = []
+    with torch.no_grad():
+        for b in step:
+            z = model.compute_logits(model.hidden_states(b.input_ids, b.position_ids, DocumentAttention(b.document_ids)))
+            keep = b.targets != IGNORE_INDEX
+            ours.append(torch.log_softmax(z[keep], -1).gather(1, b.targets[keep][:, None]).squeeze(1))
+    torch.testing.assert_close(torch.cat(ours), engine_lp, rtol=1e-4, atol=1e-4)
+    # reproducible: the same seed samples the same step; another seed does not
+    again = next(iter(_loaders(docs, OnPolicy(model, tokenizer, temperature=0.9, **kw))[0]))
+    assert all(torch.equal(x.input_ids, y.input_ids) and torch.equal(x.targets, y.targets) for x, y in zip(step, again))
+    other = next(iter(_loaders(docs, OnPolicy(model, tokenizer, temperature=0.9, **{**kw, "seed": 4}))[0]))
+    assert _documents(other) != got
+    # greedy: every trained token is the student's argmax given the tokens before it
+    greedy = next(iter(_loaders(docs, OnPolicy(model, tokenizer, temperature=0.0, **kw))[0]))
+    with torch.no_grad():
+        for b in greedy:
+            z = model.compute_logits(model.hidden_states(b.input_ids, b.position_ids, DocumentAttention(b.document_ids)))
+            keep = b.targets != IGNORE_INDEX
+            assert torch.equal(z[keep].argmax(-1), b.targets[keep])
+    # lmbda=0: the dataset's completions, batch for batch
+    off, plain = _loaders(docs, OnPolicy(model, tokenizer, temperature=0.9, **{**kw, "lmbda": 0.0}))
+    for x, y in zip(next(iter(off)), next(iter(plain))):
+        assert torch.equal(x.input_ids, y.input_ids) and torch.equal(x.targets, y.targets)
+
+
+def test_cli_on_policy_end_to_end(student_dir: Path, teacher_dir: Path, sft_data: Path, tmp_path: Path) -> None:
+    """lmbda=0.5: 3 steps, both kinds of step, a checkpoint; the same seed reproduces the run."""
+    from qwenkit.train.distill import on_policy_step
+
+    seed = next(s for s in range(50) if len({on_policy_step(s, i, 0.5) for i in range(3)}) == 2)
+    runs = []
+    for name in ("a", "b"):
+        rows = run_cli(student_dir, sft_data, tmp_path / name, f"teacher={teacher_dir}", "lmbda=0.5", "max_new_tokens=8",
+                       f"seed={seed}", "--max-steps", "3")
+        runs.append([r for r in rows if "kd_loss" in r])
+    steps = runs[0]
+    assert [bool(r["on_policy"]) for r in steps] == [on_policy_step(seed, i, 0.5) for i in range(3)]
+    assert all(r["completions/mean_length"] <= 8 for r in steps if r["on_policy"])
+    assert [(r["loss"], r["target_tokens"]) for r in steps] == [(r["loss"], r["target_tokens"]) for r in runs[1]]
+    assert (tmp_path / "a" / "checkpoint-000003" / "model.safetensors").is_file()

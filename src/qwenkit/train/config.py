@@ -103,6 +103,9 @@ class TrainConfig:
     teacher_top_k: int = 0  # > 0: teacher's top-k log-probs cached to disk by a pre-pass, KD on that support
     teacher_cache: str = ""  # the cache folder ("" = OUT/teacher_topk)
     fake_quant: str = ""  # a qwenkit quantization method / policy (int4-all, int4, ...): train through it
+    fake_quant_refresh: int = 0  # search the grid again every N steps (0: only at the start)
+    lmbda: float = 0.0  # GKD: probability that a step's completions are sampled by the student (on-policy)
+    max_new_tokens: int = 128  # on-policy completions: the most tokens sampled per prompt
 
     # bookkeeping
     seed: int = 0
@@ -312,6 +315,16 @@ def validate(cfg: TrainConfig) -> None:
             bad("teacher_top_k", "must be >= 0 (0: teacher logits on the fly)")
         if not cfg.teacher and not cfg.fake_quant:
             bad("teacher", "name a teacher model (or set fake_quant for self-distillation from fp32 weights)")
+        if cfg.fake_quant_refresh < 0:
+            bad("fake_quant_refresh", "must be >= 0 (0: search the grid only at the start)")
+        if not 0.0 <= cfg.lmbda <= 1.0:
+            bad("lmbda", "the on-policy fraction needs 0 <= lmbda <= 1")
+        if cfg.lmbda > 0 and cfg.max_new_tokens <= 0:
+            bad("max_new_tokens", "must be positive")
+        if cfg.lmbda > 0 and cfg.teacher_top_k:
+            bad("teacher_top_k", "a cached teacher cannot score on-policy completions: use lmbda=0 or teacher_top_k=0")
+        if cfg.fake_quant and cfg.fsdp:
+            bad("fsdp", "fake quantization needs whole weights on each rank (DDP), not FSDP shards")
         if cfg.fake_quant:
             from qwenkit.quant.policy import parse
 

@@ -23,9 +23,16 @@ and renormalised (teacher: softmax(logp_k / T), student: softmax(logits_k / T)).
 this is the full KD; with smaller k the teacher's tail mass (and the student's mass outside the
 k ids) is ignored.
 
+On-policy distillation (TRL GKD's ``lmbda``): with probability ``lmbda`` a step is on-policy: the
+student samples a completion (``max_new_tokens``, ``temperature``, top-k / top-p off as TRL's
+generation config) for each of the step's documents' prompts (the tokens before its last trained
+span) through qwenkit's engine on the trained module (`rollout.Rollouts`, same process, prefix
+cache dropped after each optimizer step), the samples replace the dataset's completions, and the
+teacher scores them with the same KD loss. The draw and the sampling seeds are functions of
+(seed, step), so runs are reproducible and resume exactly.
+
 Held-out metric: in eval mode the objective returns KL(teacher || student) at T = 1 per target
 token, so `eval_loss` in metrics.jsonl is the held-out KL to the teacher.
-Not implemented: on-policy distillation (GKD's lmbda; student samples scored by the teacher).
 """
 from __future__ import annotations
 
@@ -34,6 +41,7 @@ import json
 import logging
 import math
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -50,7 +58,9 @@ from qwenkit.train.batch import IGNORE_INDEX, Batch
 from qwenkit.train.config import TrainConfig
 from qwenkit.train.dataloader import PlannedStep, StepLoader, split_held_out
 from qwenkit.train.distributed import DistInfo, barrier
-from qwenkit.train.fake_quant import apply_fake_quant, effective_weight
+from qwenkit.train.fake_quant import (apply_fake_quant, cached_grids, effective_weight, fake_quant_state,
+                                     load_fake_quant_state, refresh_fake_quant, save_fake_quant_checkpoint)
+from qwenkit.train.sft_data import Example
 
 logger = logging.getLogger(__name__)
 
@@ -336,13 +346,105 @@ class TopKCache:
         return part.get_slice("ids")[a:b].long(), part.get_slice("logprobs")[a:b].float()
 
 
-class DistillLoader(StepLoader):
-    """A StepLoader whose micro-batches carry the cached teacher top-k of their targets."""
+# ---------------------------------------------------------------------------- on-policy (GKD)
+def prompt_length(labels: Any) -> int:
+    """Tokens before the document's last trained span (TRL GKD's prompt: every turn but the last
+    completion); 0 when nothing is trained."""
+    lab = np.asarray(labels)
+    trained = np.flatnonzero(lab != IGNORE_INDEX)
+    if trained.size == 0:
+        return 0
+    j = int(trained[-1])
+    while j > 0 and lab[j - 1] != IGNORE_INDEX:
+        j -= 1
+    return j
 
-    def __init__(self, source: Any, cache: TopKCache | None = None, **kwargs: Any) -> None:
+
+def on_policy_step(seed: int, step: int, lmbda: float) -> bool:
+    """Whether step `step` (0-based) of a run seeded `seed` is on-policy: u < lmbda, u uniform."""
+    if lmbda <= 0.0:
+        return False
+    g = torch.Generator().manual_seed(seed * 1_000_003 + step)
+    return float(torch.rand((), generator=g, dtype=torch.float64)) < lmbda
+
+
+class OnPolicy:
+    """With probability `lmbda` per step, the step's completions are the student's own samples.
+
+    `chooses(step)` is a function of (seed, step) (the same on every rank, as TRL's seeded
+    `random.random() <= lmbda`); the engine's sampling seeds of a step are too (and of the rank),
+    so a resumed run samples what a straight run would."""
+
+    def __init__(self, model: nn.Module, tokenizer: Any, *, lmbda: float, max_new_tokens: int, temperature: float,
+                 max_length: int, max_num_seqs: int = 64, seed: int = 0, rank: int = 0, precision: str = "fp32",
+                 device: torch.device | str = "cpu") -> None:  # fmt: skip
+        from qwenkit.train.rollout import Rollouts
+
+        self.model = model
+        self.lmbda = lmbda
+        self.seed = seed
+        self.rank = rank
+        self.precision = precision
+        self.device = torch.device(device)
+        self.rollouts = Rollouts(model, tokenizer, num_generations=1, max_completion_length=max_new_tokens,
+                                 temperature=temperature, top_p=1.0, top_k=0, max_model_len=max_length + max_new_tokens,
+                                 max_num_seqs=max_num_seqs, seed=seed)  # fmt: skip
+        self.metrics: dict[str, float] = {}
+        self.last: Any = None  # the last RolloutBatch
+
+    def chooses(self, step: int) -> bool:
+        return on_policy_step(self.seed, step, self.lmbda)
+
+    def replace(self, docs: list[Example], step: int) -> list[Example]:
+        """docs with their last completion replaced by the student's sample (docs without a prompt
+        or without targets are kept)."""
+        from qwenkit.train.precision import autocast_context
+
+        which = [i for i, d in enumerate(docs) if 0 < prompt_length(d.labels)]
+        prompts = [list(map(int, docs[i].input_ids[: prompt_length(docs[i].labels)])) for i in which]
+        self.rollouts.generator.manual_seed((self.seed * 1_000_003 + step) * 1024 + self.rank)
+        with autocast_context(self.precision, self.device), cached_grids(self.model):
+            batch = self.rollouts.generate(prompts) if prompts else None
+        out = list(docs)
+        if batch is None:
+            self.metrics = {"on_policy": 1.0}
+            return out
+        for i, p, c in zip(which, prompts, batch.completion_ids):
+            out[i] = Example(p + list(c), [IGNORE_INDEX] * len(p) + list(c))
+        self.last = batch
+        lengths = [len(c) for c in batch.completion_ids]
+        self.metrics = {"on_policy": 1.0, "completions/mean_length": float(np.mean(lengths)),
+                        "completions/clipped_ratio": float(np.mean([r == "length" for r in batch.finish_reasons])),
+                        "time/generate_s": batch.seconds}  # fmt: skip
+        return out
+
+
+class DistillLoader(StepLoader):
+    """A StepLoader whose micro-batches carry the cached teacher top-k of their targets, or whose
+    completions are the student's samples on the steps `on_policy` chooses."""
+
+    def __init__(self, source: Any, cache: TopKCache | None = None, on_policy: OnPolicy | None = None,
+                 **kwargs: Any) -> None:  # fmt: skip
         super().__init__(source, **kwargs)
         self.cache = cache
+        self.on_policy = on_policy
         self._seg_index = {seg: j for j, seg in enumerate(self._segments)}
+
+    def _on_policy_batches(self, step: PlannedStep, index: int) -> list[Batch]:
+        from qwenkit.train.packing import collate
+
+        rows: list[tuple] = list(step.rows)
+        rows += [()] * (-len(rows) % (self.world_size * self.micro_batch_size))
+        mine = rows[self.rank :: self.world_size]
+        docs = [[self._example(seg) for seg in row] for row in mine]
+        flat = self.on_policy.replace([d for row in docs for d in row], index)  # type: ignore[union-attr]
+        new_rows, k = [], 0
+        for row in docs:
+            new_rows.append(flat[k : k + len(row)])
+            k += len(row)
+        # rows keep their documents; a row may outgrow the planned length: pad to the longest
+        return [collate(new_rows[s : s + self.micro_batch_size])
+                for s in range(0, len(new_rows), self.micro_batch_size)]
 
     def attach(self, cache: TopKCache) -> None:
         if cache.meta["num_segments"] != len(self._segments):
@@ -351,6 +453,11 @@ class DistillLoader(StepLoader):
         self.cache = cache
 
     def rank_micro_batches(self, step: PlannedStep) -> list[Batch]:
+        if self.on_policy is not None:
+            index = self.steps_done - 1  # __iter__ counts the step before building it
+            if self.on_policy.chooses(index):
+                return self._on_policy_batches(step, index)
+            self.on_policy.metrics = {"on_policy": 0.0}
         batches = super().rank_micro_batches(step)
         if self.cache is None:
             return batches
@@ -395,8 +502,36 @@ def load_student(cfg: TrainConfig, info: DistInfo) -> tuple[Any, nn.Module, Any]
         peft_model = prepare_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
                                   targets=cfg.lora_targets)
         model = peft_model.get_base_model()
-    apply_fake_quant(model, cfg.fake_quant)
+    apply_fake_quant(model, cfg.fake_quant, search=False)  # searched in run_recipe unless restored
     return lm, model.train(), peft_model
+
+
+FAKE_QUANT_STATE = "fake_quant/grid.safetensors"  # a subfolder: the HF loaders read every top-level .safetensors
+QUANTIZED_DIR = "quantized"
+
+
+def fake_quant_io(model: nn.Module, lm: Any, save_model: Callable, load_trainable: Callable) -> tuple[Callable, Callable]:
+    """Checkpoints of a fake-quant run also hold the grid parameters (exact resume) and the
+    trained grid as a qwenkit quantized checkpoint in ``quantized/``."""
+    from safetensors.torch import load_file, save_file
+
+    def save(m: nn.Module, folder: Path) -> None:
+        save_model(m, folder)
+        (folder / FAKE_QUANT_STATE).parent.mkdir(exist_ok=True)
+        save_file(fake_quant_state(model), str(folder / FAKE_QUANT_STATE))
+        save_fake_quant_checkpoint(model, folder / QUANTIZED_DIR, tokenizer=lm.tokenizer,
+                                   generation=lm.generation_defaults)
+
+    def load(m: nn.Module, folder: Path) -> None:
+        load_trainable(m, folder)
+        f = folder / FAKE_QUANT_STATE
+        if f.is_file():
+            load_fake_quant_state(model, load_file(str(f)), str(f))
+        else:
+            logger.warning("%s missing: the grid is searched on the checkpoint's weights", f)
+            refresh_fake_quant(model)
+
+    return save, load
 
 
 def run_recipe(cfg: TrainConfig, info: DistInfo) -> dict[str, Any]:
@@ -444,14 +579,39 @@ def run_recipe(cfg: TrainConfig, info: DistInfo) -> dict[str, Any]:
                      if b.num_target_tokens]  # fmt: skip
         teacher = None
         del t_lm
+    if cfg.lmbda > 0:
+        loader.on_policy = OnPolicy(model, tokenizer, lmbda=cfg.lmbda, max_new_tokens=cfg.max_new_tokens,
+                                    temperature=cfg.temperature, max_length=cfg.max_length,
+                                    max_num_seqs=min(64, cfg.batch_size), seed=cfg.seed, rank=info.rank,
+                                    precision=cfg.precision, device=info.device)  # fmt: skip
     mem = check_memory(model, cfg, info)
     logger.info("data: %s; %d steps an epoch; memory estimate %.1f GiB (student)", data_stats,
                 loader.steps_per_epoch, mem["estimate_gb"])
     spec = KDSpec(cfg.kd_loss, cfg.beta, cfg.temperature, cfg.kd_ratio)
     save_model, load_trainable = checkpoint_io(cfg, lm, peft_model)
+    if cfg.fake_quant:
+        save_model, load_trainable = fake_quant_io(model, lm, save_model, load_trainable)
+
+    def after_step(trainer: Trainer) -> dict[str, float]:
+        m: dict[str, float] = {}
+        done = trainer.state.step + 1  # the step just finished (counted after this hook)
+        if cfg.fake_quant and cfg.fake_quant_refresh and done % cfg.fake_quant_refresh == 0:
+            t0 = time.perf_counter()
+            refresh_fake_quant(model)
+            m["time/fake_quant_search_s"] = time.perf_counter() - t0
+        if loader.on_policy is not None:
+            loader.on_policy.rollouts.refresh()  # the engine's cached KV came from the old weights
+            m.update(loader.on_policy.metrics)
+        return m
+
     trainer = Trainer(cfg, model, loader, info, eval_batches=evals, save_model=save_model,
                       load_trainable=load_trainable, flops=linear_flops(model, cfg.lora),
-                      objective=lambda m, compute: DistillObjective(m, teacher, spec, cfg.loss_chunk, compute))
+                      objective=lambda m, compute: DistillObjective(m, teacher, spec, cfg.loss_chunk, compute),
+                      after_step=after_step)
+    if cfg.fake_quant and any(getattr(m, "fq_scales", 0) is None for m in model.modules()):
+        t0 = time.perf_counter()  # a fresh run (a resumed one restored the grid): qwenkit's search, once
+        refresh_fake_quant(model)
+        logger.info("fake quantization: grid searched in %.1f s", time.perf_counter() - t0)
     summary = trainer.fit()
     for key in ("eval_loss_start", "eval_loss_end"):  # in eval mode the objective returns the KL
         if key in summary:
@@ -460,8 +620,8 @@ def run_recipe(cfg: TrainConfig, info: DistInfo) -> dict[str, Any]:
     summary["memory_estimate_gb"] = mem["estimate_gb"]
     if cfg.fake_quant:
         summary["fake_quant"] = cfg.fake_quant
-        summary["export"] = ("the checkpoint's weights (LoRA: merged with `qwenkit train merge`) quantized with "
-                             f"-q {cfg.fake_quant} are exactly the trained grid")
+        summary["export"] = (f"checkpoint/{QUANTIZED_DIR}: the trained grid as a qwenkit quantized checkpoint "
+                             "(loads without re-quantizing)")
     if info.is_main:
         (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     return summary

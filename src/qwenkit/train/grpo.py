@@ -15,6 +15,7 @@ unit count, so every micro-batch returns the sum over its units.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import logging
 import math
@@ -503,7 +504,9 @@ def run_recipe(cfg: TrainConfig, info: DistInfo) -> dict[str, Any]:
     source = GRPOSource(cfg, rows, rollouts, funcs, weights, ref=ref, policy=model, device=info.device)
     if cfg.order_by_reward_variance:
         source.set_order(reward_variance_order(source))
-    mem = check_memory(model, cfg, info)
+    # a micro-batch row is a prompt plus its completion, not a pretraining bucket
+    row = cfg.max_prompt_length + cfg.max_completion_length
+    mem = check_memory(model, dataclasses.replace(cfg, packing=True, max_length=row), info)
     logger.info("GRPO: %d prompts, %d completions a step (G=%d), memory estimate %.1f GiB", len(rows),
                 source.prompts_per_step * cfg.num_generations, cfg.num_generations, mem["estimate_gb"])
 

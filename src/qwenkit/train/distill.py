@@ -56,7 +56,7 @@ from qwenkit.loaders.load import load
 from qwenkit.train.attention import DocumentAttention
 from qwenkit.train.batch import IGNORE_INDEX, Batch
 from qwenkit.train.config import TrainConfig
-from qwenkit.train.dataloader import PlannedStep, StepLoader, split_held_out
+from qwenkit.train.dataloader import PlannedStep, StepLoader
 from qwenkit.train.distributed import DistInfo, barrier
 from qwenkit.train.fake_quant import (apply_fake_quant, cached_grids, effective_weight, fake_quant_state,
                                      load_fake_quant_state, refresh_fake_quant, save_fake_quant_checkpoint)
@@ -535,8 +535,8 @@ def fake_quant_io(model: nn.Module, lm: Any, save_model: Callable, load_trainabl
 
 
 def run_recipe(cfg: TrainConfig, info: DistInfo) -> dict[str, Any]:
-    from qwenkit.train.recipes import (check_memory, checkpoint_io, eval_batches, linear_flops, load_documents,
-                                       start_run)
+    from qwenkit.train.recipes import (check_memory, checkpoint_io, eval_batches, linear_flops, start_run,
+                                       step_loader, training_documents)
     from qwenkit.train.trainer import Trainer
 
     out = start_run(cfg, info)
@@ -551,18 +551,8 @@ def run_recipe(cfg: TrainConfig, info: DistInfo) -> dict[str, Any]:
     if teacher.lm_head.weight.shape[0] < vocab:
         raise QwenkitError(f"teacher {teacher_name}: vocabulary {teacher.lm_head.weight.shape[0]} < student's {vocab}")
 
-    docs, data_stats = load_documents(cfg.data, cfg, tokenizer)
-    if cfg.eval_data:
-        held, _ = load_documents(cfg.eval_data, cfg, tokenizer)
-        train_docs = docs
-    elif cfg.eval_examples:
-        train_docs, held = split_held_out(docs, n=cfg.eval_examples)
-    else:
-        train_docs, held = docs, None
-    loader = DistillLoader(train_docs, max_length=cfg.max_length, packing=cfg.packing, batch_size=cfg.batch_size,
-                           token_budget=cfg.token_budget, buckets=None if cfg.packing else cfg.bucket_lengths,
-                           micro_batch_size=cfg.micro_batch_size, rank=info.rank, world_size=info.world_size,
-                           seed=cfg.seed)  # fmt: skip
+    train_docs, held, data_stats = training_documents(cfg, tokenizer)
+    loader = step_loader(DistillLoader, train_docs, cfg, info)
     evals = eval_batches(held, cfg) if held is not None else None
     if cfg.teacher_top_k:
         folder = Path(cfg.teacher_cache or out / "teacher_topk")

@@ -64,6 +64,26 @@ def load_documents(path: str, cfg: TrainConfig, tokenizer: Any) -> tuple[Any, di
     return examples, {"format": "records", **stats.__dict__}
 
 
+def training_documents(cfg: TrainConfig, tokenizer: Any) -> tuple[Any, Any, dict[str, Any]]:
+    """(training documents, held-out documents or None, data stats): `eval_data`, else the last
+    `eval_examples` documents held out, else nothing held out."""
+    docs, data_stats = load_documents(cfg.data, cfg, tokenizer)
+    if cfg.eval_data:
+        held, _ = load_documents(cfg.eval_data, cfg, tokenizer)
+        return docs, held, data_stats
+    if cfg.eval_examples:
+        train_docs, held = split_held_out(docs, n=cfg.eval_examples)
+        return train_docs, held, data_stats
+    return docs, None, data_stats
+
+
+def step_loader(cls: type[StepLoader], docs: Any, cfg: TrainConfig, info: DistInfo) -> StepLoader:
+    """This rank's loader (`cls`: StepLoader or a subclass) with the run's batching settings."""
+    return cls(docs, max_length=cfg.max_length, packing=cfg.packing, batch_size=cfg.batch_size,
+               token_budget=cfg.token_budget, buckets=None if cfg.packing else cfg.bucket_lengths,
+               micro_batch_size=cfg.micro_batch_size, rank=info.rank, world_size=info.world_size, seed=cfg.seed)
+
+
 def eval_batches(source: Any, cfg: TrainConfig) -> list[Batch]:
     loader = StepLoader(source, max_length=cfg.max_length, packing=cfg.packing,
                         batch_size=cfg.batch_size, token_budget=cfg.token_budget,
@@ -219,18 +239,8 @@ def _run(cfg: TrainConfig, info: DistInfo) -> dict[str, Any]:
     lm, model, peft_model = load_training_model(cfg, info)
     tokenizer = lm.tokenizer
 
-    docs, data_stats = load_documents(cfg.data, cfg, tokenizer)
-    if cfg.eval_data:
-        held, _ = load_documents(cfg.eval_data, cfg, tokenizer)
-        train_docs = docs
-    elif cfg.eval_examples:
-        train_docs, held = split_held_out(docs, n=cfg.eval_examples)
-    else:
-        train_docs, held = docs, None
-    loader = StepLoader(train_docs, max_length=cfg.max_length, packing=cfg.packing, batch_size=cfg.batch_size,
-                        token_budget=cfg.token_budget, buckets=None if cfg.packing else cfg.bucket_lengths,
-                        micro_batch_size=cfg.micro_batch_size, rank=info.rank, world_size=info.world_size,
-                        seed=cfg.seed)
+    train_docs, held, data_stats = training_documents(cfg, tokenizer)
+    loader = step_loader(StepLoader, train_docs, cfg, info)
     mem = check_memory(model, cfg, info)
     logger.info("data: %s; %d steps an epoch; memory estimate %.1f GiB", data_stats, loader.steps_per_epoch,
                 mem["estimate_gb"])

@@ -19,8 +19,8 @@ from qwenkit.train.grpo import (
     per_token_loss,
     reduce_loss,
     sequence_logps,
-    token_logps,
 )
+from qwenkit.train.loss import token_logps
 
 
 # ------------------------------------------------------------------ the loss vs TRL

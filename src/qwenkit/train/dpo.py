@@ -28,7 +28,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from qwenkit import cpu
 from qwenkit.data.readers import read_records
@@ -38,6 +37,7 @@ from qwenkit.train.attention import DocumentAttention
 from qwenkit.train.batch import IGNORE_INDEX
 from qwenkit.train.config import TrainConfig
 from qwenkit.train.dataloader import IndexRange, split_held_out
+from qwenkit.train.loss import token_logps
 from qwenkit.train.distributed import DistInfo, all_reduce_sum
 from qwenkit.train.precision import autocast_context
 from qwenkit.train.preference import (PairLoader, PreferenceBatch, PreferenceExample, collate_pairs,
@@ -54,31 +54,6 @@ REF_CACHE = "ref_logps.pt"
 
 
 # ---------------------------------------------------------------------------- log-probs
-def _chunk_logps(h: torch.Tensor, w: torch.Tensor, tgt: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    with torch.autocast(device_type=h.device.type, enabled=False):
-        logits = (h.to(dtype) @ w.to(dtype).t()).float()  # (c, V)
-        return logits.gather(1, tgt[:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)
-
-
-def token_logps(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *, chunk: int = 512,
-                compute_dtype: torch.dtype | None = None) -> torch.Tensor:  # fmt: skip
-    """log p(target) of each row of ``hidden (N, H)`` under ``hidden @ weight.T``, fp32 (N,).
-
-    Chunks of ``chunk`` rows; with gradients each chunk is recomputed in the backward pass
-    (activation checkpointing), so only one (chunk, V) block of logits exists at a time."""
-    dtype = compute_dtype or hidden.dtype
-    parts = []
-    for s in range(0, hidden.shape[0], chunk):
-        args = (hidden[s : s + chunk], weight, targets[s : s + chunk], dtype)
-        if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
-            parts.append(checkpoint(_chunk_logps, *args, use_reentrant=False))
-        else:
-            parts.append(_chunk_logps(*args))
-    if not parts:
-        return hidden.sum(-1)[:0].float() + weight.sum() * 0.0
-    return torch.cat(parts)
-
-
 def sequence_logps(model: nn.Module, input_ids: torch.Tensor, targets: torch.Tensor, *, chunk: int = 512,
                    compute_dtype: torch.dtype | None = None) -> torch.Tensor:  # fmt: skip
     """Per row, the log-probs of its target tokens summed (fp32 (rows,)). Rows are right-padded,
@@ -354,4 +329,4 @@ def _append(path: Path, record: dict[str, Any], info: DistInfo) -> None:
 
 
 __all__ = ["DPOObjective", "LOSS_TYPES", "dpo_loss", "evaluate_pairs", "precompute_reference", "run_recipe",
-           "sequence_logps", "token_logps"]
+           "sequence_logps"]

@@ -88,6 +88,52 @@ def linear_cross_entropy(
     return _LinearCrossEntropy.apply(h, weight, tgt, chunk, compute_dtype or hidden.dtype)
 
 
+class _TokenLogps(torch.autograd.Function):
+    """log softmax(hidden @ weight.T / temperature)[target] per row, in chunks of rows: only one
+    (chunk x vocab) block of logits exists at a time, in the backward pass too (recomputed)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, chunk, temperature, compute_dtype):  # type: ignore[override]
+        out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+        with torch.autocast(device_type=hidden.device.type, enabled=False):
+            w = weight.detach().to(compute_dtype)
+            for s in range(0, hidden.shape[0], chunk):
+                logits = (hidden[s : s + chunk].detach().to(compute_dtype) @ w.t()).float() / temperature
+                out[s : s + chunk] = logits.log_softmax(-1).gather(1, targets[s : s + chunk, None])[:, 0]
+        ctx.save_for_backward(hidden, weight, targets)
+        ctx.chunk, ctx.temperature, ctx.compute_dtype = chunk, temperature, compute_dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        hidden, weight, targets = ctx.saved_tensors
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        gh = torch.empty_like(hidden) if need_h else None
+        gw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        with torch.autocast(device_type=hidden.device.type, enabled=False):
+            w = weight.detach().to(ctx.compute_dtype)
+            for s in range(0, hidden.shape[0], ctx.chunk):
+                h = hidden[s : s + ctx.chunk].detach().to(ctx.compute_dtype)
+                tgt = targets[s : s + ctx.chunk]
+                g = grad[s : s + ctx.chunk].float()
+                p = ((h @ w.t()).float() / ctx.temperature).softmax(-1)
+                # d logp[t] / d logits = onehot(t) - softmax, scaled by the upstream gradient and 1/T
+                d = p.mul_(-g[:, None])
+                d[torch.arange(len(tgt), device=d.device), tgt] += g
+                d = (d / ctx.temperature).to(ctx.compute_dtype)
+                if gh is not None:
+                    gh[s : s + ctx.chunk] = (d @ w).to(hidden.dtype)
+                if gw is not None:
+                    gw += (d.t() @ h).float()
+        return gh, (gw.to(weight.dtype) if gw is not None else None), None, None, None, None
+
+
+def token_logps(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *, chunk: int = 512,
+                temperature: float = 1.0, compute_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Per-row log-prob of `targets` (N,) under `hidden` (N, H) @ `weight` (V, H).T / temperature."""
+    return _TokenLogps.apply(hidden, weight, targets, chunk, temperature, compute_dtype or hidden.dtype)
+
+
 class CausalLMLoss(nn.Module):
     """The model plus its loss as one module: what DDP / FSDP2 wrap, so that the LM head's
     weight is gathered by the wrapper's forward like every other parameter.

@@ -86,8 +86,8 @@ class Qwen2MoeSparseMoeBlock(nn.Module):
         shape = hidden_states.shape
         x = hidden_states.reshape(-1, shape[-1])  # (N, H)
         logits, weights, ids = self.route(x)
-        if self.training or self.output_router_logits:
-            self.router_logits = logits
+        # kept for the aux loss; cleared otherwise so a later eval never sees stale logits
+        self.router_logits = logits if (self.training or self.output_router_logits) else None
         out = self.routed(x, weights, ids)
         if self.ep_group is not None:
             import torch.distributed as dist

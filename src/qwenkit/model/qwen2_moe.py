@@ -98,6 +98,8 @@ class Qwen2MoeSparseMoeBlock(nn.Module):
 
     def routed(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """sum_k weights[:, k] * expert_{ids[:, k]}(x) over this rank's experts, (N, H)."""
+        if x.shape[0] == 1:
+            return self._routed_one(x, weights[0], ids[0])
         out = torch.zeros_like(x)
         flat = ids.reshape(-1)  # (N*k,) assignment a belongs to token a // k
         order = torch.argsort(flat, stable=True)
@@ -114,6 +116,18 @@ class Qwen2MoeSparseMoeBlock(nn.Module):
             out.index_add_(0, rows, y * w[offset : offset + n, None])
             offset += n
         return out
+
+
+    def _routed_one(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """One token (a decode step): its k experts in ascending id order (the grouped path's
+        summation order), without the sort / count / gather machinery."""
+        out = None
+        lo, n = self.expert_start, self.num_local_experts
+        for e, k in sorted(zip(ids.tolist(), range(self.top_k))):
+            if lo <= e < lo + n:
+                y = self.experts[e - lo](x) * weights[k]
+                out = y if out is None else out + y
+        return out if out is not None else torch.zeros_like(x)
 
 
 class Qwen2MoeModel(Qwen2Model):

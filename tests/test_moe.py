@@ -224,6 +224,30 @@ def test_trainer_loss_adds_coef_times_aux_like_transformers() -> None:
     assert abs(got.item() - want.item()) <= LOGITS_TOL
 
 
+def test_train_cli_runs_on_an_moe_checkpoint(tmp_path: Path, tiny_tokenizer_dir: Path, tiny_tokenizer) -> None:
+    """`qwenkit train sft` on a qwen2_moe folder: the loss path carries the aux hook, the
+    checkpoint is a qwen2_moe folder again."""
+    import json
+
+    from qwenkit.cli.main import main
+    from qwenkit.loaders.load import load
+    from tests.test_train_loop import base_args
+
+    ref, _ = make_ref(seed=13, vocab_size=len(tiny_tokenizer), bos_token_id=tiny_tokenizer.pad_token_id,
+                      eos_token_id=tiny_tokenizer.eos_token_id)  # fmt: skip
+    folder = save_hf_folder(ref, tmp_path / "hf", tiny_tokenizer_dir)
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"Count to {i}:", "completion": " " + " ".join(map(str, range(i + 1)))})
+                            + "\n" for i in range(8)))  # fmt: skip
+    out = tmp_path / "run"
+    assert main(base_args(folder, data, out, "--max-steps", "2")) == 0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2]
+    saved = load(out / "checkpoint-000002", progress=False)
+    assert type(saved.model) is Qwen2MoeForCausalLM and saved.config.moe == ModelConfig.from_hf(
+        json.loads((folder / "config.json").read_text())).moe
+
+
 # ---------------------------------------------------------------------------------- expert parallel
 def _ep_worker(rank: int, world: int, rdv: str, state_path: str, ids_path: str, out_dir: str) -> None:
     import torch.distributed as dist

@@ -261,8 +261,13 @@ def _ep_worker(rank: int, world: int, rdv: str, state_path: str, ids_path: str, 
         assert loaded == {n for n, _ in model.named_parameters(remove_duplicate=False)}
         with torch.no_grad():
             logits = model(torch.load(ids_path))
+        try:  # training through the all-reduce would give wrong gradients: refused
+            model(torch.load(ids_path))
+            refused = False
+        except NotImplementedError:
+            refused = True
         experts = sorted({n.split(".experts.")[1].split(".")[0] for n, _ in model.hf_state_dict() if ".experts." in n})
-        torch.save({"logits": logits, "experts": experts}, f"{out_dir}/rank{rank}.pt")
+        torch.save({"logits": logits, "experts": experts, "refused": refused}, f"{out_dir}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
@@ -285,6 +290,7 @@ def test_expert_parallel_2_ranks_equal_1(tmp_path: Path) -> None:
     assert outs[0]["experts"] == ["0", "1", "2", "3"] and outs[1]["experts"] == ["4", "5", "6", "7"]
     for o in outs:  # every rank holds the full result after the all-reduce
         assert (o["logits"] - want).abs().max().item() <= LOGITS_TOL
+        assert o["refused"]
 
 
 def test_expert_parallel_size_must_divide_experts() -> None:

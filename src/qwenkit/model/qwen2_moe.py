@@ -92,6 +92,9 @@ class Qwen2MoeSparseMoeBlock(nn.Module):
         if self.ep_group is not None:
             import torch.distributed as dist
 
+            if out.requires_grad:
+                # the in-place all-reduce is not differentiable: gradients would be silently wrong
+                raise NotImplementedError("expert-parallel Qwen2-MoE runs inference only; train with ep_group=None")
             dist.all_reduce(out, group=self.ep_group)
         out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
         return out.view(shape)

@@ -172,7 +172,7 @@ def test_int8_experts_are_quantized_and_close(tmp_path: Path, tiny_tokenizer_dir
     ids = torch.randint(0, cfg["vocab_size"], (1, 19), generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         want, got = ref(ids).logits, q(ids)
-    # weight-only int8 (per-row scales): a few 1e-3 on O(1) logits for this tiny model
+    # weight-only int8: 8.8e-3 max abs on logits of max 0.58 for this model (the bound is 2.3x that)
     assert (got - want).abs().max().item() <= 2e-2
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 from qwenkit.errors import QwenkitError
 
@@ -18,6 +18,53 @@ QWEN_EOS_TOKEN_IDS: tuple[int, ...] = (151645, 151643)
 
 class ConfigError(QwenkitError):
     """A model configuration is missing a required field or holds an impossible value."""
+
+
+@dataclass(frozen=True)
+class MoeConfig:
+    """The routed-expert fields of an HF ``Qwen2MoeConfig`` (same names and defaults)."""
+
+    num_experts: int = 60
+    num_experts_per_tok: int = 4
+    moe_intermediate_size: int = 1408
+    shared_expert_intermediate_size: int = 5632
+    norm_topk_prob: bool = False
+    decoder_sparse_step: int = 1
+    mlp_only_layers: tuple[int, ...] = ()
+    router_aux_loss_coef: float = 0.001
+    output_router_logits: bool = False
+
+    def __post_init__(self) -> None:
+        if self.num_experts < 1:
+            raise ConfigError(f"num_experts={self.num_experts} must be >= 1 for model_type 'qwen2_moe'")
+        if not 1 <= self.num_experts_per_tok <= self.num_experts:
+            raise ConfigError(
+                f"num_experts_per_tok={self.num_experts_per_tok} must be in [1, num_experts={self.num_experts}]"
+            )
+        if self.decoder_sparse_step < 1:
+            raise ConfigError(f"decoder_sparse_step={self.decoder_sparse_step} must be >= 1")
+
+    @classmethod
+    def from_hf(cls, cfg: Mapping[str, Any]) -> MoeConfig:
+        d = cls()
+        return cls(
+            num_experts=int(cfg.get("num_experts", d.num_experts)),
+            num_experts_per_tok=int(cfg.get("num_experts_per_tok", d.num_experts_per_tok)),
+            moe_intermediate_size=int(cfg.get("moe_intermediate_size", d.moe_intermediate_size)),
+            shared_expert_intermediate_size=int(
+                cfg.get("shared_expert_intermediate_size", d.shared_expert_intermediate_size)
+            ),
+            norm_topk_prob=bool(cfg.get("norm_topk_prob", d.norm_topk_prob)),
+            decoder_sparse_step=int(cfg.get("decoder_sparse_step", d.decoder_sparse_step)),
+            mlp_only_layers=tuple(int(i) for i in (cfg.get("mlp_only_layers") or ())),
+            router_aux_loss_coef=float(cfg.get("router_aux_loss_coef", d.router_aux_loss_coef)),
+            output_router_logits=bool(cfg.get("output_router_logits", d.output_router_logits)),
+        )
+
+    def to_hf(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["mlp_only_layers"] = list(self.mlp_only_layers)
+        return out
 
 
 @dataclass(frozen=True)
@@ -41,6 +88,7 @@ class ModelConfig:
     eos_token_ids: tuple[int, ...] = QWEN_EOS_TOKEN_IDS
     architecture: str = "qwen2"
     name: str = ""
+    moe: MoeConfig | None = None  # model_type qwen2_moe: routed experts replace some MLPs
     extra: Mapping[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
     def __post_init__(self) -> None:
@@ -56,6 +104,23 @@ class ModelConfig:
             )
         if self.use_sliding_window and not self.sliding_window:
             raise ConfigError("use_sliding_window=True needs a positive sliding_window")
+        if self.moe is not None and self.use_sliding_window:
+            # HF's qwen2_moe slides a different layer pattern than qwen2; not implemented here
+            raise ConfigError("use_sliding_window=True is not supported for model_type 'qwen2_moe'")
+
+    @property
+    def model_type(self) -> str:
+        return "qwen2" if self.moe is None else "qwen2_moe"
+
+    def is_moe_layer(self, layer_idx: int) -> bool:
+        """HF's layout: a layer is sparse unless listed in mlp_only_layers, every
+        decoder_sparse_step-th layer (1-based)."""
+        m = self.moe
+        return (
+            m is not None
+            and layer_idx not in m.mlp_only_layers
+            and (layer_idx + 1) % m.decoder_sparse_step == 0
+        )
 
     @property
     def head_dim(self) -> int:
@@ -78,8 +143,9 @@ class ModelConfig:
     def from_hf(cls, cfg: Mapping[str, Any]) -> ModelConfig:
         archs = cfg.get("architectures") or []
         model_type = cfg.get("model_type", "qwen2")
-        if model_type != "qwen2":
-            raise ConfigError(f"unsupported model_type {model_type!r} (expected 'qwen2')")
+        if model_type not in ("qwen2", "qwen2_moe"):
+            raise ConfigError(f"unsupported model_type {model_type!r} (expected 'qwen2' or 'qwen2_moe')")
+        moe = MoeConfig.from_hf(cfg) if model_type == "qwen2_moe" else None
         try:
             eos = cfg.get("eos_token_id")
             eos_ids = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
@@ -112,6 +178,8 @@ class ModelConfig:
                 )),  # fmt: skip
                 architecture=archs[0] if archs else "Qwen2ForCausalLM",
                 name=str(cfg.get("_name_or_path", "")),
+                attention_bias=bool(cfg.get("qkv_bias", True)) if moe else True,
+                moe=moe,
             )
         except KeyError as e:
             raise ConfigError(f"config.json is missing required field {e.args[0]!r}") from None
@@ -149,21 +217,30 @@ class ModelConfig:
         }
         if self.rope_scaling:
             out["rope_scaling"] = dict(self.rope_scaling)
+        if self.moe is not None:
+            out.update(self.moe.to_hf(), architectures=["Qwen2MoeForCausalLM"], model_type="qwen2_moe",
+                       qkv_bias=self.attention_bias)
         return out
 
     # ------------------------------------------------------------------ GGUF metadata
     @classmethod
     def from_gguf(
-        cls, meta: Mapping[str, Any], *, vocab_size: int, has_output_weight: bool
+        cls,
+        meta: Mapping[str, Any],
+        *,
+        vocab_size: int,
+        has_output_weight: bool,
+        mlp_only_layers: Sequence[int] = (),
     ) -> ModelConfig:
         """Build from GGUF key/values (already decoded to Python values).
 
         `vocab_size` comes from the token embedding's shape; `has_output_weight` says whether the
-        file holds a separate ``output.weight`` (otherwise the head is tied to the embedding).
+        file holds a separate ``output.weight`` (otherwise the head is tied to the embedding);
+        `mlp_only_layers` (qwen2moe): the layers the file stores with a dense FFN.
         """
         arch = meta.get("general.architecture")
-        if arch != "qwen2":
-            raise ConfigError(f"unsupported GGUF architecture {arch!r} (expected 'qwen2')")
+        if arch not in ("qwen2", "qwen2moe"):
+            raise ConfigError(f"unsupported GGUF architecture {arch!r} (expected 'qwen2' or 'qwen2moe')")
 
         def get(key: str, default: Any = None) -> Any:
             full = f"{arch}.{key}"
@@ -175,10 +252,22 @@ class ModelConfig:
 
         heads = int(get("attention.head_count"))
         window = meta.get(f"{arch}.attention.sliding_window")
+        moe = None
+        if arch == "qwen2moe":
+            moe = MoeConfig(
+                num_experts=int(get("expert_count")),
+                num_experts_per_tok=int(get("expert_used_count")),
+                moe_intermediate_size=int(get("expert_feed_forward_length")),
+                shared_expert_intermediate_size=int(get("expert_shared_feed_forward_length")),
+                # llama.cpp's qwen2moe does not renormalise the top-k weights unless told
+                norm_topk_prob=bool(get("expert_weights_norm", False)),
+                mlp_only_layers=tuple(mlp_only_layers),
+            )
         return cls(
             vocab_size=int(vocab_size),
             hidden_size=int(get("embedding_length")),
-            intermediate_size=int(get("feed_forward_length")),
+            # qwen2moe files without a dense layer may omit the dense FFN width
+            intermediate_size=int(get("feed_forward_length", 0 if moe else None)),
             num_hidden_layers=int(get("block_count")),
             num_attention_heads=heads,
             num_key_value_heads=int(get("attention.head_count_kv", heads)),
@@ -189,6 +278,7 @@ class ModelConfig:
             use_sliding_window=False,
             sliding_window=int(window) if window else None,
             max_window_layers=int(get("block_count")),
-            architecture="Qwen2ForCausalLM",
+            architecture="Qwen2MoeForCausalLM" if moe else "Qwen2ForCausalLM",
             name=str(meta.get("general.name", "")),
+            moe=moe,
         )

@@ -1,4 +1,4 @@
-"""CLI hook: `qwenkit bench decode|batch|prefill|all|throughput|kernels|train|rollout`.
+"""CLI hook: `qwenkit bench decode|batch|prefill|all|throughput|kernels|train|rollout|moe`.
 
 The main CLI registers it with ``add_bench_parser(subparsers)``. `decode`, `batch`, `prefill` and `all`
 run `qwenkit.bench.decode` (qwenkit vs llama.cpp vs transformers, one subprocess per engine);
@@ -106,4 +106,10 @@ def add_bench_parser(subparsers: Any) -> argparse.ArgumentParser:
     p = sub.add_parser("rollout", help="GRPO rollout tokens/s: qwenkit's engine vs TRL GRPOTrainer's generate")
     rollout_bench.add_arguments(p)
     p.set_defaults(func=rollout_bench.cmd_rollout)
+
+    from qwenkit.bench import moe as moe_bench
+
+    p = sub.add_parser("moe", help="Qwen2-MoE decode tok/s on a random config: qwenkit vs transformers")
+    moe_bench.add_arguments(p)
+    p.set_defaults(func=moe_bench.cmd_moe)
     return bench

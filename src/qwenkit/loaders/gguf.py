@@ -43,6 +43,18 @@ _LAYER_NAMES = {
     "ffn_gate.weight": "mlp.gate_proj.weight",
     "ffn_up.weight": "mlp.up_proj.weight",
     "ffn_down.weight": "mlp.down_proj.weight",
+    # qwen2moe: router, shared expert and its gate; the routed experts are stacked (_EXPERT_NAMES)
+    "ffn_gate_inp.weight": "mlp.gate.weight",
+    "ffn_gate_inp_shexp.weight": "mlp.shared_expert_gate.weight",
+    "ffn_gate_shexp.weight": "mlp.shared_expert.gate_proj.weight",
+    "ffn_up_shexp.weight": "mlp.shared_expert.up_proj.weight",
+    "ffn_down_shexp.weight": "mlp.shared_expert.down_proj.weight",
+}
+# (E, rows, cols) tensors holding every expert of a layer -> mlp.experts.{e}.<proj>.weight
+_EXPERT_NAMES = {
+    "ffn_gate_exps.weight": "gate_proj",
+    "ffn_up_exps.weight": "up_proj",
+    "ffn_down_exps.weight": "down_proj",
 }
 _BLK = re.compile(r"^blk\.(\d+)\.(.+)$")
 
@@ -53,7 +65,7 @@ def gguf_to_hf_name(name: str) -> str:
     m = _BLK.match(name)
     if m and m.group(2) in _LAYER_NAMES:
         return f"model.layers.{m.group(1)}.{_LAYER_NAMES[m.group(2)]}"
-    raise KeyError(f"unknown GGUF tensor name {name!r} for architecture qwen2")
+    raise KeyError(f"unknown GGUF tensor name {name!r} for architecture qwen2 / qwen2moe")
 
 
 def hf_to_gguf_name(name: str) -> str:
@@ -66,6 +78,21 @@ def hf_to_gguf_name(name: str) -> str:
             if h == m.group(2):
                 return f"blk.{m.group(1)}.{g}"
     raise KeyError(f"no GGUF name for {name!r}")
+
+
+def split_gguf_tensor(name: str, w: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
+    """One GGUF tensor (PyTorch-order shape) -> its HF-named tensor(s): a stacked expert tensor
+    gives one per expert; the 1-D shared-expert gate becomes HF's (1, hidden)."""
+    m = _BLK.match(name)
+    if m and m.group(2) in _EXPERT_NAMES:
+        if w.dim() != 3:
+            raise ModelIntegrityError(f"GGUF tensor {name!r}: expected 3 dims (experts, rows, cols), got {tuple(w.shape)}")
+        proj = _EXPERT_NAMES[m.group(2)]
+        for e in range(w.shape[0]):
+            yield f"model.layers.{m.group(1)}.mlp.experts.{e}.{proj}.weight", w[e]
+        return
+    hf = gguf_to_hf_name(name)
+    yield hf, (w.reshape(1, -1) if hf.endswith("shared_expert_gate.weight") else w)
 
 
 @dataclass
@@ -112,8 +139,13 @@ class GGUFFile:
         if "token_embd.weight" not in names:
             raise ModelIntegrityError(f"{self.path}: no token_embd.weight tensor")
         vocab = int(names["token_embd.weight"].shape[-1])  # GGUF shape is (cols, rows)
+        # qwen2moe: a layer stored with a dense FFN instead of experts is an mlp_only layer
+        dense = [int(m.group(1)) for n in names if (m := _BLK.match(n)) and m.group(2) == "ffn_gate.weight"]
         return ModelConfig.from_gguf(
-            self.metadata, vocab_size=vocab, has_output_weight="output.weight" in names
+            self.metadata,
+            vocab_size=vocab,
+            has_output_weight="output.weight" in names,
+            mlp_only_layers=sorted(dense),
         )
 
     def tensor_types(self) -> dict[str, str]:
@@ -133,7 +165,7 @@ class GGUFFile:
         )
         for t in bar:
             # no local keeps the tensor while the consumer works and the next one is made
-            yield gguf_to_hf_name(t.name), self._dequantize(t).to(dtype)
+            yield from split_gguf_tensor(t.name, self._dequantize(t).to(dtype))
 
     def _dequantize(self, t: Any) -> torch.Tensor:
         """One tensor of the file as fp32; errors name the file and the tensor."""

@@ -21,7 +21,7 @@ from qwenkit.loaders.hf import generation_config, hf_config, iter_hf_weights
 from qwenkit.loaders.lora import merge_adapter_into, read_adapter
 from qwenkit.loaders.quantized import load_quantized, read_quantization_config
 from qwenkit.loaders.resolve import resolve_model
-from qwenkit.model import Qwen2ForCausalLM
+from qwenkit.model import Qwen2ForCausalLM, causal_lm_class
 from qwenkit.quant import quantize_model, resolve_method
 from qwenkit.quant.convert import quantize_while_loading
 from qwenkit.tokenizer import Tokenizer
@@ -61,7 +61,7 @@ def _to_device(
 def build_empty_model(config: ModelConfig, dtype: torch.dtype, device: str | torch.device) -> Qwen2ForCausalLM:
     """Construct without random init (meta device), then allocate uninitialised storage."""
     with torch.device("meta"):
-        model = Qwen2ForCausalLM(config)
+        model = causal_lm_class(config)(config)
     model = model.to_empty(device=device).to(dtype)
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
@@ -136,6 +136,9 @@ def load(
             quantize_model(model, method)  # what is left (tied tables) + the policy record
     if torch.device(device).type == "cpu":
         cpu.install(model)
+        if config.moe is not None:
+            logger.info("qwen2_moe: the CPU runtime's one-call decode step covers dense Qwen2 layers "
+                        "only; the MoE decoder runs its (fused) modules one by one")
     dt = time.perf_counter() - t0
     logger.info("loaded %s (%s) in %.1fs", src.name, src.format, dt)
     return LoadedModel(model, tokenizer, config, src, gen, tensor_types, dt)

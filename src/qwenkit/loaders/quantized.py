@@ -32,7 +32,7 @@ from safetensors.torch import load_file, save_file
 from qwenkit.config import ModelConfig
 from qwenkit.errors import ModelIntegrityError
 from qwenkit.loaders.hf import safetensors_files, write_hf_metadata
-from qwenkit.model import Qwen2ForCausalLM
+from qwenkit.model import causal_lm_class
 from qwenkit.quant.convert import role_of
 from qwenkit.quant.embedding import Int8Embedding
 from qwenkit.quant.linear import DEFAULT_SMALL_M, Int4Linear, Int8Linear, QuantizedLinear
@@ -173,7 +173,7 @@ def build_quantized_model(
     allocating fp32 copies of the quantized weights."""
 
     with torch.device("meta"):
-        model = Qwen2ForCausalLM(config)
+        model = causal_lm_class(config)(config)
     used: set[str] = set()
     tensors = dict(tensors)
     shared = head_shares_embedding(config, policy)

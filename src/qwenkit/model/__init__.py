@@ -1,7 +1,15 @@
 """The Qwen2 model family as plain nn.Modules (no engine knowledge)."""
 from __future__ import annotations
 
+from qwenkit.config import ModelConfig
 from qwenkit.model.attention import AttentionBackend, attend
 from qwenkit.model.qwen2 import Qwen2ForCausalLM
+from qwenkit.model.qwen2_moe import Qwen2MoeForCausalLM
 
-__all__ = ["AttentionBackend", "Qwen2ForCausalLM", "attend"]
+
+def causal_lm_class(config: ModelConfig) -> type[Qwen2ForCausalLM]:
+    """The model class of a config's model_type (``qwen2`` or ``qwen2_moe``)."""
+    return Qwen2MoeForCausalLM if config.moe is not None else Qwen2ForCausalLM
+
+
+__all__ = ["AttentionBackend", "Qwen2ForCausalLM", "Qwen2MoeForCausalLM", "attend", "causal_lm_class"]

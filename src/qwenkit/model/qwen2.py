@@ -8,7 +8,7 @@ Departures from HF `modeling_qwen2.py`, none of which change the math:
 """
 from __future__ import annotations
 
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -76,13 +76,18 @@ class Qwen2Attention(nn.Module):
         return q, k, v.view(b, t, self.num_kv_heads, self.head_dim)
 
 
+# (config, layer_idx) -> the layer's MLP, or None for the dense SwiGLU (the MoE model's hook)
+MLPFactory = Callable[[ModelConfig, int], "nn.Module | None"]
+
+
 class Qwen2DecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, layer_idx: int) -> None:
+    def __init__(self, config: ModelConfig, layer_idx: int, mlp_factory: MLPFactory | None = None) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.self_attn = Qwen2Attention(config, layer_idx)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = SwiGLU(config.hidden_size, config.intermediate_size)
+        mlp = mlp_factory(config, layer_idx) if mlp_factory is not None else None
+        self.mlp = mlp if mlp is not None else SwiGLU(config.hidden_size, config.intermediate_size)
 
     def forward(
         self,
@@ -95,11 +100,11 @@ class Qwen2DecoderLayer(nn.Module):
 
 
 class Qwen2Model(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, mlp_factory: MLPFactory | None = None) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(
-            Qwen2DecoderLayer(config, i) for i in range(config.num_hidden_layers)
+            Qwen2DecoderLayer(config, i, mlp_factory) for i in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(
@@ -138,10 +143,11 @@ class Qwen2ForCausalLM(nn.Module):
         "up_proj": ("gate_up_proj", "up_proj"),
     }
 
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, model: Qwen2Model | None = None) -> None:
+        """`model`: the decoder stack when not the dense one (the MoE model passes its own)."""
         super().__init__()
         self.config = config
-        self.model = Qwen2Model(config)
+        self.model = model if model is not None else Qwen2Model(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight

@@ -160,6 +160,13 @@ class CausalLMLoss(nn.Module):
             input_ids, position_ids, document_ids, targets = b.input_ids, b.position_ids, b.document_ids, b.targets
         attn = DocumentAttention(document_ids)
         hidden = self.model.hidden_states(input_ids, position_ids, attn)  # (B, T, H)
-        return linear_cross_entropy(
+        loss = linear_cross_entropy(
             hidden, self.model.lm_head.weight, targets, chunk=self.chunk, compute_dtype=self.compute_dtype
         )
+        # MoE: router_aux_loss_coef x the load-balancing loss (padding excluded), added per target
+        # token so that the trainer's division by the target count gives mean CE + coef x aux
+        aux_fn = getattr(self.model, "router_aux_loss", None)
+        aux = aux_fn(document_ids >= 0) if aux_fn is not None else None
+        if aux is not None:
+            loss = loss + aux * (targets != IGNORE_INDEX).sum()
+        return loss

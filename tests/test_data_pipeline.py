@@ -84,9 +84,9 @@ def test_clean_dedup_decontaminate_tokenize(corpus: Path, tmp_path: Path, tiny_t
     (corpus / "pkg" / "planted.py").write_text("# helper\n" + he["prompt"].replace("    ", "  ") + he["canonical_solution"])
     (corpus / "docs" / "guide0_copy.md").write_text(prose(0).replace("reads", "loads", 1))
     # a doc quoting an MBPP+ prompt exactly (prose, enough words for Gopher)
-    from qwenkit.eval.mbpp import load_tasks
+    from qwenkit.eval.mbpp import find_mbpp_plus, read_mbpp_plus
 
-    mb = next(iter(load_tasks().values()))
+    mb = json.loads(read_mbpp_plus(find_mbpp_plus()).split(b"\n")[0])
     (corpus / "docs" / "mbpp.md").write_text(prose(9) + "\n" + mb["prompt"] + "\n" + prose(10))
     r, c, d, x, t = (tmp_path / n for n in ("r", "c", "d", "x", "t"))
     run_stage("read", corpus, r)
@@ -210,7 +210,7 @@ def test_pipeline_yaml_via_cli(corpus: Path, tmp_path: Path, tiny_tokenizer_dir:
     from qwenkit.cli.main import main
 
     (tmp_path / "p.yaml").write_text(
-        f"input: {corpus}\noutput: out\nworkers: 2\nsteps:\n  - read\n  - clean\n  - dedup: {{threshold: 0.7}}\n"
+        f"input: {corpus}\noutput: out\nworkers: 1\nsteps:\n  - read\n  - clean\n  - dedup: {{threshold: 0.7}}\n"
         f"  - decontaminate\n  - classify\n  - tokenize: {{tokenizer: {tiny_tokenizer_dir}}}\n")  # fmt: skip
     assert main(["data", "run", str(tmp_path / "p.yaml")]) == 0
     rep = json.loads((tmp_path / "out" / "report.json").read_text())
@@ -240,3 +240,35 @@ def test_exec_filter(tmp_path: Path) -> None:
     rep = run_stage("exec-filter", src, tmp_path / "e", {"timeout": 2})
     assert rep["docs_out"] == 2
     assert rep["dropped"] == {"tests_failed": 1, "tests_timeout": 1}
+
+
+def _by_id(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    return {r["id"]: (r["text"], r["metadata"]) for r in rows}
+
+
+def test_worker_processes_give_the_same_documents(corpus: Path, tmp_path: Path) -> None:
+    one, two = ExecutorConfig(workers=1), ExecutorConfig(workers=2)
+    run_stage("read", corpus, tmp_path / "r1", {"tasks": 2}, one)
+    rep = run_stage("read", corpus, tmp_path / "r2", {"tasks": 2}, two)
+    assert rep["skipped"] == {"binary": 1, "non_utf8": 1, "empty": 1} and rep["docs_out"] == 8
+    assert _by_id(docs_of(tmp_path / "r2")) == _by_id(docs_of(tmp_path / "r1"))
+
+
+@pytest.mark.slow
+def test_ray_executor_matches_local(corpus: Path, tmp_path: Path) -> None:
+    """datatrove's RayPipelineExecutor on a local Ray instance (started by the test) gives the
+    documents and counts of the local executor."""
+    ray = pytest.importorskip("ray")
+    try:
+        exe = ExecutorConfig(executor="ray", workers=2)
+        # few tasks per job: each Ray task costs seconds on a busy 2-core machine
+        for stage, src, dst, opts in (("read", corpus, "r", {"tasks": 2}),
+                                      ("dedup", "r", "d", {"num_buckets": 2, "hashes_per_bucket": 4})):  # fmt: skip
+            a = run_stage(stage, src if stage == "read" else tmp_path / f"ray_{src}", tmp_path / f"ray_{dst}", opts, exe)
+            b = run_stage(stage, src if stage == "read" else tmp_path / f"loc_{src}", tmp_path / f"loc_{dst}", opts,
+                          ExecutorConfig())  # fmt: skip
+            assert (a["docs_in"], a["docs_out"], a["dropped"], a["skipped"]) == \
+                (b["docs_in"], b["docs_out"], b["dropped"], b["skipped"]), stage  # fmt: skip
+        assert _by_id(docs_of(tmp_path / "ray_d")) == _by_id(docs_of(tmp_path / "loc_d"))
+    finally:
+        ray.shutdown()

@@ -47,9 +47,13 @@ def benchmark_items(names: list[str]) -> list[tuple[str, str, str]]:
 
             items += [(f"humaneval/{tid}", p["prompt"], p["canonical_solution"]) for tid, p in load_problems().items()]
         elif key in ("mbpp", "mbpp+", "mbppplus"):
-            from qwenkit.eval.mbpp import load_tasks
+            from qwenkit.eval.mbpp import find_mbpp_plus, read_mbpp_plus
 
-            items += [(f"mbpp/{tid}", t["prompt"], t["canonical_solution"]) for tid, t in load_tasks().items()]
+            # only the text is needed: skip load_tasks' (slow) deserialisation of the test inputs
+            for line in read_mbpp_plus(find_mbpp_plus()).split(b"\n"):
+                if line.strip():
+                    t = json.loads(line)
+                    items.append((f"mbpp/{t['task_id']}", t["prompt"], t["canonical_solution"]))
         else:
             items += _jsonl_items(Path(name))
     return items

@@ -8,8 +8,8 @@
   only; code passes through (those rules would drop nearly every source file).
 * :class:`CodeQualityFilter` — StarCoder-style rules for code: max / mean line length,
   alphanumeric fraction, auto-generated and minified files.
-* :class:`NGramDecontaminator` — drops documents sharing an n-gram (default 13 words) or an exact
-  prompt with benchmark items, and records every collision (datatrove's n-gram decontamination
+* :class:`NGramDecontaminator` — drops documents sharing an n-gram (default 13 words), an exact
+  prompt or an exact solution with benchmark items, and records every collision (datatrove's n-gram decontamination
   needs lighteval's task registry and does not say which benchmark item collided).
 * :class:`DomainClassifier`, :class:`DomainSizeCounter`, :class:`MixSampler` — cheap heuristic
   domain labels (code / math / zh / en / other) and sampling to target ratios.
@@ -200,7 +200,8 @@ def _squash(text: str) -> str:
 
 class NGramDecontaminator(BaseFilter):
     """Drop documents that share an ``n``-word n-gram (:func:`~qwenkit.data.pipeline.text.words`)
-    or contain the exact (whitespace-squashed) prompt of a benchmark item.
+    or contain the exact (whitespace-squashed) prompt or solution of a benchmark item (those of at
+    least ``min_prompt_chars`` characters).
 
     ``items``: ``(item_id, prompt, solution)`` triples, e.g. ``("humaneval/HumanEval/0", ...)``; the
     n-grams come from prompt + solution. Each collision is written to
@@ -234,7 +235,10 @@ class NGramDecontaminator(BaseFilter):
                     if not lst or lst[-1] != item_id:
                         lst.append(item_id)
             self._index = idx
-            self._prompts = [(i, _squash(p)) for i, p, _ in self.items if len(_squash(p)) >= self.min_prompt_chars]
+            # exact (whitespace-squashed) prompts and solutions: a solution shorter than n words
+            # (many of MBPP's) has no n-gram of its own
+            self._exact = [(i, kind, t) for i, p, s in self.items for kind, t in (("exact_prompt", _squash(p)),
+                           ("exact_solution", _squash(s))) if len(t) >= self.min_prompt_chars]  # fmt: skip
         return self._index
 
     def run(self, data: DocumentsPipeline, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
@@ -253,10 +257,10 @@ class NGramDecontaminator(BaseFilter):
         reason = "ngram_overlap"
         if not hits:
             squashed = _squash(doc.text)
-            for item_id, prompt in self._prompts:
-                if prompt in squashed:
-                    hits[item_id] = prompt[:80]
-            reason = "exact_prompt"
+            for item_id, kind, t in self._exact:
+                if t in squashed:
+                    hits.setdefault(item_id, t[:80])
+                    reason = kind
         if not hits:
             return True
         if self._out is not None:

@@ -359,9 +359,13 @@ def stage_mix(inp: Path, out: Path, opts: Mapping[str, Any], exe: ExecutorConfig
     steps = job_counts(logs)
     outs = {k[len("out_"):]: v for k, v in steps[1]["counts"].items() if k.startswith("out_")}
     tot_in, tot_out = sum(sizes.values()) or 1, sum(outs.values()) or 1
+    # targets of domains without data cannot be met: the others are scaled up to sum to 1
+    met = {d: float(t) for d, t in targets.items() if t > 0 and sizes.get(d, 0) > 0}
+    met = {d: t / sum(met.values()) for d, t in met.items()}
     return _report("mix", inp, out, wall, [steps], _count(steps, 0, "documents"), _count(steps, -1, "total"),
                    unit=unit, weights={k: round(v, 4) for k, v in weights.items()},
-                   ratios={d: {"target": targets.get(d, 0.0), "input": round(sizes.get(d, 0) / tot_in, 4),
+                   ratios={d: {"target": targets.get(d, 0.0), "target_renormalized": round(met.get(d, 0.0), 4),
+                               "input": round(sizes.get(d, 0) / tot_in, 4),
                                "achieved": round(outs.get(d, 0) / tot_out, 4)} for d in sorted(set(sizes) | set(targets))})  # fmt: skip
 
 

@@ -11,19 +11,20 @@ __all__ = ["CODE_LANGUAGES", "RegexWordTokenizer", "language_of", "normalize_tex
 
 # datatrove's English word tokenizer is NLTK's punkt, which downloads its model at first use; the
 # pipeline must run offline, so the Gopher / C4 / FineWeb filters and MinHash get this one instead.
-_WORD = re.compile(r"\w+(?:[-']\w+)*|[^\w\s]", re.UNICODE)
+_PUNCT = "".join(chr(c) for c in range(33, 127) if not chr(c).isalnum()) + "“”‘’«»…–—"
 _SENT_END = re.compile(r"(?<=[.!?。！？])\s+|\n{2,}")
 
 
 class RegexWordTokenizer(WordTokenizer):
-    """Words = runs of word characters (with inner - and '), punctuation marks one token each;
-    sentences end at . ! ? (and their CJK forms) followed by space, or at a blank line."""
+    """Words = whitespace-separated tokens (Gopher's definition) without surrounding punctuation; a
+    token of punctuation only stays as it is (the filters count those as symbols). Sentences end
+    at . ! ? (and their CJK forms) followed by space, or at a blank line."""
 
     def __init__(self) -> None:
         super().__init__("en")
 
     def word_tokenize(self, text: str) -> list[str]:
-        return _WORD.findall(text)
+        return [w.strip(_PUNCT) or w for w in text.split()]
 
     def sent_tokenize(self, text: str) -> list[str]:
         return [s.strip() for s in _SENT_END.split(text) if s and s.strip()]

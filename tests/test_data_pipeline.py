@@ -272,3 +272,17 @@ def test_ray_executor_matches_local(corpus: Path, tmp_path: Path) -> None:
         assert _by_id(docs_of(tmp_path / "ray_d")) == _by_id(docs_of(tmp_path / "loc_d"))
     finally:
         ray.shutdown()
+
+
+def test_read_jsonl_records_keep_their_metadata(tmp_path: Path) -> None:
+    src = tmp_path / "recs"
+    src.mkdir()
+    rows = [{"text": GOOD_PY, "metadata": {"language": "python"}}, {"text": prose(1)},
+            {"text": "x = 1\n" + "y" * 1200 + "\n", "metadata": {"language": "python"}}]  # fmt: skip
+    with gzip.open(src / "a.jsonl.gz", "wt") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in rows))
+    rep = run_stage("read", src, tmp_path / "r")
+    assert rep["format"] == "jsonl" and rep["docs_out"] == 3
+    assert all(d["metadata"]["source"] == "recs" for d in docs_of(tmp_path / "r"))
+    rep = run_stage("clean", tmp_path / "r", tmp_path / "c")
+    assert rep["dropped"] == {"minified": 1} and rep["docs_out"] == 2  # code rules, by metadata language

@@ -121,7 +121,7 @@ def stage_read(inp: Path, out: Path, opts: Mapping[str, Any], exe: ExecutorConfi
         cls = JsonlReader if fmt == "jsonl" else ParquetReader
         folder, glob = (inp.parent, inp.name) if inp.is_file() else (inp, None)
         reader = cls(str(folder), glob_pattern=glob, text_key=opts.get("text_key", "text"),
-                     default_metadata={"source": source, "kind": opts.get("kind", "prose")})  # fmt: skip
+                     default_metadata={"source": source, **({"kind": opts["kind"]} if opts.get("kind") else {})})  # fmt: skip
         tasks = len(files)
     else:
         raise DataError(f"read: format must be auto, jsonl, parquet or source, got {fmt!r}")

@@ -237,6 +237,11 @@ def test_load_and_llm_take_rope_scaling(tiny_hf_dir) -> None:
     assert lm.model.config.rope_scaling["factor"] == 4
     llm = LLM(load(tiny_hf_dir, quantization="none", progress=False), rope_scaling=json.loads(rs), kv_cache_memory="1MiB")
     assert llm.llm_engine.model.model.rotary_emb.kind == "yarn"
+    llm = LLM(tiny_hf_dir, quantization="none", hf_overrides={"rope_scaling": {"rope_type": "linear", "factor": 2}},
+              kv_cache_memory="1MiB")  # fmt: skip
+    assert llm.llm_engine.model.model.rotary_emb.kind == "linear"
+    with pytest.raises(ValueError, match="hf_overrides.*max_position_embeddings"):
+        LLM(tiny_hf_dir, hf_overrides={"max_position_embeddings": 9})
     for argv in (["generate", "hi"], ["chat"], ["serve"], ["eval", "ppl", "--text", "f.txt"], ["eval", "humaneval"]):
         assert build_parser().parse_args([*argv, "--rope-scaling", rs]).rope_scaling == rs, argv
 
@@ -347,3 +352,32 @@ def test_tiny_config_fields() -> None:
     # transformers accepts our exported dict for a static type
     rs = YARN_CASES["yarn-f4-orig32"]
     assert ModelConfig.from_hf(ModelConfig.from_hf(tiny_hf_config(rope_scaling=rs)).to_hf()).rope_scaling == rs
+
+
+# ---------------------------------------------------------------------------------- real 0.5B
+
+
+@pytest.mark.slow
+def test_real_static_yarn_changes_logits_per_request_does_not(gguf_05b_path) -> None:
+    """Qwen2.5-Coder-0.5B on a 2,048-token code text (argparse.py): static YaRN x4 moves every
+    prompt log-prob; per-request YaRN picks factor 1 for it and leaves them bit-identical."""
+    import argparse as stdlib_argparse
+    from pathlib import Path
+
+    lm = load(gguf_05b_path, quantization="none", progress=False)
+    ids = lm.tokenizer.encode(Path(stdlib_argparse.__file__).read_text())[:2048]
+    params = greedy(1, prompt_logprobs=0)
+
+    def prompt_logprobs(rope_scaling: dict | None) -> torch.Tensor:
+        lm.model.set_rope_scaling(rope_scaling)
+        engine = LLMEngine(lm.model, lm.tokenizer, kv_cache_memory="128MiB", max_num_batched_tokens=512)
+        out = run_engine(engine, [ids], params)[0]
+        return torch.tensor([d[t].logprob for d, t in zip(out.prompt_logprobs[1:], ids[1:])])
+
+    plain = prompt_logprobs(None)
+    per_request = prompt_logprobs({"rope_type": "yarn", "factor": 4.0, "dynamic": True, "original_max_position_embeddings": 32768})
+    static = prompt_logprobs({"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768})
+    lm.model.set_rope_scaling(None)
+    assert torch.equal(per_request, plain)
+    assert (static - plain).abs().max().item() > 0.05
+    assert (static - plain).abs().mean().item() > 1e-3

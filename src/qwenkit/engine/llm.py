@@ -45,7 +45,7 @@ class LLM:
     seed of their own are reproducible run to run (vLLM's meaning). Engine arguments use vLLM's
     names (`block_size`, `max_num_seqs`, `max_num_batched_tokens`, `enable_prefix_caching`,
     `kv_cache_memory`, `max_model_len`) plus `streaming_window` / `num_sink_tokens`.
-    `rope_scaling` (HF's dict or its JSON, as vLLM's ``hf_overrides={"rope_scaling": ...}``)
+    `rope_scaling` (HF's dict or its JSON; also vLLM's ``hf_overrides={"rope_scaling": ...}``)
     replaces the model's RoPE scaling (README, Long context).
     """
 
@@ -60,10 +60,16 @@ class LLM:
         seed: int | None = None,
         generation_defaults: Mapping[str, Any] | None = None,
         rope_scaling: Mapping[str, Any] | str | None = None,
+        hf_overrides: Mapping[str, Any] | None = None,
         **engine_args: Any,
     ) -> None:
         if seed is not None:
             torch.manual_seed(seed)
+        if hf_overrides:
+            unknown = sorted(set(hf_overrides) - {"rope_scaling", "rope_parameters"})
+            if unknown:
+                raise ValueError(f"hf_overrides: only rope_scaling / rope_parameters are supported, got {unknown}")
+            rope_scaling = hf_overrides.get("rope_scaling", hf_overrides.get("rope_parameters"))
         if isinstance(model, (str, os.PathLike)):
             model = load(
                 model, dtype=_dtype(dtype), device=device, quantization=quantization or "auto", rope_scaling=rope_scaling

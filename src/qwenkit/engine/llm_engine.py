@@ -166,6 +166,11 @@ class LLMEngine:
         rotary = getattr(getattr(model, "model", None), "rotary_emb", None)
         self.rope_factors: tuple[float, ...] = tuple(getattr(rotary, "factors", ()))
         self._rope_factor_index = rotary.factor_index if self.rope_factors else None
+        if getattr(rotary, "kind", None) == "dynamic":
+            logger.warning(
+                "dynamic NTK RoPE: each step's base follows the batch's longest position (cached keys keep "
+                "theirs, as in transformers); yarn with \"dynamic\": true scales per request instead"
+            )
         self.max_num_batched_tokens = cfg.max_num_batched_tokens or max(
             cfg.max_num_seqs,
             DEFAULT_MAX_NUM_BATCHED_TOKENS_GPU if self.device.type == "cuda"

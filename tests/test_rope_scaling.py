@@ -153,6 +153,8 @@ def test_parse_rope_scaling_json() -> None:
     with pytest.raises(RopeScalingError, match="invalid JSON"):
         parse_rope_scaling("{factor: 4")
     assert parse_rope_scaling('{"rope_type": "default"}') is None
+    with pytest.raises(RopeScalingError, match=r"rope_scaling\.rope_type is missing"):
+        parse_rope_scaling('{"factor": 4}')
     assert parse_rope_scaling('{"type": "yarn", "factor": 4}') == {"type": "yarn", "factor": 4}
 
 

@@ -80,6 +80,8 @@ def parse_rope_scaling(value: Mapping[str, Any] | str) -> dict[str, Any] | None:
     if not isinstance(value, Mapping):
         raise RopeScalingError(f"rope_scaling must be a JSON object, got {value!r}")
     out = dict(value)
+    if out and "rope_type" not in out and "type" not in out:
+        raise RopeScalingError(f"rope_scaling.rope_type is missing (linear, dynamic, yarn, ntk or default): {out!r}")
     if rope_type(out) == "default":
         return None
     RotaryEmbedding(8, 16, 10000.0, out)  # unknown types and bad factors fail here, by name

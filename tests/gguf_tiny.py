@@ -2,13 +2,17 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 import torch
 
 
-def write_tiny_gguf(path: Path, model: torch.nn.Module, qtype_name: str = "Q8_0") -> dict[str, np.ndarray]:
-    """Write `model` (ours, HF-named via hf_state_dict) as GGUF; 2-D weights in `qtype_name`.
+def write_tiny_gguf(
+    path: Path, model: torch.nn.Module, qtype_name: str = "Q8_0", metadata: Callable[[Any], None] | None = None
+) -> dict[str, np.ndarray]:
+    """Write `model` (ours, HF-named via hf_state_dict) as GGUF; 2-D weights in `qtype_name`;
+    `metadata(writer)` adds more keys.
 
     Returns the reference fp32 weights (HF names) as gguf.quants.dequantize reproduces them.
     """
@@ -26,6 +30,8 @@ def write_tiny_gguf(path: Path, model: torch.nn.Module, qtype_name: str = "Q8_0"
     w.add_head_count_kv(cfg.num_key_value_heads)
     w.add_rope_freq_base(cfg.rope_theta)
     w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    if metadata is not None:
+        metadata(w)
     qtype = gguf.GGMLQuantizationType[qtype_name]
     ref: dict[str, np.ndarray] = {}
     for name, t in model.hf_state_dict():

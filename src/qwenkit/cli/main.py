@@ -91,6 +91,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                         "int4, mixed, ... (`qwenkit eval quant` compares them)")
     g.add_argument("--lora", default=None, metavar="PATH",
                    help="LoRA adapter folder (peft format) merged into the weights at load, before quantizing")
+    from qwenkit.loaders.load import add_rope_scaling_arg
+
+    add_rope_scaling_arg(g)
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
@@ -110,7 +113,8 @@ class _Generator:
         from qwenkit.loaders.load import load
 
         _threads(args.threads)
-        self.lm = load(args.model, progress=progress, quantization=args.quantization, lora=args.lora)
+        self.lm = load(args.model, progress=progress, quantization=args.quantization, lora=args.lora,
+                       rope_scaling=args.rope_scaling)
         self.llm = LLM(self.lm, **engine_kwargs(args))
 
     def stream(self, prompt_ids: list[int], params: Any) -> Iterator[tuple[str, dict[str, Any] | None]]:
@@ -149,7 +153,7 @@ def cmd_generate_batch(args: argparse.Namespace) -> int:
     from qwenkit.loaders.load import load
 
     _threads(args.threads)
-    lm = load(args.model, quantization=args.quantization, lora=args.lora)
+    lm = load(args.model, quantization=args.quantization, lora=args.lora, rope_scaling=args.rope_scaling)
     items = []
     with open(args.input, encoding="utf-8") as f:
         for n, line in enumerate(f, 1):

@@ -28,8 +28,14 @@ class Block:
         self.token_ids = ()
 
 
-def chain_hash(parent: int | None, token_ids: tuple[int, ...]) -> int:
+def chain_hash(parent: object, token_ids: tuple[int, ...]) -> int:
     return hash((parent, token_ids))
+
+
+def root_hash(seq: Sequence) -> object:
+    """Parent of a sequence's first block: KV written under another per-request YaRN table
+    is another prefix (table 0, plain RoPE, keeps the unscaled hashes)."""
+    return ("rope", seq.rope_factor_index) if seq.rope_factor_index else None
 
 
 class BlockManager:
@@ -86,7 +92,7 @@ class BlockManager:
             return
         bs = self.block_size
         num_full = (len(seq) - 1) // bs
-        parent: int | None = None
+        parent = root_hash(seq)
         for i in range(num_full):
             tokens = tuple(seq.token_ids[i * bs : (i + 1) * bs])
             h = chain_hash(parent, tokens)
@@ -130,7 +136,7 @@ class BlockManager:
         bs = self.block_size
         for i in range(len(seq.block_hashes), seq.num_cached_tokens // bs):
             tokens = tuple(seq.token_ids[i * bs : (i + 1) * bs])
-            parent = seq.block_hashes[i - 1] if i else None
+            parent = seq.block_hashes[i - 1] if i else root_hash(seq)
             h = chain_hash(parent, tokens)
             seq.block_hashes.append(h)
             block_id = seq.block_table[i]

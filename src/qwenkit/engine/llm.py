@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 
 from qwenkit.engine.llm_engine import LLMEngine, PromptType
 from qwenkit.engine.outputs import RequestOutput, RequestOutputKind
-from qwenkit.loaders.load import LoadedModel, load
+from qwenkit.loaders.load import LoadedModel, load, parse_rope_scaling
 from qwenkit.sampling_params import SamplingParams
 
 Message = Mapping[str, Any]
@@ -45,6 +45,8 @@ class LLM:
     seed of their own are reproducible run to run (vLLM's meaning). Engine arguments use vLLM's
     names (`block_size`, `max_num_seqs`, `max_num_batched_tokens`, `enable_prefix_caching`,
     `kv_cache_memory`, `max_model_len`) plus `streaming_window` / `num_sink_tokens`.
+    `rope_scaling` (HF's dict or its JSON; also vLLM's ``hf_overrides={"rope_scaling": ...}``)
+    replaces the model's RoPE scaling (README, Long context).
     """
 
     def __init__(
@@ -57,12 +59,22 @@ class LLM:
         device: str | torch.device = "cpu",
         seed: int | None = None,
         generation_defaults: Mapping[str, Any] | None = None,
+        rope_scaling: Mapping[str, Any] | str | None = None,
+        hf_overrides: Mapping[str, Any] | None = None,
         **engine_args: Any,
     ) -> None:
         if seed is not None:
             torch.manual_seed(seed)
+        if hf_overrides:
+            unknown = sorted(set(hf_overrides) - {"rope_scaling", "rope_parameters"})
+            if unknown:
+                raise ValueError(f"hf_overrides: only rope_scaling / rope_parameters are supported, got {unknown}")
+            rope_scaling = hf_overrides.get("rope_scaling", hf_overrides.get("rope_parameters"))
         if isinstance(model, (str, os.PathLike)):
-            model = load(model, dtype=_dtype(dtype), device=device, quantization=quantization or "auto")
+            model = load(
+                model, dtype=_dtype(dtype), device=device, quantization=quantization or "auto", rope_scaling=rope_scaling
+            )
+            rope_scaling = None
         elif quantization is not None:
             raise ValueError(
                 "quantization= applies when LLM loads the model from a name or path; quantize an "
@@ -72,6 +84,8 @@ class LLM:
             tokenizer = tokenizer or model.tokenizer
             generation_defaults = generation_defaults or model.generation_defaults
             model = model.model
+        if rope_scaling is not None:
+            model.set_rope_scaling(parse_rope_scaling(rope_scaling))
         self.llm_engine = LLMEngine(
             model, tokenizer, generation_defaults=generation_defaults, **engine_args
         )

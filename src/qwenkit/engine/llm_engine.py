@@ -40,6 +40,7 @@ from qwenkit.engine.sequence import Sequence
 from qwenkit.engine.stop import find_stop, stop_holdback
 from qwenkit.engine.structured_output import StructuredOutputManager
 from qwenkit.loaders.load import load
+from qwenkit.model.layers import scaled_max_positions
 from qwenkit.sampling_params import SamplingParams
 from qwenkit.tokenizer import IncrementalDetokenizer
 
@@ -154,7 +155,22 @@ class LLMEngine:
             cpu.install(model)  # the fused C ops and one-call decode step (no-op if installed)
         mc = self.model_config
 
-        self.max_model_len = cfg.max_model_len or mc.max_position_embeddings
+        # RoPE scaling (yarn / linear / dynamic) extends the default context to factor * original
+        native = scaled_max_positions(mc.rope_scaling, mc.max_position_embeddings)
+        if cfg.max_model_len and cfg.max_model_len > native:
+            logger.warning(
+                "max_model_len %d is beyond the %d positions the model's RoPE covers; pass "
+                "--rope-scaling (e.g. yarn) to extend it", cfg.max_model_len, native,
+            )  # fmt: skip
+        self.max_model_len = cfg.max_model_len or native
+        rotary = getattr(getattr(model, "model", None), "rotary_emb", None)
+        self.rope_factors: tuple[float, ...] = tuple(getattr(rotary, "factors", ()))
+        self._rope_factor_index = rotary.factor_index if self.rope_factors else None
+        if getattr(rotary, "kind", None) == "dynamic":
+            logger.warning(
+                "dynamic NTK RoPE: each step's base follows the batch's longest position (cached keys keep "
+                "theirs, as in transformers); yarn with \"dynamic\": true scales per request instead"
+            )
         self.max_num_batched_tokens = cfg.max_num_batched_tokens or max(
             cfg.max_num_seqs,
             DEFAULT_MAX_NUM_BATCHED_TOKENS_GPU if self.device.type == "cuda"
@@ -267,6 +283,11 @@ class LLMEngine:
             structured=self.structured_output if self.tokenizer is not None else None, device=self.device,
         )  # fmt: skip
         arrival = time.monotonic() if arrival_time is None else arrival_time
+        rope_index = 0
+        if self._rope_factor_index is not None:
+            # per-request YaRN: the smallest factor whose context holds prompt + max_tokens
+            need = len(ids) + (params.max_tokens if params.max_tokens is not None else self.max_model_len)
+            rope_index = self._rope_factor_index(min(need, self.max_model_len))
         seqs = []
         for i in range(params.n):
             gen = None
@@ -276,6 +297,7 @@ class LLMEngine:
                 ids, params, request_id=request_id, index=i, priority=priority,
                 arrival_time=arrival, generator=gen,
             )  # fmt: skip
+            seq.rope_factor_index = rope_index
             if spec is not None:
                 seq.logits_state = spec.new_state()
             if params.prompt_logprobs is not None and i == 0:  # one copy per request

@@ -57,6 +57,7 @@ class StepInputs:
     sample_index: torch.Tensor  # (S_sample,) flat index of the last token of each sampling seq
     sample_seqs: list[Sequence]
     prompt_chunks: list[PromptChunk] = field(default_factory=list)
+    rope_factor_index: torch.Tensor | None = None  # (N,) per-request YaRN table of each token
 
 
 @dataclass
@@ -83,6 +84,8 @@ class ModelRunner:
         self.streaming_window = streaming_window
         self.num_sink_tokens = num_sink_tokens if streaming_window is not None else 0
         self.sampler = Sampler()
+        rotary = getattr(getattr(model, "model", None), "rotary_emb", None)
+        self.rope_per_request = bool(getattr(rotary, "factors", ()))
 
     def prepare(self, out: SchedulerOutput) -> StepInputs:
         seqs, num_new = out.seqs, out.num_new_tokens
@@ -142,7 +145,11 @@ class ModelRunner:
             groups,
             streaming_window=self.streaming_window,
         )
+        factor_index = None
+        if self.rope_per_request:
+            factor_index = torch.tensor([s.rope_factor_index for s in seqs])[seq_of_token].to(dev)
         return StepInputs(
+            rope_factor_index=factor_index,
             input_ids=torch.tensor(input_ids, dtype=torch.long, device=dev),
             positions=positions.to(dev),
             attn_metadata=metadata,
@@ -155,7 +162,12 @@ class ModelRunner:
     def run(self, out: SchedulerOutput) -> StepOutput:
         """One forward over the scheduled tokens; returns the samples and prompt log-probs."""
         inputs = self.prepare(out)
-        hidden = self.model.hidden_states(inputs.input_ids, inputs.positions, inputs.attn_metadata)
+        if inputs.rope_factor_index is None:
+            hidden = self.model.hidden_states(inputs.input_ids, inputs.positions, inputs.attn_metadata)
+        else:
+            hidden = self.model.hidden_states(
+                inputs.input_ids, inputs.positions, inputs.attn_metadata, rope_factor_index=inputs.rope_factor_index
+            )
         prompt_logprobs = [self._prompt_logprobs(hidden, chunk) for chunk in inputs.prompt_chunks]
         if not inputs.sample_seqs:
             return StepOutput([], None, prompt_logprobs)

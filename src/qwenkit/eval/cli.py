@@ -21,7 +21,8 @@ def _load(args: argparse.Namespace) -> Any:
     if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)
     return load(
-        args.model, dtype=getattr(torch, args.dtype), progress=not args.no_progress, quantization=args.quantization
+        args.model, dtype=getattr(torch, args.dtype), progress=not args.no_progress, quantization=args.quantization,
+        rope_scaling=getattr(args, "rope_scaling", None),
     )
 
 
@@ -159,6 +160,9 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quantization", "-q", default="auto",
                    help="runtime weight format: auto (= int8, see qwenkit.quant.policy), none (fp32-dequantized), "
                         "int8, int4, mixed, ...")  # fmt: skip
+    from qwenkit.loaders.load import add_rope_scaling_arg
+
+    add_rope_scaling_arg(p)
 
 
 def add_eval_parser(subparsers: Any) -> argparse.ArgumentParser:

@@ -20,6 +20,7 @@ from qwenkit.config import ModelConfig
 from qwenkit.errors import ModelIntegrityError
 from qwenkit.loaders.gguf_quants import dequantize
 from qwenkit.loaders.gguf_reader import FastGGUFReader, GGUFFormatError
+from qwenkit.model.layers import yarn_mscale
 
 logger = logging.getLogger(__name__)
 
@@ -95,6 +96,42 @@ def split_gguf_tensor(name: str, w: torch.Tensor) -> Iterator[tuple[str, torch.T
     yield hf, (w.reshape(1, -1) if hf.endswith("shared_expert_gate.weight") else w)
 
 
+def gguf_rope_scaling(meta: dict[str, Any], where: str = "GGUF") -> dict[str, Any] | None:
+    """HF `rope_scaling` from llama.cpp's ``{arch}.rope.scaling.*`` keys (None: plain RoPE).
+
+    ``type`` none / linear / yarn, ``factor``, ``original_context_length``, YaRN's
+    ``yarn_beta_fast`` / ``yarn_beta_slow``; ``attn_factor`` (or ``yarn_attn_factor``)
+    multiplies YaRN's 0.1 ln(factor) + 1, as llama.cpp's rope kernel does.
+    """
+    arch = meta.get("general.architecture", "qwen2")
+    pre = f"{arch}.rope.scaling."
+    kind = meta.get(pre + "type")
+    factor = meta.get(pre + "factor")
+    if kind is None:
+        # old files: a factor alone means linear scaling (llama.cpp's reading)
+        kind = "linear" if factor not in (None, 0, 1, 0.0, 1.0) else "none"
+    kind = str(kind)
+    if kind == "none":
+        return None
+    if kind not in ("linear", "yarn"):
+        raise ModelIntegrityError(f"{where}: {pre}type {kind!r} is not supported (none, linear, yarn)")
+    if factor is None or float(factor) < 1:
+        raise ModelIntegrityError(f"{where}: {pre}factor must be >= 1 for {kind} scaling, got {factor!r}")
+    out: dict[str, Any] = {"rope_type": kind, "factor": float(factor)}
+    if kind == "yarn":
+        orig = meta.get(pre + "original_context_length")
+        if orig:
+            out["original_max_position_embeddings"] = int(orig)
+        for key, name in (("yarn_beta_fast", "beta_fast"), ("yarn_beta_slow", "beta_slow")):
+            if meta.get(pre + key):
+                out[name] = float(meta[pre + key])
+        attn = meta.get(pre + "attn_factor", meta.get(pre + "yarn_attn_factor"))
+        if attn is not None and float(attn) != 1.0:
+            out["attention_factor"] = float(attn) * yarn_mscale(float(factor))
+    logger.info("%s: RoPE scaling from GGUF metadata: %s", where, out)
+    return out
+
+
 @dataclass
 class GGUFFile:
     """An opened, validated GGUF file. Keep it alive while tensors are being read (memmap)."""
@@ -141,12 +178,14 @@ class GGUFFile:
         vocab = int(names["token_embd.weight"].shape[-1])  # GGUF shape is (cols, rows)
         # qwen2moe: a layer stored with a dense FFN instead of experts is an mlp_only layer
         dense = [int(m.group(1)) for n in names if (m := _BLK.match(n)) and m.group(2) == "ffn_gate.weight"]
-        return ModelConfig.from_gguf(
+        config = ModelConfig.from_gguf(
             self.metadata,
             vocab_size=vocab,
             has_output_weight="output.weight" in names,
             mlp_only_layers=sorted(dense),
         )
+        rope_scaling = gguf_rope_scaling(self.metadata, str(self.path))
+        return config.replace(rope_scaling=rope_scaling) if rope_scaling else config
 
     def tensor_types(self) -> dict[str, str]:
         return {t.name: t.tensor_type.name for t in self.reader.tensors}

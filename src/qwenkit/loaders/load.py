@@ -1,13 +1,14 @@
 """Top-level loading: a registry name, a .gguf file, an HF folder or a hub id -> model/tokenizer."""
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 
@@ -22,6 +23,7 @@ from qwenkit.loaders.lora import merge_adapter_into, read_adapter
 from qwenkit.loaders.quantized import load_quantized, read_quantization_config
 from qwenkit.loaders.resolve import resolve_model
 from qwenkit.model import Qwen2ForCausalLM, causal_lm_class
+from qwenkit.model.layers import RopeScalingError, RotaryEmbedding, rope_type
 from qwenkit.quant import quantize_model, resolve_method
 from qwenkit.quant.convert import quantize_while_loading
 from qwenkit.tokenizer import Tokenizer
@@ -68,6 +70,34 @@ def build_empty_model(config: ModelConfig, dtype: torch.dtype, device: str | tor
     return model.eval()
 
 
+def parse_rope_scaling(value: Mapping[str, Any] | str) -> dict[str, Any] | None:
+    """A `rope_scaling` dict or JSON text (``--rope-scaling``), checked; None for default RoPE."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as e:
+            raise RopeScalingError(f"rope_scaling: invalid JSON ({e}): {value!r}") from None
+    if not isinstance(value, Mapping):
+        raise RopeScalingError(f"rope_scaling must be a JSON object, got {value!r}")
+    out = dict(value)
+    if out and "rope_type" not in out and "type" not in out:
+        raise RopeScalingError(f"rope_scaling.rope_type is missing (linear, dynamic, yarn, ntk or default): {out!r}")
+    if rope_type(out) == "default":
+        return None
+    RotaryEmbedding(8, 16, 10000.0, out)  # unknown types and bad factors fail here, by name
+    return out
+
+
+def add_rope_scaling_arg(parser: Any) -> None:
+    """``--rope-scaling JSON``: the one definition shared by every command that loads a model."""
+    parser.add_argument(
+        "--rope-scaling", default=None, metavar="JSON",
+        help='replace the model\'s RoPE scaling (HF rope_scaling), e.g. \'{"rope_type":"yarn","factor":4,'
+             '"original_max_position_embeddings":32768}\'; add "dynamic":true for a per-request factor '
+             '(1/2/4 by prompt + max_tokens); types: linear, dynamic, yarn, ntk (with "alpha")',
+    )  # fmt: skip
+
+
 @dataclass
 class LoadedModel:
     model: Qwen2ForCausalLM
@@ -86,8 +116,12 @@ def load(
     progress: bool = True,
     quantization: str = "none",
     lora: str | os.PathLike[str] | None = None,
+    rope_scaling: Mapping[str, Any] | str | None = None,
 ) -> LoadedModel:
-    """`quantization`: a `qwenkit.quant` method (``none``, ``auto``, ``int8``, ``int4``,
+    """`rope_scaling`: HF's dict (or its JSON) replacing the checkpoint's, e.g.
+    ``{"rope_type": "yarn", "factor": 4, "original_max_position_embeddings": 32768}``
+    (`qwenkit.model.layers.RotaryEmbedding` lists the types); ``{"rope_type": "default"}``
+    turns a checkpoint's scaling off. `quantization`: a `qwenkit.quant` method (``none``, ``auto``, ``int8``, ``int4``,
     ``mixed``, ... or a policy spec); weights are quantized after loading. A quantized
     checkpoint (``qwenkit quantize``) loads as stored, whatever this says. `lora`: a peft LoRA
     adapter folder, merged into the weights after loading and before quantizing
@@ -111,6 +145,8 @@ def load(
         gen = generation_config(src.path) or dict(QWEN_INSTRUCT_GENERATION_DEFAULTS)
     if not config.name:
         config = config.replace(name=src.name)
+    if rope_scaling is not None:
+        config = config.replace(rope_scaling=parse_rope_scaling(rope_scaling))
     if src.format == "hf" and read_quantization_config(src.path) is not None:
         if adapter is not None:
             raise AdapterError(

@@ -8,7 +8,7 @@ Departures from HF `modeling_qwen2.py`, none of which change the math:
 """
 from __future__ import annotations
 
-from typing import Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import torch
 from torch import nn
@@ -116,9 +116,11 @@ class Qwen2Model(nn.Module):
         input_ids: torch.Tensor,
         positions: torch.Tensor,
         attn_metadata: AttentionBackend | None = None,
+        rope_factor_index: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """`rope_factor_index` (B, T): per-token table of a per-request YaRN rotary (engine)."""
         h = self.embed_tokens(input_ids)  # (B, T, hidden)
-        rope = self.rotary_emb(positions, h.dtype)  # cos, sin: (B, T, 1, D)
+        rope = self.rotary_emb(positions, h.dtype, rope_factor_index)  # cos, sin: (B, T, 1, D)
         return self.run_layers(h, rope, attn_metadata)
 
     def run_layers(
@@ -166,6 +168,7 @@ class Qwen2ForCausalLM(nn.Module):
         input_ids: torch.Tensor,
         positions: torch.Tensor | None = None,
         attn_metadata: AttentionBackend | None = None,
+        rope_factor_index: torch.Tensor | None = None,
     ) -> torch.Tensor:
         flat = input_ids.dim() == 1
         ids = input_ids.unsqueeze(0) if flat else input_ids  # (B, T)
@@ -173,8 +176,16 @@ class Qwen2ForCausalLM(nn.Module):
             positions = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
         elif flat:
             positions = positions.unsqueeze(0)
-        h = self.model(ids, positions, attn_metadata)  # (B, T, hidden)
+        if flat and rope_factor_index is not None:
+            rope_factor_index = rope_factor_index.unsqueeze(0)
+        h = self.model(ids, positions, attn_metadata, rope_factor_index)  # (B, T, hidden)
         return h[0] if flat else h
+
+    def set_rope_scaling(self, rope_scaling: Mapping[str, Any] | None) -> None:
+        """Replace the RoPE scaling (HF's `rope_scaling` dict; None: plain RoPE) of a built model."""
+        cfg = self.config.replace(rope_scaling=dict(rope_scaling) if rope_scaling else None)
+        self.model.rotary_emb = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling)
+        self.config = cfg
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
         # Logits are always fp32 (sampling and log-probs need the range).

@@ -38,6 +38,9 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
                         "int4, mixed, ... (`qwenkit eval quant` compares them)")  # fmt: skip
     g.add_argument("--lora", default=None, metavar="PATH",
                    help="LoRA adapter folder (peft format) merged into the weights at load, before quantizing")
+    from qwenkit.loaders.load import add_rope_scaling_arg
+
+    add_rope_scaling_arg(g)
     g.add_argument("--max-num-seqs", type=int, default=64)
     g.add_argument("--max-num-batched-tokens", type=int, default=None)
     g.add_argument("--max-model-len", type=int, default=None)
@@ -87,7 +90,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     def factory() -> Any:
         return load_engine_client(
             settings.model, served_model_name=settings.served_model_name, dtype=dtype,
-            max_num_seqs=settings.max_num_seqs, quantization=args.quantization, lora=args.lora, **settings.engine_args,
+            max_num_seqs=settings.max_num_seqs, quantization=args.quantization, lora=args.lora,
+            rope_scaling=args.rope_scaling, **settings.engine_args,
         )  # fmt: skip
 
     app = create_app(settings, factory)

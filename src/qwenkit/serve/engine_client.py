@@ -128,6 +128,7 @@ def load_engine_client(
     device: str = "cpu",
     quantization: str = "none",
     lora: str | os.PathLike[str] | None = None,
+    rope_scaling: Any = None,
     **engine_args: Any,
 ) -> AsyncEngineClient:
     """Load a registry name / .gguf / HF folder / hub id and start the async engine on it.
@@ -139,7 +140,10 @@ def load_engine_client(
     from qwenkit.engine.llm_engine import LLMEngine
     from qwenkit.loaders.load import load
 
-    loaded = load(model, dtype=dtype, device=device, progress=False, quantization=quantization, lora=lora)
+    loaded = load(
+        model, dtype=dtype, device=device, progress=False, quantization=quantization, lora=lora,
+        rope_scaling=rope_scaling,
+    )  # fmt: skip
     core = LLMEngine(
         loaded.model, loaded.tokenizer, generation_defaults=loaded.generation_defaults, **engine_args
     )

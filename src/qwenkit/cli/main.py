@@ -85,6 +85,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-model-len", type=int, default=None)
     g.add_argument("--kv-cache-memory", default=None, help='bytes or e.g. "2GiB"')
     g.add_argument("--block-size", type=int, default=None)
+    add_streaming_args(g)
     g.add_argument("--threads", type=int, default=None)
     g.add_argument("--quantization", "-q", default="auto",
                    help="runtime weight format: auto (= int8, see qwenkit.quant.policy), none (fp32), int8, "
@@ -93,11 +94,22 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="LoRA adapter folder (peft format) merged into the weights at load, before quantizing")
 
 
+def add_streaming_args(g: Any) -> None:
+    """StreamingLLM flags (shared with `serve`): the bounded-memory mode for endless chats."""
+    g.add_argument("--streaming-window", type=int, default=None, metavar="N",
+                   help="attend to the last N tokens plus the sink tokens; older KV blocks are freed, so "
+                        "memory stays bounded and a request may run past --max-model-len")
+    g.add_argument("--num-sink-tokens", type=int, default=None, metavar="K",
+                   help="first tokens kept visible with --streaming-window (default 4)")
+
+
 def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     out = {
         "max_model_len": args.max_model_len,
         "kv_cache_memory": args.kv_cache_memory,
         "block_size": args.block_size,
+        "streaming_window": args.streaming_window,
+        "num_sink_tokens": args.num_sink_tokens,
     }
     return {k: v for k, v in out.items() if v is not None}
 

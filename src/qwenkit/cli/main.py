@@ -316,6 +316,7 @@ def _add_optional_subcommands(sub: Any) -> None:
     from qwenkit.bench.cli import add_bench_parser
     from qwenkit.cli.data import add_data_parser
     from qwenkit.eval.cli import add_eval_parser
+    from qwenkit.cli.long import add_summarize_parser
     from qwenkit.cli.quantize import add_quantize_parser
     from qwenkit.serve.cli import add_serve_parser
     from qwenkit.train.cli import add_train_parser
@@ -326,6 +327,7 @@ def _add_optional_subcommands(sub: Any) -> None:
     add_bench_parser(sub)
     add_train_parser(sub)
     add_data_parser(sub)
+    add_summarize_parser(sub)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -85,6 +85,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-model-len", type=int, default=None)
     g.add_argument("--kv-cache-memory", default=None, help='bytes or e.g. "2GiB"')
     g.add_argument("--block-size", type=int, default=None)
+    g.add_argument("--max-num-seqs", type=int, default=None, help="sequences per engine step")
+    g.add_argument("--max-num-batched-tokens", type=int, default=None, help="tokens per engine step (prefill chunk)")
     add_streaming_args(g)
     g.add_argument("--threads", type=int, default=None)
     g.add_argument("--quantization", "-q", default="auto",
@@ -108,6 +110,8 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "max_model_len": args.max_model_len,
         "kv_cache_memory": args.kv_cache_memory,
         "block_size": args.block_size,
+        "max_num_seqs": args.max_num_seqs,
+        "max_num_batched_tokens": args.max_num_batched_tokens,
         "streaming_window": args.streaming_window,
         "num_sink_tokens": args.num_sink_tokens,
     }

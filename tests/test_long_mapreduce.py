@@ -3,10 +3,7 @@ that cover the text, one engine batch per level, hierarchical reduce within the 
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -14,6 +11,17 @@ import pytest
 
 from qwenkit.long import map_reduce, split_segments
 from qwenkit.long.map_reduce import MAP_PROMPT
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models: one torch thread avoids OpenMP spin-waits on a shared machine."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 @pytest.mark.parametrize("n,segment,overlap", [(1, 8, 2), (8, 8, 2), (9, 8, 2), (100, 8, 2), (100, 10, 0),
@@ -130,21 +138,18 @@ def test_tiny_engine_batch_equals_single_requests(tiny_hf_dir: Path):
     assert alone[0].outputs[0].text.strip() == res.levels[0][1]
 
 
-def test_summarize_cli(tiny_hf_dir: Path, tmp_path: Path, caplog):
+def test_summarize_cli(tiny_hf_dir: Path, tmp_path: Path, capsys, caplog):
+    from qwenkit.cli.main import main
     from qwenkit.tokenizer import Tokenizer
 
     tok = Tokenizer.from_hf_dir(tiny_hf_dir)
     doc = tmp_path / "doc.txt"
     doc.write_text(_text(tok, 200)[0], encoding="utf-8")
-    env = dict(os.environ, QWENKIT_LOG_LEVEL="WARNING", PYTHONPATH=os.pathsep.join(sys.path))
-    r = subprocess.run([sys.executable, "-m", "qwenkit.cli.main", "summarize", str(doc), "-m", str(tiny_hf_dir),
-                        "--segment", "80", "--overlap", "20", "-t", "0", "-n", "5", "--json"],
-                       capture_output=True, text=True, timeout=240, env=env)  # fmt: skip
-    assert r.returncode == 0, r.stderr
-    out = json.loads(r.stdout.strip().splitlines()[-1])
+    rc = main(["summarize", str(doc), "-m", str(tiny_hf_dir), "--segment", "80", "--overlap", "20", "-t", "0",
+               "-n", "5", "--json", "--threads", "1"])  # fmt: skip
+    assert rc == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert [tuple(s) for s in out["segments"]] == split_segments(len(tok.encode(doc.read_text())), 80, 20)
     assert out["num_prompts"] == len(out["segments"]) + 1 and out["answer"] == out["levels"][-1][0]
-    from qwenkit.cli.main import main
-
     assert main(["summarize", str(tmp_path / "none.txt"), "-m", str(tiny_hf_dir)]) == 2
     assert "no such file" in caplog.text

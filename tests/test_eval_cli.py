@@ -41,3 +41,14 @@ def test_quantization_flag_and_eval_quant(parser):
     a = parser.parse_args(["eval", "quant", "m", "--methods", "int8;int8@decode", "--chunks", "2"])
     assert a.methods == ["int8", "int8@decode"] and a.chunks == 2
     assert a.func.__name__ == "cmd_eval_quant"
+
+
+def test_ppl_stride_and_passkey(parser):
+    a = parser.parse_args(["eval", "ppl", "m", "--text", "f.txt", "--ctx", "8192", "--stride", "4096"])
+    assert a.stride == 4096
+    a = parser.parse_args(["eval", "passkey", "m", "--lengths", "4k,8k", "--num-samples", "2",
+                           "--streaming-window", "2048", "--engine-arg", 'rope_scaling={"factor": 4}'])
+    assert a.func.__name__ == "cmd_passkey" and a.num_samples == 2
+    from qwenkit.eval.cli import _engine_kwargs
+
+    assert _engine_kwargs(a) == {"streaming_window": 2048, "rope_scaling": {"factor": 4}}

@@ -120,3 +120,34 @@ def test_real_model_matches_llama_cpp(gguf_05b_path):
     ours = perplexity(lm.model, ids, n_ctx=n_ctx, max_chunks=2)
     assert ours.n_scored == count
     assert ours.ppl == pytest.approx(ref_ppl, rel=0.03)
+
+
+@pytest.mark.parametrize("n_ctx,stride", [(16, 8), (16, 5), (16, 15), (64, 63)])
+def test_sliding_matches_the_definition(model, n_ctx, stride):
+    """Token t is scored once, by the first window (start k*stride) whose end passes t; its NLL is
+    recomputed here from a forward pass over exactly that context."""
+    from qwenkit.eval.perplexity import sliding_perplexity
+
+    g = torch.Generator().manual_seed(2)
+    tokens = torch.randint(0, 256, (45,), generator=g).tolist()
+    res = sliding_perplexity(model, tokens, n_ctx=n_ctx, stride=stride)
+    nlls = []
+    for t in range(1, len(tokens)):
+        k = max(0, (t - n_ctx) // stride + 1)
+        ctx = torch.tensor(tokens[k * stride : t + 1])[None]
+        with torch.no_grad():
+            logp = torch.log_softmax(model(ctx)[0, -2].double(), -1)
+        nlls.append(-float(logp[tokens[t]]))
+    assert res.n_scored == len(tokens) - 1
+    assert res.ppl == pytest.approx(math.exp(sum(nlls) / len(nlls)), rel=1e-5)
+    if n_ctx >= len(tokens):  # one window: the plain causal-LM loss over the whole text
+        with torch.no_grad():
+            loss = torch.nn.functional.cross_entropy(model(torch.tensor(tokens)[None])[0, :-1], torch.tensor(tokens[1:]))
+        assert res.n_chunks == 1 and res.nll == pytest.approx(float(loss), rel=1e-5)
+
+
+def test_sliding_bad_stride(model):
+    from qwenkit.eval.perplexity import sliding_perplexity
+
+    with pytest.raises(ValueError, match="stride"):
+        sliding_perplexity(model, list(range(40)), n_ctx=16, stride=16)

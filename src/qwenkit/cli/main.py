@@ -85,6 +85,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-model-len", type=int, default=None)
     g.add_argument("--kv-cache-memory", default=None, help='bytes or e.g. "2GiB"')
     g.add_argument("--block-size", type=int, default=None)
+    g.add_argument("--max-num-seqs", type=int, default=None, help="sequences per engine step")
+    g.add_argument("--max-num-batched-tokens", type=int, default=None, help="tokens per engine step (prefill chunk)")
+    add_streaming_args(g)
     g.add_argument("--threads", type=int, default=None)
     g.add_argument("--quantization", "-q", default="auto",
                    help="runtime weight format: auto (= int8, see qwenkit.quant.policy), none (fp32), int8, "
@@ -96,11 +99,24 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     add_rope_scaling_arg(g)
 
 
+def add_streaming_args(g: Any) -> None:
+    """StreamingLLM flags (shared with `serve`): the bounded-memory mode for endless chats."""
+    g.add_argument("--streaming-window", type=int, default=None, metavar="N",
+                   help="attend to the last N tokens plus the sink tokens; older KV blocks are freed, so "
+                        "memory stays bounded and a request may run past --max-model-len")
+    g.add_argument("--num-sink-tokens", type=int, default=None, metavar="K",
+                   help="first tokens kept visible with --streaming-window (default 4)")
+
+
 def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     out = {
         "max_model_len": args.max_model_len,
         "kv_cache_memory": args.kv_cache_memory,
         "block_size": args.block_size,
+        "max_num_seqs": args.max_num_seqs,
+        "max_num_batched_tokens": args.max_num_batched_tokens,
+        "streaming_window": args.streaming_window,
+        "num_sink_tokens": args.num_sink_tokens,
     }
     return {k: v for k, v in out.items() if v is not None}
 
@@ -308,6 +324,7 @@ def _add_optional_subcommands(sub: Any) -> None:
     from qwenkit.bench.cli import add_bench_parser
     from qwenkit.cli.data import add_data_parser
     from qwenkit.eval.cli import add_eval_parser
+    from qwenkit.cli.long import add_summarize_parser
     from qwenkit.cli.quantize import add_quantize_parser
     from qwenkit.serve.cli import add_serve_parser
     from qwenkit.train.cli import add_train_parser
@@ -318,6 +335,7 @@ def _add_optional_subcommands(sub: Any) -> None:
     add_bench_parser(sub)
     add_train_parser(sub)
     add_data_parser(sub)
+    add_summarize_parser(sub)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

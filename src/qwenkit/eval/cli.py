@@ -1,4 +1,4 @@
-"""`qwenkit eval humaneval|mbpp|ppl ...` — registered by the main CLI via `add_eval_parser`."""
+"""`qwenkit eval humaneval|mbpp|ppl|passkey ...` — registered by the main CLI via `add_eval_parser`."""
 from __future__ import annotations
 
 import argparse
@@ -118,7 +118,7 @@ def cmd_codegen(args: argparse.Namespace) -> int:
 
 
 def cmd_ppl(args: argparse.Namespace) -> int:
-    from qwenkit.eval.perplexity import llama_tokenize, perplexity
+    from qwenkit.eval.perplexity import llama_tokenize, perplexity, sliding_perplexity
     from qwenkit.eval.report import write_json
 
     text = Path(args.text).read_text(encoding="utf-8")
@@ -126,13 +126,19 @@ def cmd_ppl(args: argparse.Namespace) -> int:
     tok = loaded.tokenizer
     ids = llama_tokenize(tok, text)
     bos = tok.bos_token_id if getattr(tok, "add_bos_token", False) else None
-    logger.info("%d tokens; %d windows of %d", len(ids), len(ids) // args.ctx, args.ctx)
 
     def on_chunk(i: int, ppl: float) -> None:
         print(f"[{i + 1}]{ppl:.4f},", end="", flush=True)
 
-    res = perplexity(loaded.model, ids, n_ctx=args.ctx, batch_size=args.batch_size, max_chunks=args.chunks,
-                     bos_token_id=bos, on_chunk=on_chunk)  # fmt: skip
+    if args.stride is not None:
+        logger.info("%d tokens; windows of %d every %d tokens", len(ids), args.ctx, args.stride)
+        res = sliding_perplexity(loaded.model, ids, n_ctx=args.ctx, stride=args.stride, on_chunk=on_chunk)
+        convention = f"sliding windows of {args.ctx} every {args.stride} tokens, each token scored once"
+    else:
+        logger.info("%d tokens; %d windows of %d", len(ids), len(ids) // args.ctx, args.ctx)
+        res = perplexity(loaded.model, ids, n_ctx=args.ctx, batch_size=args.batch_size, max_chunks=args.chunks,
+                         bos_token_id=bos, on_chunk=on_chunk)  # fmt: skip
+        convention = "llama.cpp llama-perplexity (second half of each window)"
     print(f"\nFinal estimate: PPL = {res.ppl:.4f} +/- {res.ppl_stderr:.5f}")
     print(
         f"{loaded.source.name}: {res.n_chunks} windows x {res.n_ctx} tokens, {res.n_scored} scored, "
@@ -140,11 +146,69 @@ def cmd_ppl(args: argparse.Namespace) -> int:
     )
     if args.output:
         out = {
-            "model": loaded.source.name, "text": str(args.text), "ctx": res.n_ctx, "ppl": res.ppl,
-            "ppl_stderr": res.ppl_stderr, "nll": res.nll, "n_chunks": res.n_chunks, "n_scored": res.n_scored,
-            "running": res.running, "seconds": res.seconds, "tokens_per_second": res.tokens_per_second,
-            "runtime": _runtime(loaded, args), "convention": "llama.cpp llama-perplexity (second half of each window)",
+            "model": loaded.source.name, "text": str(args.text), "ctx": res.n_ctx, "stride": args.stride,
+            "ppl": res.ppl, "ppl_stderr": res.ppl_stderr, "nll": res.nll, "n_chunks": res.n_chunks,
+            "n_scored": res.n_scored, "running": res.running, "seconds": res.seconds,
+            "tokens_per_second": res.tokens_per_second, "runtime": _runtime(loaded, args), "convention": convention,
         }  # fmt: skip
+        print(f"results: {write_json(out, args.output)}")
+    return 0
+
+
+def _engine_options(p: argparse.ArgumentParser) -> None:
+    """Engine flags (vLLM names) for evals that generate through `qwenkit.LLM`."""
+    g = p.add_argument_group("engine")
+    g.add_argument("--max-model-len", type=int, default=None, help="default: the longest prompt + max tokens")
+    g.add_argument("--kv-cache-memory", default=None, help='KV cache size, e.g. "2GiB"')
+    g.add_argument("--max-num-seqs", type=int, default=None, help="concurrent sequences")
+    g.add_argument("--max-num-batched-tokens", type=int, default=None, help="prefill chunk budget per step")
+    g.add_argument("--block-size", type=int, default=None)
+    g.add_argument("--streaming-window", type=int, default=None,
+                   help="StreamingLLM mode: attend to the last N tokens plus the sink tokens")  # fmt: skip
+    g.add_argument("--num-sink-tokens", type=int, default=None, help="with --streaming-window (default 4)")
+    g.add_argument("--engine-arg", action="append", default=[], metavar="KEY=VALUE",
+                   help="any other qwenkit.LLM / engine argument (VALUE parsed as JSON when it is JSON); repeatable")  # fmt: skip
+
+
+def _engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    import json
+
+    names = ("max_model_len", "kv_cache_memory", "max_num_seqs", "max_num_batched_tokens", "block_size",
+             "streaming_window", "num_sink_tokens")  # fmt: skip
+    out = {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
+    for item in args.engine_arg:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--engine-arg {item!r}: expected KEY=VALUE")
+        try:
+            value: Any = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        out[key.strip().replace("-", "_")] = value
+    return out
+
+
+def cmd_passkey(args: argparse.Namespace) -> int:
+    from qwenkit.engine.llm import LLM
+    from qwenkit.eval.passkey import parse_depths, parse_length, run_passkey
+    from qwenkit.eval.report import write_json
+
+    lengths = [parse_length(x) for x in args.lengths.split(",")]
+    depths = parse_depths(args.depths)
+    kwargs = _engine_kwargs(args)
+    kwargs.setdefault("max_model_len", max(lengths) + args.max_tokens)
+    loaded = _load(args)
+    try:
+        llm = LLM(loaded, **kwargs)
+    except TypeError as e:  # an unknown engine argument
+        raise ValueError(f"engine options {kwargs}: {e}") from None
+    res = run_passkey(llm, lengths, depths, args.num_samples, args.seed, args.max_tokens, not args.no_progress)
+    model_name = loaded.source.name or str(args.model)
+    print(f"passkey retrieval, {model_name} ({_quant_label(loaded, args)}), greedy; engine: {kwargs}")
+    print(res.table())
+    if args.output:
+        out = {"model": model_name, **res.to_json(), "num_samples": args.num_samples, "seed": args.seed,
+               "engine_args": kwargs, "runtime": _runtime(loaded, args)}  # fmt: skip
         print(f"results: {write_json(out, args.output)}")
     return 0
 
@@ -171,7 +235,7 @@ def add_eval_parser(subparsers: Any) -> argparse.ArgumentParser:
     from qwenkit.eval.mbpp import DEFAULT_TIMEOUT_S as MBPP_TIMEOUT_S
     from qwenkit.eval.protocols import PROTOCOLS
 
-    ev = subparsers.add_parser("eval", help="evaluate: HumanEval, MBPP+, perplexity")
+    ev = subparsers.add_parser("eval", help="evaluate: HumanEval, MBPP+, perplexity, passkey retrieval")
     sub = ev.add_subparsers(dest="eval_command", required=True)
     for name, helptext in (("humaneval", "HumanEval (164 problems, base tests)"), ("mbpp", "MBPP+ (399 tasks)")):
         p = sub.add_parser(name, help=helptext)
@@ -210,7 +274,20 @@ def add_eval_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--ctx", type=int, default=512, help="window size (llama-perplexity -c)")
     p.add_argument("--batch-size", type=int, default=1, help="windows per forward pass")
     p.add_argument("--chunks", type=int, default=None, help="score at most this many windows")
+    p.add_argument("--stride", type=int, default=None,
+                   help="sliding windows of --ctx tokens every STRIDE (< ctx) tokens, each token scored once "
+                        "(transformers' convention; for one long text) instead of llama-perplexity's")  # fmt: skip
     p.set_defaults(func=cmd_ppl)
+
+    p = sub.add_parser("passkey", help="passkey retrieval in garbage text at given lengths and depths")
+    _common(p)
+    p.add_argument("--lengths", default="4k", help="prompt lengths in tokens, comma-separated (4096, 4k, 8k, ...)")
+    p.add_argument("--depths", default="0,0.25,0.5,0.75,1", help="key positions as fractions of the text")
+    p.add_argument("--num-samples", type=int, default=1, help="prompts (random keys) per length and depth")
+    p.add_argument("--seed", type=int, default=0, help="seed of the keys")
+    p.add_argument("--max-tokens", type=int, default=12, help="tokens generated per prompt")
+    _engine_options(p)
+    p.set_defaults(func=cmd_passkey)
     return ev
 
 

@@ -8,6 +8,11 @@ windows are required). Each window is evaluated from scratch and only its second
 scored: logits at positions `first = n_ctx // 2` … `n_ctx - 2` predict tokens `first + 1` …
 `n_ctx - 1`, i.e. `n_ctx - 1 - first` tokens per window. PPL = exp(mean NLL) over all scored
 tokens; the ± is llama.cpp's: ppl * sqrt(var(NLL) / (count - 1)).
+
+`sliding_perplexity` is the other common convention (transformers' "perplexity of fixed-length
+models"), for one long text: windows of `n_ctx` tokens start every `stride` tokens and each
+scores only the tokens no earlier window scored, so every token but the first is scored once,
+with at least `n_ctx - stride` tokens of context once the text is longer than a window.
 """
 from __future__ import annotations
 
@@ -30,11 +35,13 @@ class PerplexityResult:
     n_scored: int
     running: list[float] = field(default_factory=list)  # cumulative PPL after each chunk
     seconds: float = 0.0
+    n_evaluated: int | None = None  # tokens run through the model (default: n_chunks * n_ctx)
 
     @property
     def tokens_per_second(self) -> float:
         """Tokens evaluated (whole windows) per second."""
-        return self.n_chunks * self.n_ctx / self.seconds if self.seconds > 0 else 0.0
+        n = self.n_chunks * self.n_ctx if self.n_evaluated is None else self.n_evaluated
+        return n / self.seconds if self.seconds > 0 else 0.0
 
     def llama_log(self) -> str:
         """The lines llama-perplexity prints."""
@@ -119,3 +126,54 @@ def perplexity(
     var = nll2_sum / count - mean * mean
     stderr = ppl * math.sqrt(var / (count - 1)) if var > 0 else float("nan")
     return PerplexityResult(ppl, stderr, mean, n_ctx, n_chunk, count, running, seconds)
+
+
+@torch.inference_mode()
+def sliding_perplexity(
+    model: Any,
+    token_ids: Sequence[int],
+    n_ctx: int,
+    stride: int,
+    on_chunk: Callable[[int, float], None] | None = None,
+) -> PerplexityResult:
+    """Strided sliding-window perplexity of one text (see the module docstring)."""
+    if n_ctx < 2:
+        raise ValueError(f"n_ctx must be >= 2, got {n_ctx}")
+    if not 1 <= stride < n_ctx:  # each window needs one token of context before its first target
+        raise ValueError(f"stride must be in [1, n_ctx={n_ctx}), got {stride}")
+    n = len(token_ids)
+    if n < 2:
+        raise ValueError(f"need at least 2 tokens, the text has {n}")
+    device = next(model.parameters()).device
+    tokens = torch.tensor(list(token_ids), dtype=torch.long, device=device)
+    nll_sum = nll2_sum = 0.0
+    count = 0
+    running: list[float] = []
+    prev_end = 1  # token 0 has no context: never scored
+    evaluated = 0
+    t0 = time.perf_counter()
+    for begin in range(0, n, stride):
+        end = min(begin + n_ctx, n)
+        if end <= prev_end:
+            break
+        ids = tokens[None, begin:end]  # (1, L)
+        evaluated += end - begin
+        first = prev_end - 1 - begin  # window index of the logit that predicts token prev_end
+        logits = _window_logits(model, ids, first)[0]  # (end - prev_end, V)
+        logprobs = torch.log_softmax(logits, dim=-1)
+        nll = -logprobs.gather(-1, tokens[prev_end:end, None]).squeeze(-1).double()
+        nll_sum += float(nll.sum())
+        nll2_sum += float((nll * nll).sum())
+        count += nll.numel()
+        running.append(math.exp(nll_sum / count))
+        if on_chunk is not None:
+            on_chunk(len(running) - 1, running[-1])
+        prev_end = end
+        if end == n:
+            break
+    seconds = time.perf_counter() - t0
+    mean = nll_sum / count
+    ppl = math.exp(mean)
+    var = nll2_sum / count - mean * mean
+    stderr = ppl * math.sqrt(var / (count - 1)) if var > 0 and count > 1 else float("nan")
+    return PerplexityResult(ppl, stderr, mean, n_ctx, len(running), count, running, seconds, evaluated)

@@ -47,6 +47,10 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
     g.add_argument("--block-size", type=int, default=16)
     g.add_argument("--kv-cache-memory", default=None, help="KV-cache budget, e.g. 2GiB (default: a share of free RAM)")
     g.add_argument("--no-enable-prefix-caching", dest="enable_prefix_caching", action="store_false")
+    g.add_argument("--streaming-window", type=int, default=None, metavar="N",
+                   help="StreamingLLM: attend to the last N tokens plus the sink tokens; KV memory stays bounded")
+    g.add_argument("--num-sink-tokens", type=int, default=None, metavar="K",
+                   help="first tokens kept visible with --streaming-window (default 4)")
     p.set_defaults(func=cmd_serve)
     return p
 
@@ -58,7 +62,7 @@ def settings_from_args(args: argparse.Namespace) -> Any:
         "block_size": args.block_size,
         "enable_prefix_caching": args.enable_prefix_caching,
     }
-    for name in ("max_num_batched_tokens", "max_model_len", "kv_cache_memory"):
+    for name in ("max_num_batched_tokens", "max_model_len", "kv_cache_memory", "streaming_window", "num_sink_tokens"):
         if getattr(args, name) is not None:
             engine_args[name] = getattr(args, name)
     origins = tuple(o.strip() for arg in args.allowed_origins for o in arg.split(",") if o.strip())

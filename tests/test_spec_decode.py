@@ -294,3 +294,57 @@ def test_sampled_tokens_keep_the_target_distribution(method) -> None:
     tv = 0.5 * np.abs(c12.sum(0) / NUM_SAMPLES - joint12.sum(0)).sum()
     assert tv < 0.07, tv
     assert_no_leaks(engine)
+
+
+# ---------------------------------------------------------------------- CLI and /metrics
+def test_cli_flags_and_generate_end_to_end(tiny_hf_dir, capsys) -> None:
+    import argparse
+    import json
+
+    from qwenkit.cli.main import build_parser, engine_kwargs, main
+    from qwenkit.serve.cli import add_serve_parser, settings_from_args
+
+    args = build_parser().parse_args(["generate", "m", "--speculative-method", "ngram", "--num-speculative-tokens", "3"])
+    assert engine_kwargs(args)["speculative_config"] == {"method": "ngram", "num_speculative_tokens": 3}
+    args = build_parser().parse_args(["generate", "m", "--speculative-model", "d", "-q", "int8"])
+    assert engine_kwargs(args)["speculative_config"] == {"model": "d", "num_speculative_tokens": 4, "quantization": "int8"}
+    with pytest.raises(ValueError, match="--num-speculative-tokens needs"):
+        engine_kwargs(build_parser().parse_args(["generate", "m", "--num-speculative-tokens", "3"]))
+    parser = argparse.ArgumentParser()
+    add_serve_parser(parser.add_subparsers(dest="command"))
+    s = settings_from_args(parser.parse_args(["serve", "m", "--speculative-method", "ngram", "--prompt-lookup-max", "2"]))
+    assert s.engine_args["speculative_config"] == {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 2}
+
+    def generate(*flags: str) -> dict:
+        assert main(["generate", "-m", str(tiny_hf_dir), "-q", "none", "-t", "0", "-n", "16", "--ignore-eos", "--json",
+                     *flags, "abc abc abc abc"]) == 0  # fmt: skip
+        return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+    plain = generate()
+    for flags in (["--speculative-method", "ngram"], ["--speculative-model", str(tiny_hf_dir), "--num-speculative-tokens", "2"]):
+        out = generate(*flags)
+        assert (out["token_ids"], out["text"]) == (plain["token_ids"], plain["text"])
+
+
+def test_metrics_report_acceptance(model, prompts) -> None:
+    from types import SimpleNamespace
+
+    from qwenkit.serve.engine_client import AsyncEngineClient
+    from qwenkit.serve.metrics import ServerMetrics
+
+    engine = make_engine(model, SPECS["draft-other"](), max_num_seqs=8)
+    run_engine(engine, prompts, greedy(MAX_TOKENS))
+    s = engine.stats()
+    stats = AsyncEngineClient.stats(SimpleNamespace(core=engine))
+    text = ServerMetrics("m", lambda: stats).render().decode()
+
+    def value(name: str) -> float:
+        line = next(x for x in text.splitlines() if x.startswith(f"qwenkit:{name}{{"))
+        return float(line.rsplit(" ", 1)[1])
+
+    assert value("spec_decode_num_drafts_total") == s["spec_decode_num_drafts"] > 0
+    assert value("spec_decode_num_accepted_tokens_total") == s["spec_decode_num_accepted_tokens"]
+    assert value("spec_decode_num_draft_tokens_total") == s["spec_decode_num_draft_tokens"]
+    rate = s["spec_decode_num_accepted_tokens"] / s["spec_decode_num_draft_tokens"]
+    assert 0 < rate < 1 and abs(value("spec_decode_acceptance_rate") - rate) < 1e-9
+    assert abs(value("spec_decode_mean_acceptance_length") - (1 + s["spec_decode_num_accepted_tokens"] / s["spec_decode_num_drafts"])) < 1e-9

@@ -91,13 +91,19 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                         "int4, mixed, ... (`qwenkit eval quant` compares them)")
     g.add_argument("--lora", default=None, metavar="PATH",
                    help="LoRA adapter folder (peft format) merged into the weights at load, before quantizing")
+    from qwenkit.engine.spec_decode import add_speculative_args
+
+    add_speculative_args(p)
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    from qwenkit.engine.spec_decode import speculative_config_from_args
+
     out = {
         "max_model_len": args.max_model_len,
         "kv_cache_memory": args.kv_cache_memory,
         "block_size": args.block_size,
+        "speculative_config": speculative_config_from_args(args),
     }
     return {k: v for k, v in out.items() if v is not None}
 

@@ -467,3 +467,32 @@ class SpecDecoder:
             "spec_decode_mean_acceptance_length": 1 + self.num_accepted_tokens / self.num_drafts if self.num_drafts else 0.0,
             **self.proposer.stats(),
         }
+
+
+# ---------------------------------------------------------------------- command-line flags
+def add_speculative_args(parser: Any) -> None:
+    """`--speculative-model`, `--speculative-method`, `--num-speculative-tokens` (vLLM's flags)."""
+    g = parser.add_argument_group("speculative decoding")
+    g.add_argument("--speculative-model", default=None, help="draft model (same tokenizer), e.g. qwen2.5-coder-0.5b-instruct")
+    g.add_argument("--speculative-method", default=None, choices=list(METHODS),
+                   help="ngram: prompt lookup (no draft model); draft_model (implied by --speculative-model)")  # fmt: skip
+    g.add_argument("--num-speculative-tokens", type=int, default=None, help="draft tokens per step (default 4)")
+    g.add_argument("--prompt-lookup-max", type=int, default=None, help="ngram: longest suffix matched (default 4)")
+    g.add_argument("--prompt-lookup-min", type=int, default=None, help="ngram: shortest suffix matched (default 1)")
+
+
+def speculative_config_from_args(args: Any) -> dict[str, Any] | None:
+    """The `speculative_config` dict the flags describe; None when speculation is off."""
+    model, method = getattr(args, "speculative_model", None), getattr(args, "speculative_method", None)
+    if model is None and method is None:
+        if getattr(args, "num_speculative_tokens", None) is not None:
+            raise ValueError("--num-speculative-tokens needs --speculative-model or --speculative-method ngram")
+        return None
+    out: dict[str, Any] = {"method": method, "model": model, "num_speculative_tokens": args.num_speculative_tokens or 4}
+    if method == "ngram" or model is None:
+        out["prompt_lookup_max"] = args.prompt_lookup_max
+        out["prompt_lookup_min"] = args.prompt_lookup_min
+    if model is not None and getattr(args, "quantization", None):
+        out["quantization"] = args.quantization
+    SpeculativeConfig.from_dict(out)  # bad flags fail here, before any model loads
+    return {k: v for k, v in out.items() if v is not None}

@@ -44,6 +44,9 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
     g.add_argument("--block-size", type=int, default=16)
     g.add_argument("--kv-cache-memory", default=None, help="KV-cache budget, e.g. 2GiB (default: a share of free RAM)")
     g.add_argument("--no-enable-prefix-caching", dest="enable_prefix_caching", action="store_false")
+    from qwenkit.engine.spec_decode import add_speculative_args
+
+    add_speculative_args(p)
     p.set_defaults(func=cmd_serve)
     return p
 
@@ -58,6 +61,11 @@ def settings_from_args(args: argparse.Namespace) -> Any:
     for name in ("max_num_batched_tokens", "max_model_len", "kv_cache_memory"):
         if getattr(args, name) is not None:
             engine_args[name] = getattr(args, name)
+    from qwenkit.engine.spec_decode import speculative_config_from_args
+
+    spec = speculative_config_from_args(args)
+    if spec is not None:
+        engine_args["speculative_config"] = spec
     origins = tuple(o.strip() for arg in args.allowed_origins for o in arg.split(",") if o.strip())
     return ServerSettings(
         model=str(args.model),

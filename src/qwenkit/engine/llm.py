@@ -44,7 +44,8 @@ class LLM:
     dtype / its name), `device`. `seed` seeds torch's global generator, so requests without a
     seed of their own are reproducible run to run (vLLM's meaning). Engine arguments use vLLM's
     names (`block_size`, `max_num_seqs`, `max_num_batched_tokens`, `enable_prefix_caching`,
-    `kv_cache_memory`, `max_model_len`) plus `streaming_window` / `num_sink_tokens`.
+    `kv_cache_memory`, `max_model_len`, `speculative_config`) plus `streaming_window` /
+    `num_sink_tokens`.
     """
 
     def __init__(

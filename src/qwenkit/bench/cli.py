@@ -1,4 +1,4 @@
-"""CLI hook: `qwenkit bench decode|batch|prefill|all|throughput|kernels|train|rollout|moe`.
+"""CLI hook: `qwenkit bench decode|batch|prefill|all|throughput|kernels|train|rollout|moe|spec`.
 
 The main CLI registers it with ``add_bench_parser(subparsers)``. `decode`, `batch`, `prefill` and `all`
 run `qwenkit.bench.decode` (qwenkit vs llama.cpp vs transformers, one subprocess per engine);
@@ -100,6 +100,12 @@ def add_bench_parser(subparsers: Any) -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="training tok/s, peak RSS and first-step loss vs TRL SFTTrainer (full, LoRA)")
     train_bench.add_arguments(p)
     p.set_defaults(func=train_bench.cmd_train)
+
+    from qwenkit.bench import spec as spec_bench
+
+    p = sub.add_parser("spec", help="speculative decoding (n-gram, draft model) vs plain decoding, single stream")
+    spec_bench.add_arguments(p)
+    p.set_defaults(func=spec_bench.cmd_spec)
 
     from qwenkit.bench import rollout as rollout_bench
 

@@ -97,6 +97,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     from qwenkit.loaders.load import add_rope_scaling_arg
 
     add_rope_scaling_arg(g)
+    from qwenkit.engine.spec_decode import add_speculative_args
+
+    add_speculative_args(p)
 
 
 def add_streaming_args(g: Any) -> None:
@@ -109,6 +112,8 @@ def add_streaming_args(g: Any) -> None:
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    from qwenkit.engine.spec_decode import speculative_config_from_args
+
     out = {
         "max_model_len": args.max_model_len,
         "kv_cache_memory": args.kv_cache_memory,
@@ -117,6 +122,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "max_num_batched_tokens": args.max_num_batched_tokens,
         "streaming_window": args.streaming_window,
         "num_sink_tokens": args.num_sink_tokens,
+        "speculative_config": speculative_config_from_args(args),
     }
     return {k: v for k, v in out.items() if v is not None}
 

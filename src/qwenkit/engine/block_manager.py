@@ -173,6 +173,16 @@ class BlockManager:
                 self._decref(block_id)
         seq.block_table.clear()
 
+    def trim(self, seq: Sequence, num_tokens: int) -> None:
+        """Keep only the blocks holding the first `num_tokens` positions (speculative decoding
+        gives back the room of rejected draft tokens). Trimmed blocks were never full and
+        computed, so they carry no hash and go to the front of the free list."""
+        keep = -(-num_tokens // self.block_size)
+        while len(seq.block_table) > keep:
+            block_id = seq.block_table.pop()
+            if block_id >= 0:
+                self._decref(block_id)
+
     def release_out_of_window(self, seq: Sequence, first_visible_pos: int, num_sink_blocks: int) -> int:
         """Release blocks wholly before `first_visible_pos`, except the first `num_sink_blocks`.
 

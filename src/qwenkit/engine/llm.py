@@ -44,9 +44,9 @@ class LLM:
     dtype / its name), `device`. `seed` seeds torch's global generator, so requests without a
     seed of their own are reproducible run to run (vLLM's meaning). Engine arguments use vLLM's
     names (`block_size`, `max_num_seqs`, `max_num_batched_tokens`, `enable_prefix_caching`,
-    `kv_cache_memory`, `max_model_len`) plus `streaming_window` / `num_sink_tokens`.
-    `rope_scaling` (HF's dict or its JSON; also vLLM's ``hf_overrides={"rope_scaling": ...}``)
-    replaces the model's RoPE scaling (README, Long context).
+    `kv_cache_memory`, `max_model_len`, `speculative_config`) plus `streaming_window` /
+    `num_sink_tokens`. `rope_scaling` (HF's dict or its JSON; also vLLM's
+    ``hf_overrides={"rope_scaling": ...}``) replaces the model's RoPE scaling (README, Long context).
     """
 
     def __init__(

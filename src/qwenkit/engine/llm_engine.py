@@ -37,6 +37,7 @@ from qwenkit.engine.outputs import (
 from qwenkit.engine.sampler import SamplerOutput
 from qwenkit.engine.scheduler import Scheduler
 from qwenkit.engine.sequence import Sequence
+from qwenkit.engine.spec_decode import SpecDecoder, SpeculativeConfig
 from qwenkit.engine.stop import find_stop, stop_holdback
 from qwenkit.engine.structured_output import StructuredOutputManager
 from qwenkit.loaders.load import load
@@ -71,6 +72,8 @@ class EngineConfig:
     num_sink_tokens: int = 4
     # False: run the module as given (no fused CPU modules swapped in), e.g. a module being trained
     install_cpu_runtime: bool = True
+    # vLLM's speculative_config dict (engine/spec_decode.py): n-gram prompt lookup or a draft model
+    speculative_config: Mapping[str, Any] | None = None
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> EngineConfig:
@@ -89,6 +92,8 @@ class EngineConfig:
             raise ValueError(f"streaming_window must be >= 1, got {self.streaming_window}")
         if self.num_sink_tokens < 0:
             raise ValueError(f"num_sink_tokens must be >= 0, got {self.num_sink_tokens}")
+        if self.speculative_config is not None and self.streaming_window is not None:
+            raise ValueError("speculative_config cannot be combined with streaming_window")
 
 
 class _Request:
@@ -225,6 +230,14 @@ class LLMEngine:
         self.num_prompt_tokens_computed = 0
         self.num_generation_tokens = 0
         self.num_steps = 0
+        self.spec: SpecDecoder | None = None
+        if cfg.speculative_config is not None:
+            self.spec = SpecDecoder(
+                SpeculativeConfig.from_dict(cfg.speculative_config), model=model, tokenizer=tokenizer,
+                sampler=self.model_runner.sampler, block_manager=self.block_manager, block_size=cfg.block_size,
+                kv_cache_memory=cfg.kv_cache_memory, max_useful_tokens=cfg.max_num_seqs * (self.max_model_len + cfg.block_size),
+                install_cpu_runtime=cfg.install_cpu_runtime,
+            )  # fmt: skip
 
     @classmethod
     def from_pretrained(cls, model: str, **engine_args: Any) -> LLMEngine:
@@ -340,7 +353,10 @@ class LLMEngine:
     # ------------------------------------------------------------------ stepping
     def step(self) -> list[RequestOutput]:
         outputs, self._aborted = self._aborted, []
+        if self.spec is not None:
+            self.spec.propose(self.scheduler.running, self.max_model_len)
         sched = self.scheduler.schedule()
+        score = self.spec.after_schedule(sched, self.scheduler) if self.spec is not None else None
         if not sched:
             assert not self.scheduler.has_unfinished(), "scheduler made no progress"
             return outputs
@@ -349,27 +365,36 @@ class LLMEngine:
             req = self._requests[seq.request_id]
             if req.metrics.first_scheduled_time is None:
                 req.metrics.first_scheduled_time = now
-            if n > 1 or seq.num_output_tokens == 0:
+            if (n > 1 and not (score and seq in score)) or seq.num_output_tokens == 0:
                 self.num_prompt_tokens_computed += n
-        result = self.model_runner.run(sched)
+        result = self.model_runner.run(sched, score)
         sampled_seqs, samples = result.sample_seqs, result.samples
+        spec_results = self.spec.verify(sched, result.scored) if self.spec is not None else []
         self.scheduler.advance(sched)
         self.num_steps += 1
         for chunk in result.prompt_logprobs:
             self._record_prompt_logprobs(chunk)
-        if samples is None:
+        if samples is None and not spec_results:
             return outputs
         now = time.monotonic()
         touched: dict[str, _Request] = {}
-        token_ids = samples.token_ids.tolist()
-        for i, seq in enumerate(sampled_seqs):
-            self._append_token(seq, token_ids[i], samples, i)
+        token_ids = samples.token_ids.tolist() if samples is not None else []
+        appends = [(seq, token_ids[i], samples, i) for i, seq in enumerate(sampled_seqs)]
+        for res in spec_results:  # speculative decoding: accepted tokens, in order, until a stop
+            del res.seq.token_ids[res.base_len :]
+            appends += [(res.seq, t, res.samples, j) for j, t in enumerate(res.tokens)]
+        for seq, token, rows, i in appends:
+            if seq.is_finished:
+                continue
+            self._append_token(seq, token, rows, i)
+            self.num_generation_tokens += 1
             req = self._requests[seq.request_id]
             touched[seq.request_id] = req
             if req.metrics.first_token_time is None:
                 req.metrics.first_token_time = now
             req.metrics.last_token_time = now
-        self.num_generation_tokens += len(sampled_seqs)
+        if self.spec is not None:
+            self.spec.release_finished()
         for rid, req in touched.items():
             if req.finished:
                 req.metrics.finished_time = now
@@ -504,4 +529,5 @@ class LLMEngine:
             "num_prompt_tokens_computed": self.num_prompt_tokens_computed,
             "num_generation_tokens": self.num_generation_tokens,
             "num_steps": self.num_steps,
+            **(self.spec.stats() if self.spec is not None else {}),
         }

@@ -11,7 +11,9 @@ the sampler runs the others (one (B, V) additive tensor) after taking the raw lo
 from __future__ import annotations
 
 import functools
+import itertools
 from dataclasses import dataclass, field
+from typing import Mapping
 
 import torch
 from torch import nn
@@ -65,6 +67,7 @@ class StepOutput:
     sample_seqs: list[Sequence]
     samples: SamplerOutput | None
     prompt_logprobs: list[PromptLogprobs] = field(default_factory=list)
+    scored: dict[Sequence, torch.Tensor] = field(default_factory=dict)  # see `ModelRunner.run`
 
 
 class ModelRunner:
@@ -159,8 +162,11 @@ class ModelRunner:
         )
 
     @torch.inference_mode()
-    def run(self, out: SchedulerOutput) -> StepOutput:
-        """One forward over the scheduled tokens; returns the samples and prompt log-probs."""
+    def run(self, out: SchedulerOutput, score: Mapping[Sequence, int] | None = None) -> StepOutput:
+        """One forward over the scheduled tokens; returns the samples and prompt log-probs.
+
+        `score` (speculative decoding): sequences whose last `score[seq]` positions get their
+        raw logits returned in `StepOutput.scored` instead of being sampled."""
         inputs = self.prepare(out)
         if inputs.rope_factor_index is None:
             hidden = self.model.hidden_states(inputs.input_ids, inputs.positions, inputs.attn_metadata)
@@ -169,10 +175,18 @@ class ModelRunner:
                 inputs.input_ids, inputs.positions, inputs.attn_metadata, rope_factor_index=inputs.rope_factor_index
             )
         prompt_logprobs = [self._prompt_logprobs(hidden, chunk) for chunk in inputs.prompt_chunks]
+        scored: dict[Sequence, torch.Tensor] = {}
+        if score:
+            for seq, end in zip(out.seqs, itertools.accumulate(out.num_new_tokens)):
+                if seq in score:
+                    scored[seq] = self.model.compute_logits(hidden[end - score[seq] : end])  # (m, V)
+            keep = [i for i, s in enumerate(inputs.sample_seqs) if s not in scored]
+            inputs.sample_seqs = [inputs.sample_seqs[i] for i in keep]
+            inputs.sample_index = inputs.sample_index[keep]
         if not inputs.sample_seqs:
-            return StepOutput([], None, prompt_logprobs)
+            return StepOutput([], None, prompt_logprobs, scored)
         logits = self.model.compute_logits(hidden[inputs.sample_index])  # (S_sample, V)
-        return StepOutput(inputs.sample_seqs, self.sample(logits, inputs.sample_seqs), prompt_logprobs)
+        return StepOutput(inputs.sample_seqs, self.sample(logits, inputs.sample_seqs), prompt_logprobs, scored)
 
     def _prompt_logprobs(self, hidden: torch.Tensor, chunk: PromptChunk) -> PromptLogprobs:
         """Raw log-probs of the chunk's target tokens, in slices of PROMPT_LOGPROBS_ROWS rows."""

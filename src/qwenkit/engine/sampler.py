@@ -116,6 +116,35 @@ class Sampler:
     ) -> SamplerOutput:
         """`forbidden_token_ids[i]` are masked for row i; `process` maps the fp32 (B, V) logits
         to processed ones after the raw log-probs are taken (the engine's logits processors)."""
+        dist = self.distribution(logits, params, prompt_ids, output_ids, forbidden_token_ids, process=process)
+        token_ids = dist.greedy_ids
+        if dist.probs is not None:
+            probs = dist.probs
+            b, v = probs.shape
+            dev = probs.device
+            noise = torch.empty_like(probs)
+            unseeded = [i for i, g in enumerate(generators) if g is None]
+            if unseeded:
+                noise[unseeded] = torch.empty(len(unseeded), v, device=dev).exponential_()
+            for i, g in enumerate(generators):
+                if g is not None:
+                    noise[i] = torch.empty(v, device=dev).exponential_(generator=g)
+            sampled = (probs / noise).argmax(dim=-1)
+            token_ids = torch.where(dist.greedy, token_ids, sampled)
+        return dist.output(token_ids, params)
+
+    def distribution(
+        self,
+        logits: torch.Tensor,
+        params: list[SamplingParams],
+        prompt_ids: list[list[int]],
+        output_ids: list[list[int]],
+        forbidden_token_ids: list[list[int]] | None = None,
+        *,
+        process: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> Distribution:
+        """Everything up to the draw: the greedy choice of each row and, when some row samples,
+        the (B, V) distribution it samples from (speculative decoding verifies drafts on it)."""
         logits = logits.float()
         b, v = logits.shape
         dev = logits.device
@@ -135,7 +164,7 @@ class Sampler:
             logits = logits.index_put((torch.tensor(rows), torch.tensor(cols)), torch.tensor(float("-inf")))
 
         greedy = torch.tensor([p.temperature == 0 for p in params], device=dev)
-        token_ids = logits.argmax(dim=-1)
+        probs = None
         if not bool(greedy.all()):
             temp = torch.tensor([p.temperature or 1.0 for p in params], device=dev)
             top_k = torch.tensor([p.top_k if p.top_k > 0 else v for p in params], device=dev)
@@ -143,20 +172,24 @@ class Sampler:
             min_p = torch.tensor([p.min_p for p in params], device=dev)
             scaled = filter_logits(logits / temp[:, None], top_k.clamp(max=v), top_p, min_p)
             probs = scaled.softmax(dim=-1)  # (B, V)
-            noise = torch.empty_like(probs)
-            unseeded = [i for i, g in enumerate(generators) if g is None]
-            if unseeded:
-                noise[unseeded] = torch.empty(len(unseeded), v, device=dev).exponential_()
-            for i, g in enumerate(generators):
-                if g is not None:
-                    noise[i] = torch.empty(v, device=dev).exponential_(generator=g)
-            sampled = (probs / noise).argmax(dim=-1)
-            token_ids = torch.where(greedy, token_ids, sampled)
+        return Distribution(logits.argmax(dim=-1), greedy, probs, raw_logprobs)
 
+
+@dataclass
+class Distribution:
+    """One step's rows before the draw (see `Sampler.distribution`)."""
+
+    greedy_ids: torch.Tensor  # (B,) argmax of the processed, penalised logits
+    greedy: torch.Tensor  # (B,) bool: the row is greedy (temperature 0)
+    probs: torch.Tensor | None  # (B, V) sampling distribution; None when every row is greedy
+    raw_logprobs: torch.Tensor | None  # (B, V) when some row wants log-probs
+
+    def output(self, token_ids: torch.Tensor, params: list[SamplingParams]) -> SamplerOutput:
+        """The chosen tokens with their raw log-probs (and the top-k alternatives)."""
         out = SamplerOutput(token_ids=token_ids)
-        if raw_logprobs is not None:
-            out.logprobs = raw_logprobs.gather(1, token_ids[:, None])[:, 0]
+        if self.raw_logprobs is not None:
+            out.logprobs = self.raw_logprobs.gather(1, token_ids[:, None])[:, 0]
             k = max(p.logprobs or 0 for p in params)
             if k > 0:
-                out.top_logprobs, out.top_token_ids = raw_logprobs.topk(k, dim=-1)
+                out.top_logprobs, out.top_token_ids = self.raw_logprobs.topk(k, dim=-1)
         return out

@@ -51,6 +51,9 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="StreamingLLM: attend to the last N tokens plus the sink tokens; KV memory stays bounded")
     g.add_argument("--num-sink-tokens", type=int, default=None, metavar="K",
                    help="first tokens kept visible with --streaming-window (default 4)")
+    from qwenkit.engine.spec_decode import add_speculative_args
+
+    add_speculative_args(p)
     p.set_defaults(func=cmd_serve)
     return p
 
@@ -65,6 +68,11 @@ def settings_from_args(args: argparse.Namespace) -> Any:
     for name in ("max_num_batched_tokens", "max_model_len", "kv_cache_memory", "streaming_window", "num_sink_tokens"):
         if getattr(args, name) is not None:
             engine_args[name] = getattr(args, name)
+    from qwenkit.engine.spec_decode import speculative_config_from_args
+
+    spec = speculative_config_from_args(args)
+    if spec is not None:
+        engine_args["speculative_config"] = spec
     origins = tuple(o.strip() for arg in args.allowed_origins for o in arg.split(",") if o.strip())
     return ServerSettings(
         model=str(args.model),

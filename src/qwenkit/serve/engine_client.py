@@ -30,6 +30,9 @@ class EngineStats:
     prefix_cache_queries: int = 0  # prompt tokens (in full blocks) looked up in the prefix cache
     prefix_cache_hits: int = 0  # of those, tokens found
     num_preemptions: int = 0
+    spec_decode_num_drafts: int = 0  # speculative decoding: verifications, draft / accepted tokens
+    spec_decode_num_draft_tokens: int = 0
+    spec_decode_num_accepted_tokens: int = 0
 
     @property
     def kv_cache_usage(self) -> float:
@@ -114,6 +117,9 @@ class AsyncEngineClient:
             prefix_cache_queries=(s["prefix_cache_hits"] + s["prefix_cache_misses"]) * bs,
             prefix_cache_hits=s["prefix_cache_hits"] * bs,
             num_preemptions=s["num_preemptions"],
+            spec_decode_num_drafts=s.get("spec_decode_num_drafts", 0),
+            spec_decode_num_draft_tokens=s.get("spec_decode_num_draft_tokens", 0),
+            spec_decode_num_accepted_tokens=s.get("spec_decode_num_accepted_tokens", 0),
         )
 
     def shutdown(self) -> None:

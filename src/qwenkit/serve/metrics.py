@@ -50,6 +50,15 @@ class _EngineCollector(Collector):
         yield counter("prefix_cache_queries", "Prompt tokens (full blocks) looked up in the prefix cache.", s.prefix_cache_queries)
         yield counter("prefix_cache_hits", "Prompt tokens (full blocks) served by the prefix cache.", s.prefix_cache_hits)
         yield counter("num_preemptions", "Sequences preempted (recompute) for lack of KV blocks.", s.num_preemptions)
+        # Speculative decoding (vLLM's names); acceptance rate = accepted / draft tokens, mean
+        # acceptance length = 1 + accepted / drafts.
+        yield counter("spec_decode_num_drafts", "Speculative verifications (a sequence with drafts in a step).", s.spec_decode_num_drafts)
+        yield counter("spec_decode_num_draft_tokens", "Draft tokens proposed.", s.spec_decode_num_draft_tokens)
+        yield counter("spec_decode_num_accepted_tokens", "Draft tokens accepted.", s.spec_decode_num_accepted_tokens)
+        rate = s.spec_decode_num_accepted_tokens / s.spec_decode_num_draft_tokens if s.spec_decode_num_draft_tokens else 0.0
+        yield gauge("spec_decode_acceptance_rate", "Accepted / proposed draft tokens so far.", rate)
+        mean = 1 + s.spec_decode_num_accepted_tokens / s.spec_decode_num_drafts if s.spec_decode_num_drafts else 0.0
+        yield gauge("spec_decode_mean_acceptance_length", "Tokens per speculative verification (bonus included).", mean)
 
 
 class ServerMetrics:

@@ -95,9 +95,11 @@ class KVCache:
         return self._storage.numel() * self._storage.element_size()
 
     @staticmethod
-    def bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
+    def bytes_per_block(
+        config: ModelConfig, block_size: int, dtype: torch.dtype, num_kv_heads: int | None = None
+    ) -> int:
         itemsize = torch.empty((), dtype=dtype).element_size()
-        per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim
+        per_token = 2 * config.num_hidden_layers * (num_kv_heads or config.num_key_value_heads) * config.head_dim
         return per_token * block_size * itemsize
 
     @classmethod
@@ -109,11 +111,13 @@ class KVCache:
         dtype: torch.dtype,
         device: torch.device,
         max_useful_tokens: int | None = None,
+        num_kv_heads: int | None = None,
     ) -> KVCache:
         """As many blocks as fit in `memory` bytes (None: a share of what is free), never more
-        than `max_useful_tokens` need."""
+        than `max_useful_tokens` need. `num_kv_heads`: the heads this process stores (a
+        tensor-parallel rank's share; default all of them)."""
         budget = parse_memory(memory) if memory is not None else default_kv_cache_memory(device)
-        per_block = cls.bytes_per_block(config, block_size, dtype)
+        per_block = cls.bytes_per_block(config, block_size, dtype, num_kv_heads)
         num_blocks = budget // per_block
         if max_useful_tokens is not None and memory is None:
             num_blocks = min(num_blocks, -(-max_useful_tokens // block_size))
@@ -128,5 +132,5 @@ class KVCache:
         )
         return cls(
             config.num_hidden_layers, int(num_blocks), block_size,
-            config.num_key_value_heads, config.head_dim, dtype, device,
+            num_kv_heads or config.num_key_value_heads, config.head_dim, dtype, device,
         )  # fmt: skip

@@ -44,7 +44,8 @@ class LLM:
     dtype / its name), `device`. `seed` seeds torch's global generator, so requests without a
     seed of their own are reproducible run to run (vLLM's meaning). Engine arguments use vLLM's
     names (`block_size`, `max_num_seqs`, `max_num_batched_tokens`, `enable_prefix_caching`,
-    `kv_cache_memory`, `max_model_len`) plus `streaming_window` / `num_sink_tokens`.
+    `kv_cache_memory`, `max_model_len`, `tensor_parallel_size`: > 1 shards the float model over
+    that many processes, `qwenkit.engine.parallel`) plus `streaming_window` / `num_sink_tokens`.
     """
 
     def __init__(
@@ -62,7 +63,9 @@ class LLM:
         if seed is not None:
             torch.manual_seed(seed)
         if isinstance(model, (str, os.PathLike)):
-            model = load(model, dtype=_dtype(dtype), device=device, quantization=quantization or "auto")
+            if quantization is None:  # tensor parallel splits float weights only
+                quantization = "none" if engine_args.get("tensor_parallel_size", 1) > 1 else "auto"
+            model = load(model, dtype=_dtype(dtype), device=device, quantization=quantization)
         elif quantization is not None:
             raise ValueError(
                 "quantization= applies when LLM loads the model from a name or path; quantize an "

@@ -70,6 +70,8 @@ class EngineConfig:
     num_sink_tokens: int = 4
     # False: run the module as given (no fused CPU modules swapped in), e.g. a module being trained
     install_cpu_runtime: bool = True
+    # > 1: shard the model over that many processes (qwenkit.engine.parallel); rank 0 schedules
+    tensor_parallel_size: int = 1
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> EngineConfig:
@@ -88,6 +90,8 @@ class EngineConfig:
             raise ValueError(f"streaming_window must be >= 1, got {self.streaming_window}")
         if self.num_sink_tokens < 0:
             raise ValueError(f"num_sink_tokens must be >= 0, got {self.num_sink_tokens}")
+        if self.tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
 
 
 class _Request:
@@ -150,7 +154,12 @@ class LLMEngine:
         self.generation_defaults = dict(generation_defaults or {})
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
-        if self.device.type == "cpu" and cfg.install_cpu_runtime:
+        self.parallel = None
+        if cfg.tensor_parallel_size > 1:
+            from qwenkit.engine.parallel import TensorParallel
+
+            self.parallel = TensorParallel.start(model, cfg.tensor_parallel_size)
+        elif self.device.type == "cpu" and cfg.install_cpu_runtime:
             cpu.install(model)  # the fused C ops and one-call decode step (no-op if installed)
         mc = self.model_config
 
@@ -163,6 +172,7 @@ class LLMEngine:
         self.kv_cache = KVCache.from_memory_budget(
             mc, cfg.block_size, cfg.kv_cache_memory, self.dtype, self.device,
             max_useful_tokens=cfg.max_num_seqs * (self.max_model_len + cfg.block_size),
+            num_kv_heads=self.parallel.num_kv_heads if self.parallel else None,
         )  # fmt: skip
         capacity = self.kv_cache.num_slots
         self.streaming = cfg.streaming_window is not None
@@ -196,12 +206,13 @@ class LLMEngine:
             num_sink_tokens=cfg.num_sink_tokens if self.streaming else 0,
         )
         self.eos_token_ids = tuple(mc.eos_token_ids)
-        self.model_runner = ModelRunner(
-            model,
-            self.kv_cache,
-            streaming_window=cfg.streaming_window,
-            num_sink_tokens=cfg.num_sink_tokens,
-        )
+        runner_args = {"streaming_window": cfg.streaming_window, "num_sink_tokens": cfg.num_sink_tokens}
+        if self.parallel is not None:
+            from qwenkit.engine.parallel import TensorParallelModelRunner
+
+            self.model_runner: ModelRunner = TensorParallelModelRunner(model, self.kv_cache, self.parallel, **runner_args)
+        else:
+            self.model_runner = ModelRunner(model, self.kv_cache, **runner_args)
         # The grammar compiler is built on first use (needs the tokenizer).
         self.structured_output = StructuredOutputManager(tokenizer, mc.vocab_size, self.eos_token_ids)
         self._requests: dict[str, _Request] = {}
@@ -308,6 +319,11 @@ class LLMEngine:
     def reset_prefix_cache(self) -> bool:
         """Drop the prefix cache (after the model's weights changed); False while requests run."""
         return self.block_manager.reset_prefix_cache()
+
+    def shutdown(self) -> None:
+        """Stop the tensor-parallel workers, if any (also done when the engine is collected)."""
+        if self.parallel is not None:
+            self.parallel.shutdown()
 
     def has_unfinished_requests(self) -> bool:
         return bool(self._requests) or bool(self._aborted)

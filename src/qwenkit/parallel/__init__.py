@@ -1,0 +1,24 @@
+"""Model parallelism over torch.distributed: tensor-parallel module swaps (`tp.py`).
+
+Plain torch on the model layer: the engine (`qwenkit.engine.parallel`) starts the processes,
+runs the scheduler on rank 0 and broadcasts each step to the others.
+"""
+from qwenkit.parallel.tp import (
+    ParallelLMHead,
+    RowParallelLinear,
+    TensorParallelError,
+    VocabParallelEmbedding,
+    apply_tensor_parallel,
+    check_tensor_parallel,
+    local_kv_heads,
+)
+
+__all__ = [
+    "ParallelLMHead",
+    "RowParallelLinear",
+    "TensorParallelError",
+    "VocabParallelEmbedding",
+    "apply_tensor_parallel",
+    "check_tensor_parallel",
+    "local_kv_heads",
+]

@@ -1,0 +1,166 @@
+"""Tensor parallel (qwenkit.parallel + qwenkit.engine.parallel) against the single-process model.
+
+Tiny random Qwen2 models, 2 gloo processes x 1 thread. Oracles: the unsharded model's logits
+(fp32, relative error <= 1e-5) and its greedy tokens through the engine (identical).
+"""
+from __future__ import annotations
+
+import copy
+import datetime
+import os
+import signal
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from qwenkit.config import ModelConfig
+from qwenkit.model import Qwen2ForCausalLM
+from tests.tiny import tiny_hf_config
+
+RTOL = 1e-5
+CASES = {
+    "kv2": dict(num_key_value_heads=2),  # KV heads split: one per rank
+    "kv1_tied_odd_vocab": dict(num_key_value_heads=1, tie_word_embeddings=True, vocab_size=257),  # replicated KV
+}
+
+
+def _model(seed: int = 0, **overrides) -> Qwen2ForCausalLM:
+    torch.manual_seed(seed)
+    model = Qwen2ForCausalLM(ModelConfig.from_hf(tiny_hf_config(**overrides))).eval()
+    with torch.no_grad():  # non-zero biases and norms, so a wrong split cannot hide
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "norm" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    return model
+
+
+def _worker_logits(port: int, models: list[Qwen2ForCausalLM], ids: list[torch.Tensor]) -> None:
+    """Rank 1 of the logits test: its shard of each model, the same forwards as rank 0."""
+    from qwenkit.parallel import apply_tensor_parallel
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=1, world_size=2,
+                            timeout=datetime.timedelta(seconds=60))  # fmt: skip
+    try:
+        with torch.no_grad():
+            for model, x in zip(models, ids):
+                apply_tensor_parallel(model, 1, 2)(x)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_sharded_logits_equal_the_single_process_model() -> None:
+    """Both cases in one 2-process group: this process is rank 0, a spawned one rank 1."""
+    from qwenkit.engine.parallel import _free_port
+    from qwenkit.parallel import apply_tensor_parallel
+
+    models = [_model(**CASES[c]) for c in sorted(CASES)]
+    ids = [torch.randint(0, m.config.vocab_size, (2, 11)) for m in models]
+    port = _free_port()
+    worker = mp.get_context("spawn").Process(target=_worker_logits, args=(port, [copy.deepcopy(m) for m in models], ids))
+    worker.start()
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=2,
+                            timeout=datetime.timedelta(seconds=60))  # fmt: skip
+    try:
+        for case, model, x in zip(sorted(CASES), models, ids):
+            with torch.no_grad():
+                ref = model(x)
+                got = apply_tensor_parallel(copy.deepcopy(model), 0, 2)(x)
+            assert got.shape == ref.shape
+            rel = ((got - ref).abs().max() / ref.abs().max()).item()
+            assert rel <= RTOL, f"{case}: max relative error {rel:.2e}"
+    finally:
+        dist.destroy_process_group()
+        worker.join(timeout=30)
+    assert worker.exitcode == 0
+
+
+@pytest.fixture(scope="module", params=sorted(CASES))
+def tp_case(request: pytest.FixtureRequest):
+    """(case, single-process model, LLM with tensor_parallel_size=2 on a copy); the lost-worker
+    test kills its workers last."""
+    from qwenkit.engine.llm import LLM
+
+    model = _model(seed=1, **CASES[request.param])
+    os.environ["QWENKIT_TP_TIMEOUT"] = "5"  # read at start: the hung-worker case fails in 5 s
+    try:
+        llm = LLM(copy.deepcopy(model), tensor_parallel_size=2, **ENGINE)
+    finally:
+        del os.environ["QWENKIT_TP_TIMEOUT"]
+    yield request.param, model, llm
+    llm.llm_engine.shutdown()
+
+
+ENGINE = dict(block_size=4, kv_cache_memory="4MiB", max_num_batched_tokens=32, max_num_seqs=4)  # chunked prefill
+
+
+def test_greedy_through_llm_is_identical_with_two_ranks(tp_case) -> None:
+    from qwenkit.engine.llm import LLM
+    from qwenkit.sampling_params import SamplingParams
+
+    case, model, llm = tp_case
+    vocab = model.config.vocab_size
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(2, vocab, (n,), generator=g).tolist() for n in (5, 23, 40)]
+    # ignore_eos: all 24 tokens are compared; prompt_logprobs exercises the prompt-row logits.
+    params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True, logprobs=2, prompt_logprobs=1)
+    ref = LLM(copy.deepcopy(model), **ENGINE).generate(prompts, params, use_tqdm=False)
+    got = llm.generate(prompts, params, use_tqdm=False)
+    for r, o in zip(ref, got):
+        assert o.outputs[0].token_ids == r.outputs[0].token_ids
+        lp_ref = [lp[t].logprob for lp, t in zip(r.outputs[0].logprobs, r.outputs[0].token_ids)]
+        lp_got = [lp[t].logprob for lp, t in zip(o.outputs[0].logprobs, o.outputs[0].token_ids)]
+        assert lp_got == pytest.approx(lp_ref, rel=1e-4, abs=1e-5)
+        p_ref = [next(iter(d.values())).logprob for d in r.prompt_logprobs[1:]]
+        p_got = [next(iter(d.values())).logprob for d in o.prompt_logprobs[1:]]
+        assert p_got == pytest.approx(p_ref, rel=1e-4, abs=1e-5)
+
+
+def test_a_lost_worker_is_an_error_not_a_hang(tp_case) -> None:
+    """kv1 case: the worker is stopped (SIGSTOP, hangs): the step's collective times out.
+    kv2 case: the worker is killed: rank 0 sees its exit before the next step."""
+    from qwenkit.engine.parallel import WorkerLostError
+    from qwenkit.sampling_params import SamplingParams
+
+    case, _, llm = tp_case
+    hang = case.startswith("kv1")
+    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    prompt = list(range(2, 12))
+    worker = llm.llm_engine.parallel.procs[0]
+    os.kill(worker.pid, signal.SIGSTOP if hang else signal.SIGKILL)
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(WorkerLostError):
+            llm.generate([prompt], params, use_tqdm=False)
+        assert time.monotonic() - t0 < 30
+        with pytest.raises(WorkerLostError):  # stays failed: the engine cannot step any more
+            llm.generate([prompt], params, use_tqdm=False)
+    finally:
+        if hang:
+            os.kill(worker.pid, signal.SIGKILL)
+
+
+def test_bad_splits_and_quantized_models_are_refused_with_the_field_named() -> None:
+    from qwenkit.parallel import TensorParallelError, check_tensor_parallel
+
+    cfg = ModelConfig.from_hf(tiny_hf_config(num_attention_heads=4, num_key_value_heads=2))
+    with pytest.raises(TensorParallelError, match="num_attention_heads=4"):
+        check_tensor_parallel(cfg, 3)
+    with pytest.raises(TensorParallelError, match="intermediate_size=150"):
+        check_tensor_parallel(ModelConfig.from_hf(tiny_hf_config(intermediate_size=150)), 4)
+    from qwenkit.quant import quantize_model
+
+    model = quantize_model(_model(), "int8")
+    with pytest.raises(TensorParallelError, match="quantization='none'"):
+        check_tensor_parallel(model.config, 2, model)

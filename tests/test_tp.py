@@ -164,3 +164,84 @@ def test_bad_splits_and_quantized_models_are_refused_with_the_field_named() -> N
     model = quantize_model(_model(), "int8")
     with pytest.raises(TensorParallelError, match="quantization='none'"):
         check_tensor_parallel(model.config, 2, model)
+
+
+def test_server_with_two_ranks_serves_then_fails_ready_when_a_worker_dies(tiny_tokenizer) -> None:
+    """The app over a TP=2 engine: a completion equals the single-process one; a worker killed
+    while a request runs gives that request an error, then /ready and /health answer 503."""
+    import threading
+
+    from fastapi.testclient import TestClient
+
+    from qwenkit.engine.async_engine import AsyncLLMEngine
+    from qwenkit.engine.llm import LLM
+    from qwenkit.engine.llm_engine import LLMEngine
+    from qwenkit.sampling_params import SamplingParams
+    from qwenkit.serve.app import create_app
+    from qwenkit.serve.engine_client import AsyncEngineClient
+    from qwenkit.serve.settings import ServerSettings
+
+    model = _model(seed=2, vocab_size=len(tiny_tokenizer), num_key_value_heads=1)
+    prompt = [5, 6, 7, 8, 9]
+    ref = LLM(copy.deepcopy(model), tiny_tokenizer, **ENGINE).generate(
+        [prompt], SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True), use_tqdm=False
+    )[0].outputs[0]
+    engines = []
+
+    def factory() -> AsyncEngineClient:
+        core = LLMEngine(model, tiny_tokenizer, tensor_parallel_size=2, **ENGINE)
+        engines.append(core)
+        return AsyncEngineClient(AsyncLLMEngine(core), "tiny")
+
+    app = create_app(ServerSettings(model="tiny", structured_warmup=False), factory)
+    with TestClient(app) as c:
+        deadline = time.monotonic() + 120  # spawning a worker takes seconds on a busy machine
+        while c.get("/ready").status_code != 200 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        body = {"model": "tiny", "prompt": prompt, "max_tokens": 12, "temperature": 0.0, "ignore_eos": True}
+        assert c.get("/ready").status_code == 200
+        r = c.post("/v1/completions", json=body)
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["text"] == ref.text
+        long = {**body, "max_tokens": 400}
+        result = {}
+        t = threading.Thread(target=lambda: result.update(r=c.post("/v1/completions", json=long)))
+        t.start()
+        while not engines[0].scheduler.running and t.is_alive():  # the request is in the batch
+            time.sleep(0.01)
+        os.kill(engines[0].parallel.procs[0].pid, signal.SIGKILL)
+        t.join(30)
+        assert not t.is_alive()
+        assert result["r"].status_code >= 500 and "error" in result["r"].json()
+        assert c.get("/ready").status_code == 503 and c.get("/ready").json()["status"] == "error"
+        assert c.get("/health").status_code == 503
+        assert c.post("/v1/completions", json=body).status_code == 503
+
+
+@pytest.mark.slow
+def test_real_05b_tp2_equals_tp1(gguf_05b_path) -> None:
+    """The real 0.5B (fp32): greedy 64 tokens identical with 2 ranks, prompt log-probs within 1e-5."""
+    import gc
+
+    from qwenkit.engine.llm import LLM
+    from qwenkit.sampling_params import SamplingParams
+
+    prompts = ["def fibonacci(n):\n    ", "# Sort a list of dicts by key\n"]
+    params = SamplingParams(temperature=0.0, max_tokens=64, ignore_eos=True, prompt_logprobs=0)
+    kw = dict(quantization="none", dtype="float32", kv_cache_memory="128MiB")
+    torch.set_num_threads(2)
+    llm = LLM(str(gguf_05b_path), **kw)
+    ref = llm.generate(prompts, params, use_tqdm=False)
+    del llm
+    gc.collect()
+    torch.set_num_threads(1)
+    llm = LLM(str(gguf_05b_path), tensor_parallel_size=2, **kw)
+    try:
+        got = llm.generate(prompts, params, use_tqdm=False)
+    finally:
+        llm.llm_engine.shutdown()
+    for r, o in zip(ref, got):
+        assert o.outputs[0].token_ids == r.outputs[0].token_ids
+        p_ref = [next(iter(d.values())).logprob for d in r.prompt_logprobs[1:]]
+        p_got = [next(iter(d.values())).logprob for d in o.prompt_logprobs[1:]]
+        assert p_got == pytest.approx(p_ref, rel=1e-5, abs=1e-5)

@@ -91,6 +91,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                         "int4, mixed, ... (`qwenkit eval quant` compares them)")
     g.add_argument("--lora", default=None, metavar="PATH",
                    help="LoRA adapter folder (peft format) merged into the weights at load, before quantizing")
+    g.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
+                   help="shard the model over N processes (torch.distributed; float weights)")
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
@@ -99,6 +101,8 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "kv_cache_memory": args.kv_cache_memory,
         "block_size": args.block_size,
     }
+    if getattr(args, "tensor_parallel_size", 1) > 1:
+        out["tensor_parallel_size"] = args.tensor_parallel_size
     return {k: v for k, v in out.items() if v is not None}
 
 
@@ -109,8 +113,11 @@ class _Generator:
         from qwenkit.engine.llm import LLM
         from qwenkit.loaders.load import load
 
+        from qwenkit.engine.parallel import tp_quantization
+
         _threads(args.threads)
-        self.lm = load(args.model, progress=progress, quantization=args.quantization, lora=args.lora)
+        quantization = tp_quantization(args.quantization, args.tensor_parallel_size)
+        self.lm = load(args.model, progress=progress, quantization=quantization, lora=args.lora)
         self.llm = LLM(self.lm, **engine_kwargs(args))
 
     def stream(self, prompt_ids: list[int], params: Any) -> Iterator[tuple[str, dict[str, Any] | None]]:

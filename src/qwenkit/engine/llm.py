@@ -63,8 +63,9 @@ class LLM:
         if seed is not None:
             torch.manual_seed(seed)
         if isinstance(model, (str, os.PathLike)):
-            if quantization is None:  # tensor parallel splits float weights only
-                quantization = "none" if engine_args.get("tensor_parallel_size", 1) > 1 else "auto"
+            from qwenkit.engine.parallel import tp_quantization
+
+            quantization = tp_quantization(quantization, engine_args.get("tensor_parallel_size", 1))
             model = load(model, dtype=_dtype(dtype), device=device, quantization=quantization)
         elif quantization is not None:
             raise ValueError(

@@ -70,6 +70,16 @@ class StepPlan:
         )  # fmt: skip
 
 
+def tp_quantization(quantization: str | None, tensor_parallel_size: int) -> str:
+    """The load-time weight format: under tensor parallelism ``auto`` means ``none`` (only float
+    weights are split); other formats are passed on (a quantized one is refused at start)."""
+    if tensor_parallel_size > 1 and quantization in (None, "auto"):
+        logger.info("tensor_parallel_size=%d: loading float weights (quantized linears are not split)",
+                    tensor_parallel_size)  # fmt: skip
+        return "none"
+    return quantization or "auto"
+
+
 def _backend(device: torch.device) -> str:
     return "nccl" if device.type == "cuda" else "gloo"
 

@@ -44,6 +44,8 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
     g.add_argument("--block-size", type=int, default=16)
     g.add_argument("--kv-cache-memory", default=None, help="KV-cache budget, e.g. 2GiB (default: a share of free RAM)")
     g.add_argument("--no-enable-prefix-caching", dest="enable_prefix_caching", action="store_false")
+    g.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
+                   help="shard the model over N processes (torch.distributed; float weights)")
     p.set_defaults(func=cmd_serve)
     return p
 
@@ -55,6 +57,8 @@ def settings_from_args(args: argparse.Namespace) -> Any:
         "block_size": args.block_size,
         "enable_prefix_caching": args.enable_prefix_caching,
     }
+    if args.tensor_parallel_size > 1:
+        engine_args["tensor_parallel_size"] = args.tensor_parallel_size
     for name in ("max_num_batched_tokens", "max_model_len", "kv_cache_memory"):
         if getattr(args, name) is not None:
             engine_args[name] = getattr(args, name)
@@ -85,11 +89,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
 
     def factory() -> Any:
+        from qwenkit.engine.parallel import tp_quantization
+
+        quantization = tp_quantization(args.quantization, args.tensor_parallel_size)
         return load_engine_client(
             settings.model, served_model_name=settings.served_model_name, dtype=dtype,
-            max_num_seqs=settings.max_num_seqs, quantization=args.quantization, lora=args.lora, **settings.engine_args,
+            max_num_seqs=settings.max_num_seqs, quantization=quantization, lora=args.lora, **settings.engine_args,
         )  # fmt: skip
 
+    if args.tensor_parallel_size > 1 and int(os.environ.get("RANK", "0")) > 0:
+        factory()  # a torchrun rank other than 0: follows rank 0's steps, then exits (no HTTP)
+        return 0
     app = create_app(settings, factory)
     state = app.state.qwenkit
 

@@ -116,8 +116,14 @@ class AsyncEngineClient:
             num_preemptions=s["num_preemptions"],
         )
 
+    @property
+    def errored(self) -> BaseException | None:
+        """Why the stepping thread died (e.g. a tensor-parallel worker was lost), else None."""
+        return self.async_engine.errored
+
     def shutdown(self) -> None:
         self.async_engine.shutdown()
+        self.core.shutdown()  # tensor-parallel workers, if any
 
 
 def load_engine_client(

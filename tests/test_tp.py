@@ -39,7 +39,7 @@ def _model(seed: int = 0, **overrides) -> Qwen2ForCausalLM:
 
 def _worker_logits(port: int, models: list[Qwen2ForCausalLM], ids: list[torch.Tensor]) -> None:
     """Rank 1 of the logits test: its shard of each model, the same forwards as rank 0."""
-    from qwenkit.parallel import apply_tensor_parallel
+    from qwenkit.parallel import apply_pipeline_parallel, apply_tensor_parallel, run_stage
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=1, world_size=2,
@@ -47,7 +47,10 @@ def _worker_logits(port: int, models: list[Qwen2ForCausalLM], ids: list[torch.Te
     try:
         with torch.no_grad():
             for model, x in zip(models, ids):
-                apply_tensor_parallel(model, 1, 2)(x)
+                apply_tensor_parallel(copy.deepcopy(model), 1, 2)(x)
+            for model, x in zip(models, ids):  # pipeline: this rank runs layers [2, 4)
+                apply_pipeline_parallel(model, 1, 2)
+                run_stage(model, torch.arange(x.shape[1]), x.shape[1], None, 1, 2)
     finally:
         dist.destroy_process_group()
 
@@ -61,25 +64,27 @@ def one_thread():
 
 
 def test_sharded_logits_equal_the_single_process_model() -> None:
-    """Both cases in one 2-process group: this process is rank 0, a spawned one rank 1."""
+    """Both cases, tensor then pipeline parallel, in one 2-process group: this process is rank 0,
+    a spawned one rank 1."""
     from qwenkit.engine.parallel import _free_port
-    from qwenkit.parallel import apply_tensor_parallel
+    from qwenkit.parallel import apply_pipeline_parallel, apply_tensor_parallel
 
     models = [_model(**CASES[c]) for c in sorted(CASES)]
-    ids = [torch.randint(0, m.config.vocab_size, (2, 11)) for m in models]
+    ids = [torch.randint(0, m.config.vocab_size, (1, 11)) for m in models]
     port = _free_port()
     worker = mp.get_context("spawn").Process(target=_worker_logits, args=(port, [copy.deepcopy(m) for m in models], ids))
     worker.start()
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=2,
                             timeout=datetime.timedelta(seconds=60))  # fmt: skip
     try:
-        for case, model, x in zip(sorted(CASES), models, ids):
-            with torch.no_grad():
-                ref = model(x)
-                got = apply_tensor_parallel(copy.deepcopy(model), 0, 2)(x)
-            assert got.shape == ref.shape
-            rel = ((got - ref).abs().max() / ref.abs().max()).item()
-            assert rel <= RTOL, f"{case}: max relative error {rel:.2e}"
+        for split in (apply_tensor_parallel, apply_pipeline_parallel):
+            for case, model, x in zip(sorted(CASES), models, ids):
+                with torch.no_grad():
+                    ref = model(x)
+                    got = split(copy.deepcopy(model), 0, 2)(x)
+                assert got.shape == ref.shape
+                rel = ((got - ref).abs().max() / ref.abs().max()).item()
+                assert rel <= RTOL, f"{split.__name__} {case}: max relative error {rel:.2e}"
     finally:
         dist.destroy_process_group()
         worker.join(timeout=30)
@@ -122,6 +127,27 @@ def test_greedy_through_llm_is_identical_with_two_ranks(tp_case) -> None:
         lp_ref = [lp[t].logprob for lp, t in zip(r.outputs[0].logprobs, r.outputs[0].token_ids)]
         lp_got = [lp[t].logprob for lp, t in zip(o.outputs[0].logprobs, o.outputs[0].token_ids)]
         assert lp_got == pytest.approx(lp_ref, rel=1e-4, abs=1e-5)
+        p_ref = [next(iter(d.values())).logprob for d in r.prompt_logprobs[1:]]
+        p_got = [next(iter(d.values())).logprob for d in o.prompt_logprobs[1:]]
+        assert p_got == pytest.approx(p_ref, rel=1e-4, abs=1e-5)
+
+
+def test_greedy_through_llm_is_identical_with_two_pipeline_stages() -> None:
+    from qwenkit.engine.llm import LLM
+    from qwenkit.sampling_params import SamplingParams
+
+    model = _model(seed=4, num_key_value_heads=2)
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(2, 256, (n,), generator=g).tolist() for n in (7, 30)]
+    params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True, prompt_logprobs=0)
+    ref = LLM(copy.deepcopy(model), **ENGINE).generate(prompts, params, use_tqdm=False)
+    llm = LLM(model, pipeline_parallel_size=2, **ENGINE)
+    try:
+        got = llm.generate(prompts, params, use_tqdm=False)
+    finally:
+        llm.llm_engine.shutdown()
+    for r, o in zip(ref, got):
+        assert o.outputs[0].token_ids == r.outputs[0].token_ids
         p_ref = [next(iter(d.values())).logprob for d in r.prompt_logprobs[1:]]
         p_got = [next(iter(d.values())).logprob for d in o.prompt_logprobs[1:]]
         assert p_got == pytest.approx(p_ref, rel=1e-4, abs=1e-5)
@@ -219,8 +245,10 @@ def test_server_with_two_ranks_serves_then_fails_ready_when_a_worker_dies(tiny_t
 
 
 @pytest.mark.slow
-def test_real_05b_tp2_equals_tp1(gguf_05b_path) -> None:
-    """The real 0.5B (fp32): greedy 64 tokens identical with 2 ranks, prompt log-probs within 1e-5."""
+@pytest.mark.parametrize("split", ["tensor_parallel_size", "pipeline_parallel_size"])
+def test_real_05b_two_ranks_equal_one(gguf_05b_path, split: str) -> None:
+    """The real 0.5B (fp32): greedy 64 tokens identical with 2 ranks (TP=2 or PP=2), prompt
+    log-probs within 1e-5."""
     import gc
 
     from qwenkit.engine.llm import LLM
@@ -235,7 +263,7 @@ def test_real_05b_tp2_equals_tp1(gguf_05b_path) -> None:
     del llm
     gc.collect()
     torch.set_num_threads(1)
-    llm = LLM(str(gguf_05b_path), tensor_parallel_size=2, **kw)
+    llm = LLM(str(gguf_05b_path), **{split: 2}, **kw)
     try:
         got = llm.generate(prompts, params, use_tqdm=False)
     finally:

@@ -93,6 +93,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="LoRA adapter folder (peft format) merged into the weights at load, before quantizing")
     g.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
                    help="shard the model over N processes (torch.distributed; float weights)")
+    g.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1,
+                   help="split the layers over N processes (stages; float weights; not with -tp)")
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
@@ -101,8 +103,9 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "kv_cache_memory": args.kv_cache_memory,
         "block_size": args.block_size,
     }
-    if getattr(args, "tensor_parallel_size", 1) > 1:
-        out["tensor_parallel_size"] = args.tensor_parallel_size
+    for name in ("tensor_parallel_size", "pipeline_parallel_size"):
+        if getattr(args, name, 1) > 1:
+            out[name] = getattr(args, name)
     return {k: v for k, v in out.items() if v is not None}
 
 
@@ -116,7 +119,7 @@ class _Generator:
         from qwenkit.engine.parallel import tp_quantization
 
         _threads(args.threads)
-        quantization = tp_quantization(args.quantization, args.tensor_parallel_size)
+        quantization = tp_quantization(args.quantization, args.tensor_parallel_size * args.pipeline_parallel_size)
         self.lm = load(args.model, progress=progress, quantization=quantization, lora=args.lora)
         self.llm = LLM(self.lm, **engine_kwargs(args))
 

@@ -44,8 +44,8 @@ class LLM:
     dtype / its name), `device`. `seed` seeds torch's global generator, so requests without a
     seed of their own are reproducible run to run (vLLM's meaning). Engine arguments use vLLM's
     names (`block_size`, `max_num_seqs`, `max_num_batched_tokens`, `enable_prefix_caching`,
-    `kv_cache_memory`, `max_model_len`, `tensor_parallel_size`: > 1 shards the float model over
-    that many processes, `qwenkit.engine.parallel`) plus `streaming_window` / `num_sink_tokens`.
+    `kv_cache_memory`, `max_model_len`, `tensor_parallel_size` / `pipeline_parallel_size`: > 1
+    shards the float model over that many processes, `qwenkit.engine.parallel`) plus `streaming_window` / `num_sink_tokens`.
     """
 
     def __init__(
@@ -65,7 +65,8 @@ class LLM:
         if isinstance(model, (str, os.PathLike)):
             from qwenkit.engine.parallel import tp_quantization
 
-            quantization = tp_quantization(quantization, engine_args.get("tensor_parallel_size", 1))
+            ranks = engine_args.get("tensor_parallel_size", 1) * engine_args.get("pipeline_parallel_size", 1)
+            quantization = tp_quantization(quantization, ranks)
             model = load(model, dtype=_dtype(dtype), device=device, quantization=quantization)
         elif quantization is not None:
             raise ValueError(

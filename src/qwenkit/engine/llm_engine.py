@@ -72,6 +72,8 @@ class EngineConfig:
     install_cpu_runtime: bool = True
     # > 1: shard the model over that many processes (qwenkit.engine.parallel); rank 0 schedules
     tensor_parallel_size: int = 1
+    # > 1: layer ranges over that many processes (no micro-batches yet); not with tensor parallel
+    pipeline_parallel_size: int = 1
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> EngineConfig:
@@ -90,8 +92,9 @@ class EngineConfig:
             raise ValueError(f"streaming_window must be >= 1, got {self.streaming_window}")
         if self.num_sink_tokens < 0:
             raise ValueError(f"num_sink_tokens must be >= 0, got {self.num_sink_tokens}")
-        if self.tensor_parallel_size < 1:
-            raise ValueError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
+        if self.tensor_parallel_size < 1 or self.pipeline_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size and pipeline_parallel_size must be >= 1, got "
+                             f"{self.tensor_parallel_size} and {self.pipeline_parallel_size}")  # fmt: skip
 
 
 class _Request:
@@ -155,10 +158,10 @@ class LLMEngine:
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
         self.parallel = None
-        if cfg.tensor_parallel_size > 1:
+        if cfg.tensor_parallel_size > 1 or cfg.pipeline_parallel_size > 1:
             from qwenkit.engine.parallel import TensorParallel
 
-            self.parallel = TensorParallel.start(model, cfg.tensor_parallel_size)
+            self.parallel = TensorParallel.start(model, cfg.tensor_parallel_size, pipeline_parallel_size=cfg.pipeline_parallel_size)
         elif self.device.type == "cpu" and cfg.install_cpu_runtime:
             cpu.install(model)  # the fused C ops and one-call decode step (no-op if installed)
         mc = self.model_config
@@ -173,6 +176,7 @@ class LLMEngine:
             mc, cfg.block_size, cfg.kv_cache_memory, self.dtype, self.device,
             max_useful_tokens=cfg.max_num_seqs * (self.max_model_len + cfg.block_size),
             num_kv_heads=self.parallel.num_kv_heads if self.parallel else None,
+            num_layers=self.parallel.num_layers if self.parallel else None,
         )  # fmt: skip
         capacity = self.kv_cache.num_slots
         self.streaming = cfg.streaming_window is not None

@@ -34,7 +34,14 @@ from qwenkit.engine.model_runner import PROMPT_LOGPROBS_ROWS, ModelRunner, StepI
 from qwenkit.engine.paged_attention import PagedAttentionMetadata, SequenceGroup
 from qwenkit.engine.scheduler import SchedulerOutput
 from qwenkit.errors import QwenkitError
-from qwenkit.parallel import apply_tensor_parallel, check_tensor_parallel, local_kv_heads
+from qwenkit.parallel import (
+    apply_pipeline_parallel,
+    apply_tensor_parallel,
+    check_tensor_parallel,
+    local_kv_heads,
+    run_stage,
+    stage_layers,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -70,12 +77,11 @@ class StepPlan:
         )  # fmt: skip
 
 
-def tp_quantization(quantization: str | None, tensor_parallel_size: int) -> str:
-    """The load-time weight format: under tensor parallelism ``auto`` means ``none`` (only float
+def tp_quantization(quantization: str | None, num_ranks: int) -> str:
+    """The load-time weight format: with several ranks ``auto`` means ``none`` (only float
     weights are split); other formats are passed on (a quantized one is refused at start)."""
-    if tensor_parallel_size > 1 and quantization in (None, "auto"):
-        logger.info("tensor_parallel_size=%d: loading float weights (quantized linears are not split)",
-                    tensor_parallel_size)  # fmt: skip
+    if num_ranks > 1 and quantization in (None, "auto"):
+        logger.info("%d ranks: loading float weights (quantized linears are not split)", num_ranks)
         return "none"
     return quantization or "auto"
 
@@ -124,14 +130,29 @@ class _Comm:
         return pickle.loads(buf.numpy().tobytes())
 
 
-def _execute(model: nn.Module, kv_cache: KVCache, plan: StepPlan, streaming_window: int | None, num_sink_tokens: int) -> None:
-    """A worker's share of one step: the same forward and the same logits collectives as rank 0."""
+def _shard(model: nn.Module, rank: int, world_size: int, pipeline: bool, comm: _Comm) -> None:
+    if pipeline:
+        apply_pipeline_parallel(model, rank, world_size, comm.compute)
+    else:
+        apply_tensor_parallel(model, rank, world_size, comm.compute)
+
+
+def _execute(
+    model: nn.Module, kv_cache: KVCache, plan: StepPlan, streaming_window: int | None, num_sink_tokens: int,
+    stage: tuple[int, int, _Comm] | None = None,
+) -> None:
+    """A worker's share of one step: the same forward and the same logits collectives as rank 0
+    (tensor parallel), or its layers between a recv and a send (`stage`: rank, world, comm)."""
     dev, dtype = kv_cache.k_cache[0].device, kv_cache.dtype
     groups = [
         SequenceGroup(start, ql, cl, bt, kv_cache.block_size, num_sink_tokens, dev, dtype)
         for start, ql, cl, bt in plan.groups
     ]
     md = PagedAttentionMetadata(kv_cache, plan.slot_mapping.to(dev), groups, streaming_window=streaming_window)
+    if stage is not None:
+        rank, world, comm = stage
+        run_stage(model, plan.positions.to(dev), plan.input_ids.numel(), md, rank, world, comm.compute)
+        return
     hidden = model.hidden_states(plan.input_ids.to(dev), plan.positions.to(dev), md)
     for lo, hi in plan.prompt_rows:  # ModelRunner._prompt_logprobs's slices
         for a in range(lo, hi, PROMPT_LOGPROBS_ROWS):
@@ -140,11 +161,13 @@ def _execute(model: nn.Module, kv_cache: KVCache, plan: StepPlan, streaming_wind
         model.compute_logits(hidden[plan.sample_index.to(dev)])
 
 
-def _worker_loop(model: nn.Module, comm: _Comm, rank: int) -> None:
+def _worker_loop(model: nn.Module, comm: _Comm, rank: int, world_size: int, pipeline: bool) -> None:
     setup = comm.receive()  # the KV cache layout rank 0 chose
     mc = model.config
+    stage = (rank, world_size, comm) if pipeline else None
     kv = KVCache(
-        mc.num_hidden_layers, setup["num_blocks"], setup["block_size"], setup["num_kv_heads"],
+        len(model.model.layers), setup["num_blocks"], setup["block_size"],
+        local_kv_heads(mc, world_size) if not pipeline else mc.num_key_value_heads,
         mc.head_dim, setup["dtype"], comm.device,
     )  # fmt: skip
     logger.info("tensor parallel worker %d ready (%d KV blocks)", rank, setup["num_blocks"])
@@ -153,10 +176,12 @@ def _worker_loop(model: nn.Module, comm: _Comm, rank: int) -> None:
             plan = comm.receive()
             if plan is None:
                 return
-            _execute(model, kv, plan, setup["streaming_window"], setup["num_sink_tokens"])
+            _execute(model, kv, plan, setup["streaming_window"], setup["num_sink_tokens"], stage)
 
 
-def _spawned_worker(rank: int, world_size: int, init_method: str, model: nn.Module, threads: int, timeout_s: float) -> None:
+def _spawned_worker(
+    rank: int, world_size: int, pipeline: bool, init_method: str, model: nn.Module, threads: int, timeout_s: float
+) -> None:
     """Entry of a worker process started by `TensorParallel.start`."""
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s %(levelname)s tp{rank} %(name)s: %(message)s")
     torch.set_num_threads(threads)
@@ -171,8 +196,8 @@ def _spawned_worker(rank: int, world_size: int, init_method: str, model: nn.Modu
     )  # fmt: skip
     try:
         comm = _Comm(device, timeout_s)
-        apply_tensor_parallel(model, rank, world_size, comm.compute)
-        _worker_loop(model, comm, rank)
+        _shard(model, rank, world_size, pipeline, comm)
+        _worker_loop(model, comm, rank, world_size, pipeline)
     finally:
         dist.destroy_process_group()
 
@@ -180,18 +205,24 @@ def _spawned_worker(rank: int, world_size: int, init_method: str, model: nn.Modu
 class TensorParallel:
     """Rank 0's handle on the group: the workers, the control channel, liveness checks."""
 
-    def __init__(self, world_size: int, comm: _Comm, procs: list[Any], num_kv_heads: int) -> None:
+    def __init__(self, world_size: int, comm: _Comm, procs: list[Any], num_kv_heads: int, num_layers: int) -> None:
         self.world_size = world_size
         self.comm = comm
         self.procs = procs
-        self.num_kv_heads = num_kv_heads
+        self.num_kv_heads = num_kv_heads  # what this rank's KV cache holds
+        self.num_layers = num_layers
         self.error: WorkerLostError | None = None
         self._closed = False
         self._finalizer = weakref.finalize(self, TensorParallel._stop, comm, procs)
 
     @classmethod
-    def start(cls, model: nn.Module, world_size: int, *, timeout_s: float | None = None) -> TensorParallel:
-        """Start (or, under torchrun, join) the group and shard `model` in place as rank 0.
+    def start(
+        cls, model: nn.Module, tensor_parallel_size: int, *, pipeline_parallel_size: int = 1,
+        timeout_s: float | None = None,
+    ) -> TensorParallel:
+        """Start (or, under torchrun, join) the group and shard `model` in place as rank 0:
+        `tensor_parallel_size` ranks splitting every layer, or `pipeline_parallel_size` stages
+        (one of the two; both at once is not supported).
         Under torchrun a rank other than 0 runs the worker loop here and exits the process.
         `timeout_s`: a collective's limit (default ``$QWENKIT_TP_TIMEOUT`` or 120 s)."""
         if timeout_s is None:
@@ -200,17 +231,24 @@ class TensorParallel:
                 timeout_s = float(raw)
             except ValueError:
                 raise ValueError(f"{TIMEOUT_ENV}: expected seconds, got {raw!r}") from None
+        if tensor_parallel_size > 1 and pipeline_parallel_size > 1:
+            raise ValueError("tensor_parallel_size and pipeline_parallel_size cannot both be > 1 yet")
+        pipeline = pipeline_parallel_size > 1
+        world_size = pipeline_parallel_size if pipeline else tensor_parallel_size
         config = model.config
         if any(type(m).__module__.startswith("qwenkit.cpu") for m in model.modules()):
             logger.info("tensor parallel: the fused CPU runtime is not used (its decode step is not sharded)")
             cpu.uninstall(model)
-        check_tensor_parallel(config, world_size, model)
+        if pipeline:
+            stage_layers(config.num_hidden_layers, 0, world_size)  # raises when it cannot split
+        else:
+            check_tensor_parallel(config, world_size, model)
         device = next(model.parameters()).device
         procs: list[Any] = []
         if launched_by_torchrun():
             env_world = int(os.environ["WORLD_SIZE"])
             if env_world != world_size:
-                raise ValueError(f"tensor_parallel_size={world_size} but torchrun started WORLD_SIZE={env_world}")
+                raise ValueError(f"parallel size {world_size} but torchrun started WORLD_SIZE={env_world}")
             rank = int(os.environ["RANK"])
             if device.type == "cuda":
                 device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
@@ -219,10 +257,10 @@ class TensorParallel:
             if not dist.is_initialized():
                 dist.init_process_group(_backend(device), timeout=_STARTUP_TIMEOUT)
             comm = _Comm(device, timeout_s)
-            apply_tensor_parallel(model, rank, world_size, comm.compute)
+            _shard(model, rank, world_size, pipeline, comm)
             if rank != 0:
                 try:
-                    _worker_loop(model, comm, rank)
+                    _worker_loop(model, comm, rank, world_size, pipeline)
                 finally:
                     dist.destroy_process_group()
                 sys.exit(0)
@@ -235,7 +273,7 @@ class TensorParallel:
             threads = torch.get_num_threads()
             for rank in range(1, world_size):
                 p = ctx.Process(
-                    target=_spawned_worker, args=(rank, world_size, init_method, model, threads, timeout_s),
+                    target=_spawned_worker, args=(rank, world_size, pipeline, init_method, model, threads, timeout_s),
                     name=f"qwenkit-tp{rank}", daemon=True,
                 )  # fmt: skip
                 p.start()
@@ -243,14 +281,15 @@ class TensorParallel:
             dist.init_process_group(_backend(device), init_method=init_method, rank=0,
                                     world_size=world_size, timeout=_STARTUP_TIMEOUT)  # fmt: skip
             comm = _Comm(device, timeout_s)
-            apply_tensor_parallel(model, 0, world_size, comm.compute)
-        logger.info("tensor parallel: %d ranks (%s), rank 0 schedules", world_size, dist.get_backend())
-        return cls(world_size, comm, procs, local_kv_heads(config, world_size))
+            _shard(model, 0, world_size, pipeline, comm)
+        logger.info("%s parallel: %d ranks (%s), rank 0 schedules", "pipeline" if pipeline else "tensor",
+                    world_size, dist.get_backend())  # fmt: skip
+        kv_heads = config.num_key_value_heads if pipeline else local_kv_heads(config, world_size)
+        return cls(world_size, comm, procs, kv_heads, len(model.model.layers))
 
     def setup_workers(self, kv_cache: KVCache, streaming_window: int | None, num_sink_tokens: int) -> None:
         self._send({
-            "num_blocks": kv_cache.num_blocks, "block_size": kv_cache.block_size,
-            "num_kv_heads": self.num_kv_heads, "dtype": kv_cache.dtype,
+            "num_blocks": kv_cache.num_blocks, "block_size": kv_cache.block_size, "dtype": kv_cache.dtype,
             "streaming_window": streaming_window, "num_sink_tokens": num_sink_tokens,
         })  # fmt: skip
 

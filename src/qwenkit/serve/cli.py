@@ -46,6 +46,8 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
     g.add_argument("--no-enable-prefix-caching", dest="enable_prefix_caching", action="store_false")
     g.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
                    help="shard the model over N processes (torch.distributed; float weights)")
+    g.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1,
+                   help="split the layers over N processes (stages; float weights; not with -tp)")
     p.set_defaults(func=cmd_serve)
     return p
 
@@ -57,8 +59,9 @@ def settings_from_args(args: argparse.Namespace) -> Any:
         "block_size": args.block_size,
         "enable_prefix_caching": args.enable_prefix_caching,
     }
-    if args.tensor_parallel_size > 1:
-        engine_args["tensor_parallel_size"] = args.tensor_parallel_size
+    for name in ("tensor_parallel_size", "pipeline_parallel_size"):
+        if getattr(args, name) > 1:
+            engine_args[name] = getattr(args, name)
     for name in ("max_num_batched_tokens", "max_model_len", "kv_cache_memory"):
         if getattr(args, name) is not None:
             engine_args[name] = getattr(args, name)
@@ -91,13 +94,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     def factory() -> Any:
         from qwenkit.engine.parallel import tp_quantization
 
-        quantization = tp_quantization(args.quantization, args.tensor_parallel_size)
+        quantization = tp_quantization(args.quantization, args.tensor_parallel_size * args.pipeline_parallel_size)
         return load_engine_client(
             settings.model, served_model_name=settings.served_model_name, dtype=dtype,
             max_num_seqs=settings.max_num_seqs, quantization=quantization, lora=args.lora, **settings.engine_args,
         )  # fmt: skip
 
-    if args.tensor_parallel_size > 1 and int(os.environ.get("RANK", "0")) > 0:
+    if args.tensor_parallel_size * args.pipeline_parallel_size > 1 and int(os.environ.get("RANK", "0")) > 0:
         factory()  # a torchrun rank other than 0: follows rank 0's steps, then exits (no HTTP)
         return 0
     app = create_app(settings, factory)

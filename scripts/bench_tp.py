@@ -12,6 +12,7 @@ import argparse
 import gc
 import json
 import logging
+import os
 import platform
 import time
 from pathlib import Path
@@ -47,18 +48,21 @@ def main() -> None:
     ap.add_argument("--out", default="bench-results/tp.json")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
+    load_before = os.getloadavg()
     flags = sorted(f for f in cpu_flags() if f in ("avx2", "fma") or f.startswith(("avx512", "amx")))
     one = run(args.model, 1, 2, args.max_tokens)
     two = run(args.model, 2, 1, args.max_tokens)
     result = {
         "model": args.model, "cpu": platform.processor(), "cpu_flags": flags, "torch": torch.__version__,
+        "loadavg_1_5_15_before": load_before, "loadavg_1_5_15_after": os.getloadavg(),
         "tp1_2threads": one, "tp2_1thread_each": two,
         "identical_tokens": one["token_ids"] == two["token_ids"],
         "ratio_tp2_over_tp1": two["tok_per_s"] / one["tok_per_s"],
     }
     print(f"CPU flags: {' '.join(flags)}")
     print(f"TP=1 x 2 threads: {one['tok_per_s']:.2f} tok/s   TP=2 x 1 thread: {two['tok_per_s']:.2f} tok/s   "
-          f"ratio {result['ratio_tp2_over_tp1']:.2f}   identical tokens: {result['identical_tokens']}")
+          f"ratio {result['ratio_tp2_over_tp1']:.2f}   identical tokens: {result['identical_tokens']}   "
+          f"load average before/after: {load_before[0]:.1f}/{result['loadavg_1_5_15_after'][0]:.1f}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1))
 

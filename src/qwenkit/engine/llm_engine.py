@@ -159,9 +159,11 @@ class LLMEngine:
         self.device, self.dtype = param.device, param.dtype
         self.parallel = None
         if cfg.tensor_parallel_size > 1 or cfg.pipeline_parallel_size > 1:
-            from qwenkit.engine.parallel import TensorParallel
+            from qwenkit.engine.parallel import ModelParallel
 
-            self.parallel = TensorParallel.start(model, cfg.tensor_parallel_size, pipeline_parallel_size=cfg.pipeline_parallel_size)
+            self.parallel = ModelParallel.start(
+                model, cfg.tensor_parallel_size, pipeline_parallel_size=cfg.pipeline_parallel_size
+            )
         elif self.device.type == "cpu" and cfg.install_cpu_runtime:
             cpu.install(model)  # the fused C ops and one-call decode step (no-op if installed)
         mc = self.model_config
@@ -212,9 +214,11 @@ class LLMEngine:
         self.eos_token_ids = tuple(mc.eos_token_ids)
         runner_args = {"streaming_window": cfg.streaming_window, "num_sink_tokens": cfg.num_sink_tokens}
         if self.parallel is not None:
-            from qwenkit.engine.parallel import TensorParallelModelRunner
+            from qwenkit.engine.parallel import ParallelModelRunner
 
-            self.model_runner: ModelRunner = TensorParallelModelRunner(model, self.kv_cache, self.parallel, **runner_args)
+            self.model_runner: ModelRunner = ParallelModelRunner(
+                model, self.kv_cache, self.parallel, **runner_args
+            )
         else:
             self.model_runner = ModelRunner(model, self.kv_cache, **runner_args)
         # The grammar compiler is built on first use (needs the tokenizer).

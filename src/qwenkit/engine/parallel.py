@@ -1,13 +1,15 @@
-"""Tensor-parallel execution: rank 0 schedules, every rank runs its shard (nano-vllm layout).
+"""Tensor- and pipeline-parallel execution: rank 0 schedules, every rank runs its shard
+(nano-vllm layout).
 
 Rank 0 (the process that holds the `LLMEngine`) prepares each step as usual, broadcasts the
 step's model inputs (token ids, positions, KV slots, block tables, which rows need logits) on a
 control group, and then runs the forward like every other rank; only rank 0 samples. Workers
-hold their own KV cache (their KV heads, the same block layout) and follow the broadcasts.
+hold their own KV cache (their KV heads or their layers, the same block layout) and follow the
+broadcasts. Tensor parallel: `qwenkit.parallel.tp`; pipeline stages: `qwenkit.parallel.pp`.
 
 Workers are started here with torch.multiprocessing (spawn; gloo on CPU, NCCL on CUDA) or, when
 the process was launched by torchrun (``RANK`` / ``WORLD_SIZE`` / ``MASTER_ADDR`` set), every
-rank but 0 becomes a worker inside `TensorParallel.start`. A worker that dies makes the next
+rank but 0 becomes a worker inside `ModelParallel.start`. A worker that dies makes the next
 step on rank 0 raise `WorkerLostError` (its exit code checked before each step; collectives
 carry a timeout as a backstop), so in-flight requests get an error instead of a hang.
 """
@@ -182,7 +184,7 @@ def _worker_loop(model: nn.Module, comm: _Comm, rank: int, world_size: int, pipe
 def _spawned_worker(
     rank: int, world_size: int, pipeline: bool, init_method: str, model: nn.Module, threads: int, timeout_s: float
 ) -> None:
-    """Entry of a worker process started by `TensorParallel.start`."""
+    """Entry of a worker process started by `ModelParallel.start`."""
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s %(levelname)s tp{rank} %(name)s: %(message)s")
     torch.set_num_threads(threads)
     device = next(model.parameters()).device
@@ -202,7 +204,7 @@ def _spawned_worker(
         dist.destroy_process_group()
 
 
-class TensorParallel:
+class ModelParallel:
     """Rank 0's handle on the group: the workers, the control channel, liveness checks."""
 
     def __init__(self, world_size: int, comm: _Comm, procs: list[Any], num_kv_heads: int, num_layers: int) -> None:
@@ -212,14 +214,13 @@ class TensorParallel:
         self.num_kv_heads = num_kv_heads  # what this rank's KV cache holds
         self.num_layers = num_layers
         self.error: WorkerLostError | None = None
-        self._closed = False
-        self._finalizer = weakref.finalize(self, TensorParallel._stop, comm, procs)
+        self._finalizer = weakref.finalize(self, ModelParallel._stop, comm, procs)
 
     @classmethod
     def start(
         cls, model: nn.Module, tensor_parallel_size: int, *, pipeline_parallel_size: int = 1,
         timeout_s: float | None = None,
-    ) -> TensorParallel:
+    ) -> ModelParallel:
         """Start (or, under torchrun, join) the group and shard `model` in place as rank 0:
         `tensor_parallel_size` ranks splitting every layer, or `pipeline_parallel_size` stages
         (one of the two; both at once is not supported).
@@ -237,7 +238,7 @@ class TensorParallel:
         world_size = pipeline_parallel_size if pipeline else tensor_parallel_size
         config = model.config
         if any(type(m).__module__.startswith("qwenkit.cpu") for m in model.modules()):
-            logger.info("tensor parallel: the fused CPU runtime is not used (its decode step is not sharded)")
+            logger.info("model parallel: the fused CPU runtime is not used (its decode step is not sharded)")
             cpu.uninstall(model)
         if pipeline:
             stage_layers(config.num_hidden_layers, 0, world_size)  # raises when it cannot split
@@ -344,10 +345,10 @@ class TensorParallel:
             dist.destroy_process_group()
 
 
-class TensorParallelModelRunner(ModelRunner):
+class ParallelModelRunner(ModelRunner):
     """Rank 0's runner: broadcasts each prepared step before running its own shard."""
 
-    def __init__(self, model: nn.Module, kv_cache: KVCache, parallel: TensorParallel, **kwargs: Any) -> None:
+    def __init__(self, model: nn.Module, kv_cache: KVCache, parallel: ModelParallel, **kwargs: Any) -> None:
         super().__init__(model, kv_cache, **kwargs)
         self.parallel = parallel
         parallel.setup_workers(kv_cache, self.streaming_window, self.num_sink_tokens)

@@ -316,11 +316,13 @@ class ModelParallel:
     def guard(self, e: RuntimeError) -> RuntimeError:
         """The error to raise for `e`, raised during the forward: a `WorkerLostError` when a
         collective failed or a worker is gone, else `e` itself."""
+        for p in self.procs:  # a reset connection usually means the peer just died: let it exit
+            p.join(timeout=1)
         try:
             self.check_workers()
         except WorkerLostError as lost:
             return lost
-        if isinstance(e, dist.DistError):
+        if isinstance(e, dist.DistError) or "gloo" in str(e):  # gloo raises plain RuntimeErrors
             self.error = WorkerLostError(f"tensor-parallel collective failed (a worker died or timed out): {e}")
             return self.error
         return e

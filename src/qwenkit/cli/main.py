@@ -100,6 +100,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     from qwenkit.engine.spec_decode import add_speculative_args
 
     add_speculative_args(p)
+    g.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
+                   help="shard the model over N processes (torch.distributed; float weights)")
+    g.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1,
+                   help="split the layers over N processes (stages; float weights; not with -tp)")
 
 
 def add_streaming_args(g: Any) -> None:
@@ -124,6 +128,9 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "num_sink_tokens": args.num_sink_tokens,
         "speculative_config": speculative_config_from_args(args),
     }
+    for name in ("tensor_parallel_size", "pipeline_parallel_size"):
+        if getattr(args, name, 1) > 1:
+            out[name] = getattr(args, name)
     return {k: v for k, v in out.items() if v is not None}
 
 
@@ -134,8 +141,11 @@ class _Generator:
         from qwenkit.engine.llm import LLM
         from qwenkit.loaders.load import load
 
+        from qwenkit.engine.parallel import tp_quantization
+
         _threads(args.threads)
-        self.lm = load(args.model, progress=progress, quantization=args.quantization, lora=args.lora,
+        quantization = tp_quantization(args.quantization, args.tensor_parallel_size * args.pipeline_parallel_size)
+        self.lm = load(args.model, progress=progress, quantization=quantization, lora=args.lora,
                        rope_scaling=args.rope_scaling)
         self.llm = LLM(self.lm, **engine_kwargs(args))
 

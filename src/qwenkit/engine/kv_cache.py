@@ -95,9 +95,13 @@ class KVCache:
         return self._storage.numel() * self._storage.element_size()
 
     @staticmethod
-    def bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
+    def bytes_per_block(
+        config: ModelConfig, block_size: int, dtype: torch.dtype, num_kv_heads: int | None = None,
+        num_layers: int | None = None,
+    ) -> int:
         itemsize = torch.empty((), dtype=dtype).element_size()
-        per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim
+        layers = num_layers or config.num_hidden_layers
+        per_token = 2 * layers * (num_kv_heads or config.num_key_value_heads) * config.head_dim
         return per_token * block_size * itemsize
 
     @classmethod
@@ -109,11 +113,14 @@ class KVCache:
         dtype: torch.dtype,
         device: torch.device,
         max_useful_tokens: int | None = None,
+        num_kv_heads: int | None = None,
+        num_layers: int | None = None,
     ) -> KVCache:
         """As many blocks as fit in `memory` bytes (None: a share of what is free), never more
-        than `max_useful_tokens` need."""
+        than `max_useful_tokens` need. `num_kv_heads`: the heads this process stores (a
+        tensor-parallel rank's share; default all of them); `num_layers` likewise (a pipeline stage's)."""
         budget = parse_memory(memory) if memory is not None else default_kv_cache_memory(device)
-        per_block = cls.bytes_per_block(config, block_size, dtype)
+        per_block = cls.bytes_per_block(config, block_size, dtype, num_kv_heads, num_layers)
         num_blocks = budget // per_block
         if max_useful_tokens is not None and memory is None:
             num_blocks = min(num_blocks, -(-max_useful_tokens // block_size))
@@ -127,6 +134,6 @@ class KVCache:
             num_blocks, block_size, num_blocks * per_block / 2**20, num_blocks * block_size,
         )
         return cls(
-            config.num_hidden_layers, int(num_blocks), block_size,
-            config.num_key_value_heads, config.head_dim, dtype, device,
+            num_layers or config.num_hidden_layers, int(num_blocks), block_size,
+            num_kv_heads or config.num_key_value_heads, config.head_dim, dtype, device,
         )  # fmt: skip

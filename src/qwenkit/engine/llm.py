@@ -44,9 +44,11 @@ class LLM:
     dtype / its name), `device`. `seed` seeds torch's global generator, so requests without a
     seed of their own are reproducible run to run (vLLM's meaning). Engine arguments use vLLM's
     names (`block_size`, `max_num_seqs`, `max_num_batched_tokens`, `enable_prefix_caching`,
-    `kv_cache_memory`, `max_model_len`, `speculative_config`) plus `streaming_window` /
-    `num_sink_tokens`. `rope_scaling` (HF's dict or its JSON; also vLLM's
-    ``hf_overrides={"rope_scaling": ...}``) replaces the model's RoPE scaling (README, Long context).
+    `kv_cache_memory`, `max_model_len`, `speculative_config`, `tensor_parallel_size` /
+    `pipeline_parallel_size`: > 1 shards the float model over that many processes,
+    `qwenkit.engine.parallel`) plus `streaming_window` / `num_sink_tokens`. `rope_scaling` (HF's
+    dict or its JSON; also vLLM's ``hf_overrides={"rope_scaling": ...}``) replaces the model's RoPE
+    scaling (README, Long context).
     """
 
     def __init__(
@@ -71,9 +73,11 @@ class LLM:
                 raise ValueError(f"hf_overrides: only rope_scaling / rope_parameters are supported, got {unknown}")
             rope_scaling = hf_overrides.get("rope_scaling", hf_overrides.get("rope_parameters"))
         if isinstance(model, (str, os.PathLike)):
-            model = load(
-                model, dtype=_dtype(dtype), device=device, quantization=quantization or "auto", rope_scaling=rope_scaling
-            )
+            from qwenkit.engine.parallel import tp_quantization
+
+            ranks = engine_args.get("tensor_parallel_size", 1) * engine_args.get("pipeline_parallel_size", 1)
+            quantization = tp_quantization(quantization, ranks)
+            model = load(model, dtype=_dtype(dtype), device=device, quantization=quantization, rope_scaling=rope_scaling)
             rope_scaling = None
         elif quantization is not None:
             raise ValueError(

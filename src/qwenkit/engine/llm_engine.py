@@ -74,6 +74,10 @@ class EngineConfig:
     install_cpu_runtime: bool = True
     # vLLM's speculative_config dict (engine/spec_decode.py): n-gram prompt lookup or a draft model
     speculative_config: Mapping[str, Any] | None = None
+    # > 1: shard the model over that many processes (qwenkit.engine.parallel); rank 0 schedules
+    tensor_parallel_size: int = 1
+    # > 1: layer ranges over that many processes (no micro-batches yet); not with tensor parallel
+    pipeline_parallel_size: int = 1
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> EngineConfig:
@@ -94,6 +98,9 @@ class EngineConfig:
             raise ValueError(f"num_sink_tokens must be >= 0, got {self.num_sink_tokens}")
         if self.speculative_config is not None and self.streaming_window is not None:
             raise ValueError("speculative_config cannot be combined with streaming_window")
+        if self.tensor_parallel_size < 1 or self.pipeline_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size and pipeline_parallel_size must be >= 1, got "
+                             f"{self.tensor_parallel_size} and {self.pipeline_parallel_size}")  # fmt: skip
 
 
 class _Request:
@@ -156,7 +163,14 @@ class LLMEngine:
         self.generation_defaults = dict(generation_defaults or {})
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
-        if self.device.type == "cpu" and cfg.install_cpu_runtime:
+        self.parallel = None
+        if cfg.tensor_parallel_size > 1 or cfg.pipeline_parallel_size > 1:
+            from qwenkit.engine.parallel import ModelParallel
+
+            self.parallel = ModelParallel.start(
+                model, cfg.tensor_parallel_size, pipeline_parallel_size=cfg.pipeline_parallel_size
+            )
+        elif self.device.type == "cpu" and cfg.install_cpu_runtime:
             cpu.install(model)  # the fused C ops and one-call decode step (no-op if installed)
         mc = self.model_config
 
@@ -184,6 +198,8 @@ class LLMEngine:
         self.kv_cache = KVCache.from_memory_budget(
             mc, cfg.block_size, cfg.kv_cache_memory, self.dtype, self.device,
             max_useful_tokens=cfg.max_num_seqs * (self.max_model_len + cfg.block_size),
+            num_kv_heads=self.parallel.num_kv_heads if self.parallel else None,
+            num_layers=self.parallel.num_layers if self.parallel else None,
         )  # fmt: skip
         capacity = self.kv_cache.num_slots
         self.streaming = cfg.streaming_window is not None
@@ -217,12 +233,15 @@ class LLMEngine:
             num_sink_tokens=cfg.num_sink_tokens if self.streaming else 0,
         )
         self.eos_token_ids = tuple(mc.eos_token_ids)
-        self.model_runner = ModelRunner(
-            model,
-            self.kv_cache,
-            streaming_window=cfg.streaming_window,
-            num_sink_tokens=cfg.num_sink_tokens,
-        )
+        runner_args = {"streaming_window": cfg.streaming_window, "num_sink_tokens": cfg.num_sink_tokens}
+        if self.parallel is not None:
+            from qwenkit.engine.parallel import ParallelModelRunner
+
+            self.model_runner: ModelRunner = ParallelModelRunner(
+                model, self.kv_cache, self.parallel, **runner_args
+            )
+        else:
+            self.model_runner = ModelRunner(model, self.kv_cache, **runner_args)
         # The grammar compiler is built on first use (needs the tokenizer).
         self.structured_output = StructuredOutputManager(tokenizer, mc.vocab_size, self.eos_token_ids)
         self._requests: dict[str, _Request] = {}
@@ -343,6 +362,11 @@ class LLMEngine:
     def reset_prefix_cache(self) -> bool:
         """Drop the prefix cache (after the model's weights changed); False while requests run."""
         return self.block_manager.reset_prefix_cache()
+
+    def shutdown(self) -> None:
+        """Stop the tensor-parallel workers, if any (also done when the engine is collected)."""
+        if self.parallel is not None:
+            self.parallel.shutdown()
 
     def has_unfinished_requests(self) -> bool:
         return bool(self._requests) or bool(self._aborted)

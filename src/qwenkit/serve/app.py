@@ -203,9 +203,9 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
 
     @app.get("/health", response_model=P.HealthResponse, tags=["ops"])
     async def health() -> JSONResponse:
-        """Liveness: 200 unless model loading failed."""
-        if state.load_error is not None:
-            return JSONResponse({"status": "error", "detail": repr(state.load_error)}, status_code=503)
+        """Liveness: 200 unless model loading failed or the engine died (a restart is the remedy)."""
+        if state.error is not None:
+            return JSONResponse({"status": "error", "detail": repr(state.error)}, status_code=503)
         return JSONResponse({"status": "ok"})
 
     @app.get("/ready", response_model=P.HealthResponse, responses={503: {"model": P.HealthResponse}}, tags=["ops"])

@@ -54,6 +54,10 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
     from qwenkit.engine.spec_decode import add_speculative_args
 
     add_speculative_args(p)
+    g.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
+                   help="shard the model over N processes (torch.distributed; float weights)")
+    g.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1,
+                   help="split the layers over N processes (stages; float weights; not with -tp)")
     p.set_defaults(func=cmd_serve)
     return p
 
@@ -65,6 +69,9 @@ def settings_from_args(args: argparse.Namespace) -> Any:
         "block_size": args.block_size,
         "enable_prefix_caching": args.enable_prefix_caching,
     }
+    for name in ("tensor_parallel_size", "pipeline_parallel_size"):
+        if getattr(args, name) > 1:
+            engine_args[name] = getattr(args, name)
     for name in ("max_num_batched_tokens", "max_model_len", "kv_cache_memory", "streaming_window", "num_sink_tokens"):
         if getattr(args, name) is not None:
             engine_args[name] = getattr(args, name)
@@ -100,12 +107,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
 
     def factory() -> Any:
+        from qwenkit.engine.parallel import tp_quantization
+
+        quantization = tp_quantization(args.quantization, args.tensor_parallel_size * args.pipeline_parallel_size)
         return load_engine_client(
             settings.model, served_model_name=settings.served_model_name, dtype=dtype,
-            max_num_seqs=settings.max_num_seqs, quantization=args.quantization, lora=args.lora,
+            max_num_seqs=settings.max_num_seqs, quantization=quantization, lora=args.lora,
             rope_scaling=args.rope_scaling, **settings.engine_args,
         )  # fmt: skip
 
+    if args.tensor_parallel_size * args.pipeline_parallel_size > 1 and int(os.environ.get("RANK", "0")) > 0:
+        factory()  # a torchrun rank other than 0: follows rank 0's steps, then exits (no HTTP)
+        return 0
     app = create_app(settings, factory)
     state = app.state.qwenkit
 

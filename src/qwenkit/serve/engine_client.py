@@ -122,8 +122,14 @@ class AsyncEngineClient:
             spec_decode_num_accepted_tokens=s.get("spec_decode_num_accepted_tokens", 0),
         )
 
+    @property
+    def errored(self) -> BaseException | None:
+        """Why the stepping thread died (e.g. a tensor-parallel worker was lost), else None."""
+        return self.async_engine.errored
+
     def shutdown(self) -> None:
         self.async_engine.shutdown()
+        self.core.shutdown()  # tensor-parallel workers, if any
 
 
 def load_engine_client(

@@ -31,11 +31,16 @@ class ServerState:
     # ------------------------------------------------------------------ lifecycle
     @property
     def status(self) -> str:
-        if self.load_error is not None:
+        if self.error is not None:
             return "error"
         if self.shutting_down:
             return "shutting_down"
         return "ready" if self.engine is not None else "loading"
+
+    @property
+    def error(self) -> BaseException | None:
+        """A failed load, or an engine that can no longer step (its thread died)."""
+        return self.load_error or getattr(self.engine, "errored", None)
 
     def load(self) -> None:
         """Build the engine (runs in a background thread at startup)."""
@@ -72,6 +77,8 @@ class ServerState:
         if self.engine is None:
             detail = "model failed to load" if self.load_error is not None else "the model is still loading"
             raise OpenAIError(detail, status_code=503, type="service_unavailable", headers={"Retry-After": "5"})
+        if self.error is not None:
+            raise OpenAIError(f"the engine stopped: {self.error}", status_code=503, type="service_unavailable")
         return self.engine
 
     def admit(self) -> EngineClient:

@@ -98,6 +98,8 @@ class EngineConfig:
             raise ValueError(f"num_sink_tokens must be >= 0, got {self.num_sink_tokens}")
         if self.speculative_config is not None and self.streaming_window is not None:
             raise ValueError("speculative_config cannot be combined with streaming_window")
+        if self.speculative_config is not None and (self.tensor_parallel_size > 1 or self.pipeline_parallel_size > 1):
+            raise ValueError("speculative_config cannot be combined with tensor / pipeline parallel yet")
         if self.tensor_parallel_size < 1 or self.pipeline_parallel_size < 1:
             raise ValueError(f"tensor_parallel_size and pipeline_parallel_size must be >= 1, got "
                              f"{self.tensor_parallel_size} and {self.pipeline_parallel_size}")  # fmt: skip

@@ -67,6 +67,7 @@ class StepPlan:
     groups: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]]  # token_start, query/context lens, tables
     sample_index: torch.Tensor
     prompt_rows: list[tuple[int, int]]
+    rope_factor_index: torch.Tensor | None = None  # per-request RoPE factors (engine's dynamic YaRN)
 
     @classmethod
     def from_inputs(cls, inputs: StepInputs) -> StepPlan:
@@ -76,6 +77,7 @@ class StepPlan:
             inputs.input_ids.to(cpu_), inputs.positions.to(cpu_), md.slot_mapping.to(cpu_),
             [(g.token_start, g.query_lens, g.context_lens, g.block_tables) for g in md.groups],
             inputs.sample_index.to(cpu_), [(c.lo, c.hi) for c in inputs.prompt_chunks],
+            None if inputs.rope_factor_index is None else inputs.rope_factor_index.to(cpu_),
         )  # fmt: skip
 
 
@@ -152,10 +154,13 @@ def _execute(
     ]
     md = PagedAttentionMetadata(kv_cache, plan.slot_mapping.to(dev), groups, streaming_window=streaming_window)
     if stage is not None:
+        if plan.rope_factor_index is not None:
+            raise NotImplementedError("per-request RoPE factors are not supported with pipeline parallel")
         rank, world, comm = stage
         run_stage(model, plan.positions.to(dev), plan.input_ids.numel(), md, rank, world, comm.compute)
         return
-    hidden = model.hidden_states(plan.input_ids.to(dev), plan.positions.to(dev), md)
+    extra = {} if plan.rope_factor_index is None else {"rope_factor_index": plan.rope_factor_index.to(dev)}
+    hidden = model.hidden_states(plan.input_ids.to(dev), plan.positions.to(dev), md, **extra)
     for lo, hi in plan.prompt_rows:  # ModelRunner._prompt_logprobs's slices
         for a in range(lo, hi, PROMPT_LOGPROBS_ROWS):
             model.compute_logits(hidden[a : min(a + PROMPT_LOGPROBS_ROWS, hi)])
@@ -360,7 +365,9 @@ class ParallelModelRunner(ModelRunner):
         self.parallel.send_step(inputs)
         return inputs
 
-    def run(self, out: SchedulerOutput) -> Any:
+    def run(self, out: SchedulerOutput, score: Any = None) -> Any:
+        if score:  # workers would not join the scored rows' logits collectives
+            raise NotImplementedError("speculative decoding is not supported with tensor / pipeline parallel")
         try:
             return super().run(out)
         except RuntimeError as e:

@@ -138,6 +138,26 @@ def test_greedy_through_llm_is_identical_with_two_ranks(tp_case) -> None:
         assert p_got == pytest.approx(p_ref, rel=1e-4, abs=1e-5)
 
 
+def test_tensor_parallel_serves_per_request_rope_factors() -> None:
+    """Per-request YaRN (factor 1 for the short prompt, 4 for the long one) through TP = 2 gives
+    the single-process engine's greedy tokens: the workers rotate with the same per-token tables."""
+    from qwenkit.engine.llm import LLM
+    from qwenkit.sampling_params import SamplingParams
+
+    model = _model(seed=2, **CASES["kv2"])
+    rope = {"rope_type": "yarn", "factor": 4, "original_max_position_embeddings": 16, "dynamic": True}
+    g = torch.Generator().manual_seed(4)
+    prompts = [torch.randint(2, model.config.vocab_size, (n,), generator=g).tolist() for n in (5, 40)]
+    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    ref = LLM(copy.deepcopy(model), rope_scaling=rope, **ENGINE).generate(prompts, params, use_tqdm=False)
+    llm = LLM(copy.deepcopy(model), rope_scaling=rope, tensor_parallel_size=2, **ENGINE)
+    try:
+        got = llm.generate(prompts, params, use_tqdm=False)
+    finally:
+        llm.llm_engine.shutdown()
+    assert [o.outputs[0].token_ids for o in got] == [r.outputs[0].token_ids for r in ref]
+
+
 def test_a_lost_worker_is_an_error_not_a_hang(tp_case) -> None:
     """kv1 case: the worker is stopped (SIGSTOP, hangs): the step's collective times out.
     kv2 cases (TP and PP): the worker is killed: rank 0 sees its exit before the next step."""

@@ -148,13 +148,22 @@ def test_tensor_parallel_serves_per_request_rope_factors() -> None:
     rope = {"rope_type": "yarn", "factor": 4, "original_max_position_embeddings": 16, "dynamic": True}
     g = torch.Generator().manual_seed(4)
     prompts = [torch.randint(2, model.config.vocab_size, (n,), generator=g).tolist() for n in (5, 40)]
-    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True, prompt_logprobs=1)
     ref = LLM(copy.deepcopy(model), rope_scaling=rope, **ENGINE).generate(prompts, params, use_tqdm=False)
+    plain = LLM(copy.deepcopy(model), **ENGINE).generate(prompts, params, use_tqdm=False)
     llm = LLM(copy.deepcopy(model), rope_scaling=rope, tensor_parallel_size=2, **ENGINE)
     try:
         got = llm.generate(prompts, params, use_tqdm=False)
     finally:
         llm.llm_engine.shutdown()
+
+    def prompt_lps(outs: list) -> list[list[float]]:
+        return [[next(iter(d.values())).logprob for d in o.prompt_logprobs[1:]] for o in outs]
+
+    assert prompt_lps(ref)[1] != pytest.approx(prompt_lps(plain)[1], rel=1e-3)  # factor 4 is in use
+    assert prompt_lps(ref)[0] == prompt_lps(plain)[0]  # factor 1 is plain RoPE
+    for a, b in zip(prompt_lps(got), prompt_lps(ref)):
+        assert a == pytest.approx(b, rel=1e-4, abs=1e-5)
     assert [o.outputs[0].token_ids for o in got] == [r.outputs[0].token_ids for r in ref]
 
 

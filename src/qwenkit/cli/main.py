@@ -91,6 +91,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                         "int4, mixed, ... (`qwenkit eval quant` compares them)")
     g.add_argument("--lora", default=None, metavar="PATH",
                    help="LoRA adapter folder (peft format) merged into the weights at load, before quantizing")
+    g.add_argument("--dual-chunk-attention", default=None, metavar="chunk_size=N,local_size=M",
+                   help="Dual Chunk Attention for contexts past the trained window (qwenkit.model.dca); "
+                        "optional original_max_position_embeddings=L0 adds the length temperature")
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
@@ -98,6 +101,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "max_model_len": args.max_model_len,
         "kv_cache_memory": args.kv_cache_memory,
         "block_size": args.block_size,
+        "dual_chunk_attention": getattr(args, "dual_chunk_attention", None),
     }
     return {k: v for k, v in out.items() if v is not None}
 

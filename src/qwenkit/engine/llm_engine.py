@@ -40,6 +40,7 @@ from qwenkit.engine.sequence import Sequence
 from qwenkit.engine.stop import find_stop, stop_holdback
 from qwenkit.engine.structured_output import StructuredOutputManager
 from qwenkit.loaders.load import load
+from qwenkit.model.dca import enable_dual_chunk_attention
 from qwenkit.sampling_params import SamplingParams
 from qwenkit.tokenizer import IncrementalDetokenizer
 
@@ -68,6 +69,9 @@ class EngineConfig:
     max_model_len: int | None = None
     streaming_window: int | None = None
     num_sink_tokens: int = 4
+    # Dual chunk attention ("chunk_size=...,local_size=..." or a dict; qwenkit.model.dca);
+    # None: the model config's own dual_chunk_attention_config, if any
+    dual_chunk_attention: str | Mapping[str, Any] | None = None
     # False: run the module as given (no fused CPU modules swapped in), e.g. a module being trained
     install_cpu_runtime: bool = True
 
@@ -146,6 +150,10 @@ class LLMEngine:
         cfg = self.config
         self.model = model
         self.tokenizer = tokenizer
+        if enable_dual_chunk_attention(model, cfg.dual_chunk_attention) is not None:
+            if cfg.streaming_window is not None:
+                raise ValueError("dual_chunk_attention does not combine with streaming_window")
+            logger.info("dual chunk attention: decode steps run the torch attention path (no fused C step)")
         self.model_config = model.config
         self.generation_defaults = dict(generation_defaults or {})
         param = next(model.parameters())

@@ -44,6 +44,8 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
     g.add_argument("--block-size", type=int, default=16)
     g.add_argument("--kv-cache-memory", default=None, help="KV-cache budget, e.g. 2GiB (default: a share of free RAM)")
     g.add_argument("--no-enable-prefix-caching", dest="enable_prefix_caching", action="store_false")
+    g.add_argument("--dual-chunk-attention", default=None, metavar="chunk_size=N,local_size=M",
+                   help="Dual Chunk Attention past the trained window (optional original_max_position_embeddings=L0)")
     p.set_defaults(func=cmd_serve)
     return p
 
@@ -55,7 +57,7 @@ def settings_from_args(args: argparse.Namespace) -> Any:
         "block_size": args.block_size,
         "enable_prefix_caching": args.enable_prefix_caching,
     }
-    for name in ("max_num_batched_tokens", "max_model_len", "kv_cache_memory"):
+    for name in ("max_num_batched_tokens", "max_model_len", "kv_cache_memory", "dual_chunk_attention"):
         if getattr(args, name) is not None:
             engine_args[name] = getattr(args, name)
     origins = tuple(o.strip() for arg in args.allowed_origins for o in arg.split(",") if o.strip())

@@ -230,20 +230,29 @@ class DualChunkPositions:
 
 
 # ---------------------------------------------------------------------- attention
+# CPU flash attention that also returns the log-sum-exp (memory bounded, multithreaded).
+_FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+
+
 def _partial(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, row_scale: torch.Tensor, mask: torch.Tensor | None
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, mask: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One softmax part. q (Hkv, G, n, D), k/v (m, Hkv, D), row_scale (n,), mask (n, m) or None
-    -> out (Hkv, G, n, D), lse (Hkv, G, n), both fp32."""
-    kt = k.permute(1, 2, 0)  # (Hkv, D, m)
-    scores = torch.matmul(q.flatten(1, 2), kt).unflatten(1, q.shape[1:3])  # (Hkv, G, n, m)
-    scores = scores * row_scale[:, None]
-    if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf"))
-    lse = torch.logsumexp(scores, dim=-1)  # (Hkv, G, n)
-    p = torch.exp(scores - lse[..., None])
-    out = torch.matmul(p.flatten(1, 2), v.transpose(0, 1)).unflatten(1, q.shape[1:3])  # (Hkv, G, n, D)
-    return out, lse
+    """One softmax part. q (n, Hq, D) rotated, k/v (m, Hkv, D) rotated, mask (n, m) bool or None
+    -> out (n, Hq, D), lse (n, Hq), fp32. Query head h reads KV head h // (Hq / Hkv)."""
+    g = q.shape[1] // k.shape[1]
+    qh = q.transpose(0, 1).unsqueeze(0)  # (1, Hq, n, D)
+    kh = k.repeat_interleave(g, dim=1).transpose(0, 1).unsqueeze(0)  # (1, Hq, m, D)
+    vh = v.repeat_interleave(g, dim=1).transpose(0, 1).unsqueeze(0)
+    if _FLASH_CPU is not None and q.device.type == "cpu":
+        add = None if mask is None else torch.zeros(mask.shape).masked_fill_(~mask, float("-inf"))
+        out, lse = _FLASH_CPU(qh, kh, vh, 0.0, False, attn_mask=add, scale=scale)
+    else:
+        scores = torch.matmul(qh, kh.transpose(-1, -2)) * scale  # (1, Hq, n, m)
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        lse = torch.logsumexp(scores, dim=-1)
+        out = torch.matmul(torch.exp(scores - lse[..., None]), vh)
+    return out[0].transpose(0, 1), lse[0].transpose(0, 1)
 
 
 def _merge(
@@ -275,58 +284,51 @@ def dual_chunk_attention(
     cfg, stats = rope.cfg, rope.stats
     cl = cfg.chunk_len
     tq, hq, d = q.shape
-    tk, hkv = k.shape[0], k.shape[1]
+    tk = k.shape[0]
     if tq == 0:
         return q.new_empty(q.shape)
     if int(q_pos.max()) >= tk:
         raise ValueError(f"dual chunk attention: a query at position {int(q_pos.max())} has only {tk} keys")
     if stats is not None:
         stats.calls += 1
-    g = hq // hkv
     dtype = q.dtype
-    qf, kf, vf = q.float(), k.float(), v.float()
+    qf, vf = q.float(), v.float()
     k_pos = torch.arange(tk, device=q.device)
-    kr = rope.rotate(kf, key_positions(k_pos, cfg))  # (Tk, Hkv, D)
     kp = key_positions(k_pos, cfg)
+    kr = rope.rotate(k.float(), kp)  # (Tk, Hkv, D)
     temp = length_temperature(q_pos, cfg)
+    if temp is not None:  # the per-query temperature scales that query's logits
+        qf = qf * temp.to(q.device)[:, None, None]
     out = torch.empty(tq, hq, d, dtype=torch.float32, device=q.device)
-    chunk_of = q_pos // cl
+    chunk_of = (q_pos // cl).tolist()
     start = 0
     while start < tq:
         # rows [start, stop): one query chunk, at most block_q rows (positions ascend)
-        c = int(chunk_of[start])
+        c = chunk_of[start]
         stop = start + 1
-        while stop < tq and stop - start < block_q and int(chunk_of[stop]) == c:
+        while stop < tq and stop - start < block_q and chunk_of[stop] == c:
             stop += 1
         qp = q_pos[start:stop]
-        row_scale = torch.full((stop - start,), scale, device=q.device)
-        if temp is not None:
-            row_scale = row_scale * temp[start:stop].to(q.device)
         q_intra, q_succ, q_inter = query_positions(qp, cfg)
         rows = qf[start:stop]
-
-        def grouped(rot_pos: torch.Tensor) -> torch.Tensor:
-            # (n, Hq, D) rotated -> (Hkv, G, n, D): query head h reads KV head h // G
-            return rope.rotate(rows, rot_pos).view(-1, hkv, g, d).permute(1, 2, 0, 3)
-
-        lo, hi = c * cl, min(int(qp.max()) + 1, tk)
+        lo, hi = c * cl, min(int(qp[-1]) + 1, tk)
         mask = k_pos[None, lo:hi] <= qp[:, None]  # causal inside the chunk
         if stats is not None:
             stats.update(q_intra, kp[lo:hi], mask)
-        acc = _merge(None, _partial(grouped(q_intra), kr[lo:hi], vf[lo:hi], row_scale, mask[None, None]))
+        acc = _partial(rope.rotate(rows, q_intra), kr[lo:hi], vf[lo:hi], scale, mask)
         if c >= 1:
             lo, hi = (c - 1) * cl, c * cl
             if stats is not None:
                 stats.update(q_succ, kp[lo:hi], None)
-            acc = _merge(acc, _partial(grouped(q_succ), kr[lo:hi], vf[lo:hi], row_scale, None))
+            acc = _merge(acc, _partial(rope.rotate(rows, q_succ), kr[lo:hi], vf[lo:hi], scale, None))
         if c >= 2:
-            qg = grouped(q_inter)
+            qr = rope.rotate(rows, q_inter)
             for lo in range(0, (c - 1) * cl, block_k):
                 hi = min(lo + block_k, (c - 1) * cl)
                 if stats is not None:
                     stats.update(q_inter, kp[lo:hi], None)
-                acc = _merge(acc, _partial(qg, kr[lo:hi], vf[lo:hi], row_scale, None))
-        out[start:stop] = acc[0].permute(2, 0, 1, 3).reshape(stop - start, hq, d)
+                acc = _merge(acc, _partial(qr, kr[lo:hi], vf[lo:hi], scale, None))
+        out[start:stop] = acc[0]
         start = stop
     return out.to(dtype)
 

@@ -243,7 +243,7 @@ def _partial(
     qh = q.transpose(0, 1).unsqueeze(0)  # (1, Hq, n, D)
     kh = k.repeat_interleave(g, dim=1).transpose(0, 1).unsqueeze(0)  # (1, Hq, m, D)
     vh = v.repeat_interleave(g, dim=1).transpose(0, 1).unsqueeze(0)
-    if _FLASH_CPU is not None and q.device.type == "cpu":
+    if _FLASH_CPU is not None and q.device.type == "cpu" and not (torch.is_grad_enabled() and q.requires_grad):
         add = None if mask is None else torch.zeros(mask.shape).masked_fill_(~mask, float("-inf"))
         out, lse = _FLASH_CPU(qh, kh, vh, 0.0, False, attn_mask=add, scale=scale)
     else:

@@ -306,6 +306,17 @@ def test_real_passkey_dca_vs_full(gguf_05b_path) -> None:
     within [0, 2048] and the clamp is reached) and logs the retrieval. Depths: $DCA_PASSKEY_DEPTHS
     (default 0.5; the evidence run in docs/benchmarks.md uses 0.1,0.5,0.9); results JSON to
     $DCA_PASSKEY_JSON when set."""
+    import os
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(os.cpu_count() or 1)  # the module fixture pins 1 thread for the tiny tests
+    try:
+        _passkey_run(gguf_05b_path)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _passkey_run(gguf_05b_path) -> None:
     import json
     import logging
     import os

@@ -84,6 +84,8 @@ class ModelConfig:
     sliding_window: int | None = None
     max_window_layers: int = 0
     rope_scaling: Mapping[str, Any] | None = None
+    # Qwen2.5-1M: {chunk_size, local_size, original_max_position_embeddings} (qwenkit.model.dca)
+    dual_chunk_attention_config: Mapping[str, Any] | None = None
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = QWEN_EOS_TOKEN_IDS
     architecture: str = "qwen2"
@@ -170,6 +172,7 @@ class ModelConfig:
                 sliding_window=cfg.get("sliding_window"),
                 max_window_layers=int(cfg.get("max_window_layers", 0)),
                 rope_scaling=rope_scaling,
+                dual_chunk_attention_config=cfg.get("dual_chunk_attention_config"),
                 bos_token_id=cfg.get("bos_token_id"),
                 # Qwen's two EOS ids are stop ids of every Qwen2.5 checkpoint (instruct and base),
                 # whichever one its config names; not of a model whose vocabulary lacks them
@@ -220,6 +223,8 @@ class ModelConfig:
         if self.moe is not None:
             out.update(self.moe.to_hf(), architectures=["Qwen2MoeForCausalLM"], model_type="qwen2_moe",
                        qkv_bias=self.attention_bias)
+        if self.dual_chunk_attention_config:
+            out["dual_chunk_attention_config"] = dict(self.dual_chunk_attention_config)
         return out
 
     # ------------------------------------------------------------------ GGUF metadata

@@ -104,6 +104,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="shard the model over N processes (torch.distributed; float weights)")
     g.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1,
                    help="split the layers over N processes (stages; float weights; not with -tp)")
+    g.add_argument("--dual-chunk-attention", default=None, metavar="chunk_size=N,local_size=M",
+                   help="Dual Chunk Attention for contexts past the trained window (qwenkit.model.dca); "
+                        "optional original_max_position_embeddings=L0 adds the length temperature")
 
 
 def add_streaming_args(g: Any) -> None:
@@ -127,6 +130,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "streaming_window": args.streaming_window,
         "num_sink_tokens": args.num_sink_tokens,
         "speculative_config": speculative_config_from_args(args),
+        "dual_chunk_attention": getattr(args, "dual_chunk_attention", None),
     }
     for name in ("tensor_parallel_size", "pipeline_parallel_size"):
         if getattr(args, name, 1) > 1:

@@ -279,7 +279,7 @@ class FusedQwen2Model(Qwen2Model):
         rope: tuple[torch.Tensor, torch.Tensor],
         attn_metadata: AttentionBackend | None,
     ) -> torch.Tensor:
-        if attn_metadata is not None:
+        if attn_metadata is not None and self.dual_chunk is None:  # DCA rotates per key chunk: torch path
             out = run(self, h, rope, attn_metadata)
             if out is not None:
                 return out

@@ -42,6 +42,7 @@ from qwenkit.engine.stop import find_stop, stop_holdback
 from qwenkit.engine.structured_output import StructuredOutputManager
 from qwenkit.loaders.load import load
 from qwenkit.model.layers import scaled_max_positions
+from qwenkit.model.dca import enable_dual_chunk_attention
 from qwenkit.sampling_params import SamplingParams
 from qwenkit.tokenizer import IncrementalDetokenizer
 
@@ -70,6 +71,9 @@ class EngineConfig:
     max_model_len: int | None = None
     streaming_window: int | None = None
     num_sink_tokens: int = 4
+    # Dual chunk attention ("chunk_size=...,local_size=..." or a dict; qwenkit.model.dca);
+    # None: the model config's own dual_chunk_attention_config, if any
+    dual_chunk_attention: str | Mapping[str, Any] | None = None
     # False: run the module as given (no fused CPU modules swapped in), e.g. a module being trained
     install_cpu_runtime: bool = True
     # vLLM's speculative_config dict (engine/spec_decode.py): n-gram prompt lookup or a draft model
@@ -161,6 +165,14 @@ class LLMEngine:
         cfg = self.config
         self.model = model
         self.tokenizer = tokenizer
+        if enable_dual_chunk_attention(model, cfg.dual_chunk_attention) is not None:
+            if cfg.streaming_window is not None:
+                raise ValueError("dual_chunk_attention does not combine with streaming_window")
+            if cfg.tensor_parallel_size > 1 or cfg.pipeline_parallel_size > 1:
+                raise ValueError("dual_chunk_attention does not combine with tensor / pipeline parallel yet")
+            if getattr(model.model.rotary_emb, "factors", ()):
+                raise ValueError("dual_chunk_attention does not combine with per-request RoPE factors")
+            logger.info("dual chunk attention: decode steps run the torch attention path (no fused C step)")
         self.model_config = model.config
         self.generation_defaults = dict(generation_defaults or {})
         param = next(model.parameters())

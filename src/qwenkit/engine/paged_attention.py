@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from qwenkit.cpu import ops
 from qwenkit.cpu.decode_step import DecodeKV, decode_kv_ok
 from qwenkit.engine.kv_cache import KVCache
+from qwenkit.model.dca import DualChunkRope, dual_chunk_attention
 
 
 @dataclass
@@ -189,6 +190,39 @@ class PagedAttentionMetadata:
             sinks = True
         outs = [self._attend_group(g, q, k_pool, v_pool, scale, window, sinks) for g in self.groups]
         out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)  # (N, Hq, D)
+        return out.unsqueeze(0)
+
+    def attend_dual_chunk(
+        self,
+        layer_idx: int,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        rope: DualChunkRope,
+        *,
+        scale: float,
+    ) -> torch.Tensor:
+        """Dual chunk attention (`qwenkit.model.dca`): q/k arrive unrotated and the pool stores
+        keys unrotated; each sequence's queries run over its gathered keys 0..context-1."""
+        if self.streaming_window is not None:
+            raise ValueError("dual chunk attention does not combine with streaming_window")
+        assert q.shape[0] == 1, "the engine runs a flat token stream (B=1)"
+        q, k, v = q[0], k[0], v[0]  # (N, H, D)
+        kv = self.kv_cache
+        kv.k_slots[layer_idx].index_copy_(0, self.slot_mapping, k.to(kv.dtype))
+        kv.v_slots[layer_idx].index_copy_(0, self.slot_mapping, v.to(kv.dtype))
+        k_pool, v_pool = kv.k_cache[layer_idx], kv.v_cache[layer_idx]  # (blocks, bs, Hkv, D)
+        out = torch.empty_like(q)
+        for g in self.groups:
+            row = g.token_start
+            for s in range(g.num_seqs):
+                n, ctx = int(g.query_lens[s]), int(g.context_lens[s])
+                blocks = g.block_tables[s, : -(-ctx // g.block_size)].to(k_pool.device)
+                ks = k_pool.index_select(0, blocks).flatten(0, 1)[:ctx]  # (ctx, Hkv, D)
+                vs = v_pool.index_select(0, blocks).flatten(0, 1)[:ctx]
+                q_pos = torch.arange(ctx - n, ctx, device=q.device)
+                out[row : row + n] = dual_chunk_attention(q[row : row + n], ks, vs, q_pos, rope, scale=scale)
+                row += n
         return out.unsqueeze(0)
 
     @staticmethod

@@ -18,12 +18,16 @@ def _load(args: argparse.Namespace) -> Any:
 
     from qwenkit.loaders.load import load
 
+    from qwenkit.model.dca import enable_dual_chunk_attention
+
     if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)
-    return load(
+    loaded = load(
         args.model, dtype=getattr(torch, args.dtype), progress=not args.no_progress, quantization=args.quantization,
         rope_scaling=getattr(args, "rope_scaling", None),
     )
+    enable_dual_chunk_attention(loaded.model, getattr(args, "dual_chunk_attention", None))
+    return loaded
 
 
 def _runtime(loaded: Any, args: argparse.Namespace) -> dict[str, Any]:
@@ -227,6 +231,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     from qwenkit.loaders.load import add_rope_scaling_arg
 
     add_rope_scaling_arg(p)
+    p.add_argument("--dual-chunk-attention", default=None, metavar="chunk_size=N,local_size=M",
+                   help="Dual Chunk Attention past the trained window (qwenkit.model.dca)")
 
 
 def add_eval_parser(subparsers: Any) -> argparse.ArgumentParser:

@@ -15,6 +15,7 @@ from torch import nn
 
 from qwenkit.config import ModelConfig
 from qwenkit.model.attention import AttentionBackend, attend
+from qwenkit.model.dca import DualChunkPositions, DualChunkRope, parse_dual_chunk_attention
 from qwenkit.model.layers import (
     MergedLinear,
     RMSNorm,
@@ -52,6 +53,13 @@ class Qwen2Attention(nn.Module):
     ) -> torch.Tensor:
         b, t, _ = hidden_states.shape
         qkv = self.qkv_proj(hidden_states)  # (B, T, q + 2 kv)
+        if isinstance(rope, DualChunkPositions):
+            # DCA rotates q and k per (query chunk, key chunk) relation, inside the attention
+            q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+            q = q.reshape(b, t, self.num_heads, self.head_dim)
+            k = k.reshape(b, t, self.num_kv_heads, self.head_dim)
+            o = rope.attend(self.layer_idx, q, k, v.reshape(k.shape), attn_metadata, scale=self.scale)
+            return self.o_proj(o.reshape(b, t, self.q_size))
         q, k, v = self.rotate_qk(qkv, rope)
         o = attend(
             self.layer_idx,
@@ -110,6 +118,8 @@ class Qwen2Model(nn.Module):
         self.rotary_emb = RotaryEmbedding(
             config.head_dim, config.max_position_embeddings, config.rope_theta, config.rope_scaling
         )
+        dca = parse_dual_chunk_attention(config.dual_chunk_attention_config)
+        self.dual_chunk = DualChunkRope(config.head_dim, config.rope_theta, dca) if dca else None
 
     def forward(
         self,
@@ -120,6 +130,10 @@ class Qwen2Model(nn.Module):
     ) -> torch.Tensor:
         """`rope_factor_index` (B, T): per-token table of a per-request YaRN rotary (engine)."""
         h = self.embed_tokens(input_ids)  # (B, T, hidden)
+        if self.dual_chunk is not None:
+            if rope_factor_index is not None:
+                raise ValueError("per-request RoPE factors cannot be combined with Dual Chunk Attention")
+            return self.run_layers(h, self.dual_chunk.bind(positions), attn_metadata)  # type: ignore[arg-type]
         rope = self.rotary_emb(positions, h.dtype, rope_factor_index)  # cos, sin: (B, T, 1, D)
         return self.run_layers(h, rope, attn_metadata)
 

@@ -58,6 +58,8 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="shard the model over N processes (torch.distributed; float weights)")
     g.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1,
                    help="split the layers over N processes (stages; float weights; not with -tp)")
+    g.add_argument("--dual-chunk-attention", default=None, metavar="chunk_size=N,local_size=M",
+                   help="Dual Chunk Attention past the trained window (optional original_max_position_embeddings=L0)")
     p.set_defaults(func=cmd_serve)
     return p
 
@@ -72,7 +74,8 @@ def settings_from_args(args: argparse.Namespace) -> Any:
     for name in ("tensor_parallel_size", "pipeline_parallel_size"):
         if getattr(args, name) > 1:
             engine_args[name] = getattr(args, name)
-    for name in ("max_num_batched_tokens", "max_model_len", "kv_cache_memory", "streaming_window", "num_sink_tokens"):
+    for name in ("max_num_batched_tokens", "max_model_len", "kv_cache_memory", "streaming_window", "num_sink_tokens",
+                 "dual_chunk_attention"):
         if getattr(args, name) is not None:
             engine_args[name] = getattr(args, name)
     from qwenkit.engine.spec_decode import speculative_config_from_args

@@ -185,7 +185,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--speculative-model", default="qwen2.5-coder-0.5b-instruct", help="draft model (same tokenizer)")
     p.add_argument("--num-speculative-tokens", "-k", type=int, default=4)
     p.add_argument("--prompt-lookup-max", type=int, default=4)
-    p.add_argument("--prompt-lookup-min", type=int, default=1)
+    p.add_argument("--prompt-lookup-min", type=int, default=3)
     p.add_argument("--modes", default="ngram,draft", help="besides plain: ngram and/or draft")
     p.add_argument("--humaneval", type=int, default=3, help="HumanEval prompts (the code-edit prompt is always added)")
     p.add_argument("--max-tokens", type=int, default=128)

@@ -2,7 +2,7 @@
 scores all k + 1 positions in one forward, and the longest acceptable prefix is kept.
 
 Proposers (vLLM's `speculative_config`):
-* ``{"method": "ngram", "num_speculative_tokens": k, "prompt_lookup_max": 4, "prompt_lookup_min": 1}``
+* ``{"method": "ngram", "num_speculative_tokens": k, "prompt_lookup_max": 4, "prompt_lookup_min": 3}``
   prompt lookup: the longest suffix (of prompt_lookup_max down to prompt_lookup_min tokens) of
   prompt + output that occurred earlier; the tokens that followed its first occurrence are the
   draft (up to k; fewer when the match is near the end).
@@ -66,7 +66,9 @@ class SpeculativeConfig:
     method: str = "ngram"
     model: Any = None
     prompt_lookup_max: int = 4
-    prompt_lookup_min: int = 1
+    # 3, not 1: one- and two-token matches are mostly chance on fresh code and each costs a
+    # verification step (docs/benchmarks.md, Speculative decoding: n-gram on HumanEval 0.8-0.9x at 1)
+    prompt_lookup_min: int = 3
     quantization: str = "auto"
 
     @classmethod
@@ -85,7 +87,7 @@ class SpeculativeConfig:
         if kw.get("method") is None:
             kw["method"] = "draft_model" if kw.get("model") is not None else "ngram"
         if kw.get("prompt_lookup_max") is not None and kw.get("prompt_lookup_min") is None:
-            kw["prompt_lookup_min"] = 1
+            kw["prompt_lookup_min"] = min(cls.prompt_lookup_min, kw["prompt_lookup_max"])
         kw = {k: v for k, v in kw.items() if v is not None}
         return cls(**kw)
 
@@ -478,7 +480,7 @@ def add_speculative_args(parser: Any) -> None:
                    help="ngram: prompt lookup (no draft model); draft_model (implied by --speculative-model)")  # fmt: skip
     g.add_argument("--num-speculative-tokens", type=int, default=None, help="draft tokens per step (default 4)")
     g.add_argument("--prompt-lookup-max", type=int, default=None, help="ngram: longest suffix matched (default 4)")
-    g.add_argument("--prompt-lookup-min", type=int, default=None, help="ngram: shortest suffix matched (default 1)")
+    g.add_argument("--prompt-lookup-min", type=int, default=None, help="ngram: shortest suffix matched (default 3, at most --prompt-lookup-max)")
 
 
 def speculative_config_from_args(args: Any) -> dict[str, Any] | None:

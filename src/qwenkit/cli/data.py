@@ -161,7 +161,7 @@ def _add_pipeline_parsers(sub: Any) -> None:
                    lambda a: {"model": a.model, "threshold": a.threshold, "batch_size": a.batch_size,
                               "quantization": a.quantization, "max_chars": a.max_chars,
                               "weights": json.loads(a.weights) if a.weights else None})  # fmt: skip
-    p.add_argument("--model", default=DEFAULT_MODEL, help="registry name, .gguf, HF folder")
+    p.add_argument("--model", default=None, help="registry name, .gguf, HF folder (default qwen2.5-coder-1.5b-instruct)")
     p.add_argument("--threshold", type=float, default=None, help="default 0.8")
     p.add_argument("--weights", default=None, help='JSON, default {"relevance":0.7,"informativeness":0.3,"toxicity":-0.5}')
     p.add_argument("--batch-size", type=int, default=None, help="samples per engine batch (default 32)")

@@ -28,6 +28,9 @@ JUDGE_SCHEMA: dict[str, Any] = {
 }
 DEFAULT_WEIGHTS = {"relevance": 0.7, "informativeness": 0.3, "toxicity": -0.5}
 DEFAULT_THRESHOLD = 0.8
+# the 0.5B answers 10/10/10 (or echoes the rubric's anchors) whatever the sample; the 1.5B separates
+# code from spam and abuse (docs/benchmarks.md, Data pipeline: Judge)
+DEFAULT_JUDGE_MODEL = "qwen2.5-coder-1.5b-instruct"
 
 _RUBRIC = (
     "You are a data quality judge for training a language model. Rate the sample below from 0 to 10 on:\n"
@@ -142,10 +145,9 @@ def run_judge_stage(inp: Path, out: Path, opts: Mapping[str, Any], exe: Any) -> 
     from functools import partial
 
     from qwenkit.curate import stages
-    from qwenkit.loaders.catalog import DEFAULT_MODEL
 
     batch = int(opts.get("batch_size") or 32)
-    factory = opts.get("llm_factory") or partial(_make_llm, str(opts.get("model") or DEFAULT_MODEL),
+    factory = opts.get("llm_factory") or partial(_make_llm, str(opts.get("model") or DEFAULT_JUDGE_MODEL),
                                                   opts.get("quantization"), batch)  # fmt: skip
     step = JudgeFilter(factory, out / "scores", weights=opts.get("weights"),
                        threshold=float(opts.get("threshold") if opts.get("threshold") is not None else DEFAULT_THRESHOLD),
@@ -156,7 +158,7 @@ def run_judge_stage(inp: Path, out: Path, opts: Mapping[str, Any], exe: Any) -> 
         rows += [json.loads(x) for x in f.read_text(encoding="utf-8").splitlines() if x.strip()]
     hist = {k: [sum(r[k] == v for r in rows) for v in range(11)] for k in _FIELDS}
     judge_s = rep["steps"][1]["counts"].get("judge_seconds_x1000", 0) / 1000
-    rep.update(model=str(opts.get("model") or DEFAULT_MODEL), weights=step.weights, threshold=step.threshold,
+    rep.update(model=str(opts.get("model") or DEFAULT_JUDGE_MODEL), weights=step.weights, threshold=step.threshold,
                scored=len(rows), judge_seconds=judge_s,
                samples_per_s=round(len(rows) / judge_s, 3) if judge_s else None, histograms=hist)  # fmt: skip
     (out / stages.REPORT).write_text(json.dumps(rep, indent=1, default=str) + "\n")

@@ -87,6 +87,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--block-size", type=int, default=None)
     g.add_argument("--max-num-seqs", type=int, default=None, help="sequences per engine step")
     g.add_argument("--max-num-batched-tokens", type=int, default=None, help="tokens per engine step (prefill chunk)")
+    from qwenkit.engine.llm_engine import add_streaming_args
+
     add_streaming_args(g)
     g.add_argument("--threads", type=int, default=None)
     g.add_argument("--quantization", "-q", default="auto",
@@ -100,22 +102,11 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     from qwenkit.engine.spec_decode import add_speculative_args
 
     add_speculative_args(p)
-    g.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
-                   help="shard the model over N processes (torch.distributed; float weights)")
-    g.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1,
-                   help="split the layers over N processes (stages; float weights; not with -tp)")
-    g.add_argument("--dual-chunk-attention", default=None, metavar="chunk_size=N,local_size=M",
-                   help="Dual Chunk Attention for contexts past the trained window (qwenkit.model.dca); "
-                        "optional original_max_position_embeddings=L0 adds the length temperature")
+    from qwenkit.engine.parallel import add_parallel_args
+    from qwenkit.model.dca import add_dual_chunk_arg
 
-
-def add_streaming_args(g: Any) -> None:
-    """StreamingLLM flags (shared with `serve`): the bounded-memory mode for endless chats."""
-    g.add_argument("--streaming-window", type=int, default=None, metavar="N",
-                   help="attend to the last N tokens plus the sink tokens; older KV blocks are freed, so "
-                        "memory stays bounded and a request may run past --max-model-len")
-    g.add_argument("--num-sink-tokens", type=int, default=None, metavar="K",
-                   help="first tokens kept visible with --streaming-window (default 4)")
+    add_parallel_args(g)
+    add_dual_chunk_arg(g)
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:

@@ -569,3 +569,12 @@ class LLMEngine:
             "num_steps": self.num_steps,
             **(self.spec.stats() if self.spec is not None else {}),
         }
+
+
+def add_streaming_args(g: Any) -> None:
+    """StreamingLLM flags (generate, chat, serve, eval): the bounded-memory mode for endless chats."""
+    g.add_argument("--streaming-window", type=int, default=None, metavar="N",
+                   help="attend to the last N tokens plus the sink tokens; older KV blocks are freed, so "
+                        "memory stays bounded and a request may run past --max-model-len")  # fmt: skip
+    g.add_argument("--num-sink-tokens", type=int, default=None, metavar="K",
+                   help="first tokens kept visible with --streaming-window (default 4)")

@@ -377,3 +377,11 @@ class ParallelModelRunner(ModelRunner):
             if err is e:
                 raise
             raise err from e
+
+
+def add_parallel_args(g: Any) -> None:
+    """`--tensor-parallel-size` / `--pipeline-parallel-size` (vLLM's flags; generate, chat, serve)."""
+    g.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
+                   help="shard the model over N processes (torch.distributed; float weights)")
+    g.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1,
+                   help="split the layers over N processes (stages; float weights; not with -tp)")

@@ -167,9 +167,9 @@ def _engine_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-num-seqs", type=int, default=None, help="concurrent sequences")
     g.add_argument("--max-num-batched-tokens", type=int, default=None, help="prefill chunk budget per step")
     g.add_argument("--block-size", type=int, default=None)
-    g.add_argument("--streaming-window", type=int, default=None,
-                   help="StreamingLLM mode: attend to the last N tokens plus the sink tokens")  # fmt: skip
-    g.add_argument("--num-sink-tokens", type=int, default=None, help="with --streaming-window (default 4)")
+    from qwenkit.engine.llm_engine import add_streaming_args
+
+    add_streaming_args(g)
     g.add_argument("--engine-arg", action="append", default=[], metavar="KEY=VALUE",
                    help="any other qwenkit.LLM / engine argument (VALUE parsed as JSON when it is JSON); repeatable")  # fmt: skip
 
@@ -231,8 +231,9 @@ def _common(p: argparse.ArgumentParser) -> None:
     from qwenkit.loaders.load import add_rope_scaling_arg
 
     add_rope_scaling_arg(p)
-    p.add_argument("--dual-chunk-attention", default=None, metavar="chunk_size=N,local_size=M",
-                   help="Dual Chunk Attention past the trained window (qwenkit.model.dca)")
+    from qwenkit.model.dca import add_dual_chunk_arg
+
+    add_dual_chunk_arg(p)
 
 
 def add_eval_parser(subparsers: Any) -> argparse.ArgumentParser:

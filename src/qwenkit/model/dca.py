@@ -373,3 +373,10 @@ __all__ = [
     "parse_dual_chunk_attention",
     "query_positions",
 ]
+
+
+def add_dual_chunk_arg(g: Any) -> None:
+    """`--dual-chunk-attention chunk_size=N,local_size=M` (generate, chat, serve, eval)."""
+    g.add_argument("--dual-chunk-attention", default=None, metavar="chunk_size=N,local_size=M",
+                   help="Dual Chunk Attention for contexts past the trained window (qwenkit.model.dca); "
+                        "optional original_max_position_embeddings=L0 adds the length temperature")

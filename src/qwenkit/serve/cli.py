@@ -47,19 +47,15 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
     g.add_argument("--block-size", type=int, default=16)
     g.add_argument("--kv-cache-memory", default=None, help="KV-cache budget, e.g. 2GiB (default: a share of free RAM)")
     g.add_argument("--no-enable-prefix-caching", dest="enable_prefix_caching", action="store_false")
-    g.add_argument("--streaming-window", type=int, default=None, metavar="N",
-                   help="StreamingLLM: attend to the last N tokens plus the sink tokens; KV memory stays bounded")
-    g.add_argument("--num-sink-tokens", type=int, default=None, metavar="K",
-                   help="first tokens kept visible with --streaming-window (default 4)")
+    from qwenkit.engine.llm_engine import add_streaming_args
+    from qwenkit.engine.parallel import add_parallel_args
     from qwenkit.engine.spec_decode import add_speculative_args
+    from qwenkit.model.dca import add_dual_chunk_arg
 
+    add_streaming_args(g)
     add_speculative_args(p)
-    g.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
-                   help="shard the model over N processes (torch.distributed; float weights)")
-    g.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1,
-                   help="split the layers over N processes (stages; float weights; not with -tp)")
-    g.add_argument("--dual-chunk-attention", default=None, metavar="chunk_size=N,local_size=M",
-                   help="Dual Chunk Attention past the trained window (optional original_max_position_embeddings=L0)")
+    add_parallel_args(g)
+    add_dual_chunk_arg(g)
     p.set_defaults(func=cmd_serve)
     return p
 

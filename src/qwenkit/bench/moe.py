@@ -183,10 +183,9 @@ def format_report(results: Sequence[MoeResult], env: dict[str, Any]) -> str:
                          f"{r.decode_tokens_per_s:.1f} |")  # fmt: skip
     for name, ratio in ratios(results).items():
         lines.append(f"| {name} | | | | {ratio:.2f}x |")
-    lines.append("")
-    lines.append(f"CPU: {env.get('cpu')} | flags: {' '.join(env.get('cpu_flags', [])) or '-'} | "
-                 f"threads {env.get('threads')} of {env.get('cores')} cores")  # fmt: skip
-    lines.append("versions: " + ", ".join(f"{k} {v}" for k, v in env.get("versions", {}).items() if v))
+    from qwenkit.bench.train import environment_lines
+
+    lines += ["", *environment_lines(env)]
     w = env.get("workload")
     if w:
         c = w["config"]

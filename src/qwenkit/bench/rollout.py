@@ -228,10 +228,9 @@ def format_report(results: Sequence[RolloutResult], env: dict[str, Any]) -> str:
                          f"{r.seconds:.2f} | {r.tokens_per_s:.1f} |")  # fmt: skip
     for name, ratio in ratios(results).items():
         lines.append(f"| {name} | | | | | {ratio:.2f}× |")
-    lines.append("")
-    lines.append(f"CPU: {env.get('cpu')} | flags: {' '.join(env.get('cpu_flags', [])) or '–'} | "
-                 f"threads {env.get('threads')} of {env.get('cores')} cores")  # fmt: skip
-    lines.append("versions: " + ", ".join(f"{k} {v}" for k, v in env.get("versions", {}).items() if v))
+    from qwenkit.bench.train import environment_lines
+
+    lines += ["", *environment_lines(env)]
     w = env.get("workload")
     if w:
         lines.append(f"workload: {w['model']}, {w['prompts']} prompts x G={w['num_generations']}, "

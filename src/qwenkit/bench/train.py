@@ -377,6 +377,13 @@ def default_threads() -> int:
         return os.cpu_count() or 1
 
 
+def environment_lines(env: dict[str, Any]) -> list[str]:
+    """The report footer every benchmark prints: CPU, its flags, threads, library versions."""
+    return [f"CPU: {env.get('cpu')} | flags: {' '.join(env.get('cpu_flags', [])) or '–'} | "
+            f"threads {env.get('threads')} of {env.get('cores')} cores",
+            "versions: " + ", ".join(f"{k} {v}" for k, v in env.get("versions", {}).items() if v)]  # fmt: skip
+
+
 def environment(threads: int) -> dict[str, Any]:
     """CPU model and its vector / matrix flags, library versions, threads."""
     from importlib.metadata import PackageNotFoundError, version
@@ -490,11 +497,7 @@ def format_report(results: Sequence[TrainResult], env: dict[str, Any]) -> str:
             ratio_lines.append(f"| qwenkit / trl | {mode} | {prec} | {speed} | {rss} | "
                                f"{a.first_loss:.6f} vs {b.first_loss:.6f} (rel {rel:.1e}) |")  # fmt: skip
     lines += ratio_lines
-    v = env.get("versions", {})
-    lines.append("")
-    lines.append(f"CPU: {env.get('cpu')} | flags: {' '.join(env.get('cpu_flags', [])) or '–'} | "
-                 f"threads {env.get('threads')} of {env.get('cores')} cores")  # fmt: skip
-    lines.append("versions: " + ", ".join(f"{k} {val}" for k, val in v.items() if val))
+    lines += ["", *environment_lines(env)]
     w = env.get("workload")
     if w:
         lines.append(f"workload: {w['model']}, {w['batch']}×{w['seq_len']} tokens a step, "

@@ -104,3 +104,16 @@ def tiny_hf_dir(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer: Any) -
     model = Qwen2ForCausalLM(cfg).eval()
     export_hf(model, out, tokenizer=tiny_tokenizer, generation=stop_ids(tiny_tokenizer))
     return out
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models: one torch thread (their matmuls gain nothing from threads, and on a shared
+    machine OpenMP spin-waits make them 10-100x slower). Use with
+    ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -10,12 +10,7 @@ from qwenkit.engine import LLM, AsyncLLMEngine, LLMEngine, SamplingParams
 from tests.engine_helpers import greedy, naive_greedy, random_prompts, tiny_model
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

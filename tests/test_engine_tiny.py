@@ -14,14 +14,7 @@ MAX_TOKENS = 10
 KIB_PER_TOKEN = 1  # tiny model: 4 layers * (K+V) * 2 kv heads * 16 dims * 4 bytes = 1 KiB
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny matmuls gain nothing from threads, and on a shared machine OpenMP spinning makes
-    # them 10-100x slower.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

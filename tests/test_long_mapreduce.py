@@ -13,15 +13,7 @@ from qwenkit.long import map_reduce, split_segments
 from qwenkit.long.map_reduce import MAP_PROMPT
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: one torch thread avoids OpenMP spin-waits on a shared machine."""
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.mark.parametrize("n,segment,overlap", [(1, 8, 2), (8, 8, 2), (9, 8, 2), (100, 8, 2), (100, 10, 0),

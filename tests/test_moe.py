@@ -20,12 +20,7 @@ LOGITS_TOL = 1e-5  # fp32, max abs difference (logits are O(1))
 AUX_TOL = 1e-6
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matmuls: threads only add contention on a shared machine
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def moe_hf_config(**overrides: Any) -> dict[str, Any]:

@@ -34,12 +34,7 @@ SHAPES = [(64, 128), (1152, 896), (896, 4864)]
 FORMATS = ["int8", "int4-g32", "int4-g128"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _weight(n: int, k: int, seed: int = 0) -> torch.Tensor:

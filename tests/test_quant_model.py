@@ -28,12 +28,7 @@ DIMS = {"hidden_size": 128, "intermediate_size": 256}
 METHODS = ["int8", "int4-g32", "int4-g128", "mixed", "mixed-ffn8", "int4-g32,lm_head=int4-g32"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny(seed: int = 0, **overrides) -> Qwen2ForCausalLM:

@@ -25,12 +25,7 @@ HEAD_DIM = 16  # tiny config: hidden 64 / 4 heads
 THETA = 10000.0
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _default_inv_freq() -> torch.Tensor:

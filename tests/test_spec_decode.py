@@ -28,12 +28,7 @@ from tests.tiny import make_hf_and_ours, tiny_hf_config
 MAX_TOKENS = 24
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def make_engine(model, spec=None, **kw) -> LLMEngine:

@@ -15,15 +15,7 @@ BLOCK = 8
 PER_TOKEN = 2 * 2 * 2 * 16 * 4  # tiny_hf_dir: layers x (k, v) x kv heads x head_dim x fp32 bytes
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: one torch thread avoids OpenMP spin-waits on a shared machine."""
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _cli(args, capsys, monkeypatch, stdin=""):

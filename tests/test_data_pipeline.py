@@ -199,6 +199,21 @@ def test_classify_and_mix_ratios(tmp_path: Path) -> None:
     assert sum(r["achieved"] for r in rep["ratios"].values()) == pytest.approx(1.0, abs=1e-3)
 
 
+def test_user_benchmark_files(tmp_path: Path) -> None:
+    from qwenkit.curate.benchmarks import benchmark_items
+    from qwenkit.errors import DataError
+
+    good = tmp_path / "bench.json"  # a JSON list, not only JSONL
+    good.write_text(json.dumps([{"task_id": "t1", "prompt": "p", "canonical_solution": "s"}, {"question": "q"}]))
+    assert benchmark_items([str(good)]) == [("bench/t1", "p", "s"), ("bench/2", "q", "")]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"prompt": "ok"}) + "\n" + json.dumps({"label": 3}) + "\n")
+    with pytest.raises(DataError, match=r"bad.jsonl line 2: needs a text field"):
+        benchmark_items([str(bad)])
+    with pytest.raises(DataError, match=r"missing.jsonl: decontamination benchmark file not found"):
+        benchmark_items([str(tmp_path / "missing.jsonl")])
+
+
 def test_minhash_threshold_mapping() -> None:
     assert minhash_params(None) == (14, 8)
     for th in (0.5, 0.7, 0.8, 0.9):

@@ -1,4 +1,4 @@
-"""Benchmark items for decontamination: HumanEval, MBPP+ (the packaged copies) and user JSONL."""
+"""Benchmark items for decontamination: HumanEval, MBPP+ (the packaged copies) and user JSONL / JSON / Parquet files."""
 from __future__ import annotations
 
 import json
@@ -13,32 +13,26 @@ _PROMPT_KEYS = ("prompt", "question", "text", "problem")
 _SOLUTION_KEYS = ("canonical_solution", "solution", "completion", "answer", "code")
 
 
-def _jsonl_items(path: Path) -> list[tuple[str, str, str]]:
-    import gzip
+def _file_items(path: Path) -> list[tuple[str, str, str]]:
+    """Items of a user benchmark file (JSONL / JSON / Parquet, read by the training data reader)."""
+    from qwenkit.data.readers import read_records
 
     if not path.is_file():
         raise DataError(f"{path}: decontamination benchmark file not found")
-    opener = gzip.open if path.suffix == ".gz" else open
     items = []
-    with opener(path, "rt", encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path} line {n}: invalid JSON ({e})") from None
-            prompt = next((rec[k] for k in _PROMPT_KEYS if isinstance(rec.get(k), str)), "")
-            sol = next((rec[k] for k in _SOLUTION_KEYS if isinstance(rec.get(k), str)), "")
-            if not prompt and not sol:
-                raise DataError(f"{path} line {n}: needs a text field (one of {_PROMPT_KEYS + _SOLUTION_KEYS})")
-            ident = next((str(rec[k]) for k in _ID_KEYS if k in rec), str(n))
-            items.append((f"{path.stem}/{ident}", prompt, sol))
+    for rec in read_records(path, check=False):
+        d = rec.data
+        prompt = next((d[k] for k in _PROMPT_KEYS if isinstance(d.get(k), str)), "")
+        sol = next((d[k] for k in _SOLUTION_KEYS if isinstance(d.get(k), str)), "")
+        if not prompt and not sol:
+            raise rec.error(f"needs a text field (one of {_PROMPT_KEYS + _SOLUTION_KEYS})")
+        ident = next((str(d[k]) for k in _ID_KEYS if k in d), str(rec.line))
+        items.append((f"{path.name.split('.')[0]}/{ident}", prompt, sol))
     return items
 
 
 def benchmark_items(names: list[str]) -> list[tuple[str, str, str]]:
-    """``(item id, prompt, solution)`` for each of ``names``: ``humaneval``, ``mbpp`` (MBPP+), or a JSONL path."""
+    """``(item id, prompt, solution)`` for each of ``names``: ``humaneval``, ``mbpp`` (MBPP+), or a JSONL / JSON / Parquet path."""
     items: list[tuple[str, str, str]] = []
     for name in names:
         key = str(name).lower()
@@ -55,5 +49,5 @@ def benchmark_items(names: list[str]) -> list[tuple[str, str, str]]:
                     t = json.loads(line)
                     items.append((f"mbpp/{t['task_id']}", t["prompt"], t["canonical_solution"]))
         else:
-            items += _jsonl_items(Path(name))
+            items += _file_items(Path(name))
     return items

@@ -274,34 +274,15 @@ def test_cli_generate_with_dca(tiny_hf_dir: Path) -> None:
 
 
 # ---------------------------------------------------------------------- real model (slow)
-PASSKEY_INTRO = (
-    "There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
-    "I will quiz you about the important information there.\n"
-)
-PASSKEY_FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
-
-
-def passkey_prompt(tokenizer: Any, n_tokens: int, depth: float, key: int) -> list[int]:
-    """The standard garbage-text passkey prompt (Mohtashami & Jaggi), about `n_tokens` long, with
-    the key sentence at `depth` (0 = start, 1 = end) of the filler."""
-    needle = f"The pass key is {key}. Remember it. {key} is the pass key.\n"
-    question = "\nWhat is the pass key? The pass key is"
-    fixed = len(tokenizer.encode(PASSKEY_INTRO + needle + question))
-    per = len(tokenizer.encode(PASSKEY_FILLER * 10)) / 10
-    reps = max(1, round((n_tokens - fixed) / per))
-    cut = round(reps * depth)
-    text = PASSKEY_INTRO + PASSKEY_FILLER * cut + needle + PASSKEY_FILLER * (reps - cut) + question
-    return tokenizer.encode(text)
-
-
 @pytest.mark.slow
 def test_real_passkey_dca_vs_full(gguf_05b_path) -> None:
     """Real 0.5B, a ~6K-token passkey prompt: full attention vs DCA emulating a 2K trained window
     (chunk_size 2048, local_size 256). Asserts what DCA guarantees (every rotary distance used is
     within [0, 2048] and the clamp is reached) and logs the retrieval. Depths: $DCA_PASSKEY_DEPTHS
-    (default 0.5; the evidence run in docs/benchmarks.md uses 0.1,0.5,0.9), modes
-    $DCA_PASSKEY_MODES (default dca alone, to stay near a minute; the evidence: full,dca); results
-    JSON to $DCA_PASSKEY_JSON when set."""
+    (default 0.5; the evidence run in docs/benchmarks.md uses 0,0.25,0.5,0.75,1), modes
+    $DCA_PASSKEY_MODES (default dca alone, to stay near a minute; the evidence: full,dca,window —
+    window is a 2K sliding window + 4 sinks), prompt length $DCA_PASSKEY_TOKENS (default 6000);
+    results JSON to $DCA_PASSKEY_JSON when set."""
     import os
 
     threads = torch.get_num_threads()
@@ -316,23 +297,27 @@ def _passkey_run(gguf_05b_path) -> None:
     import json
     import logging
     import os
-    import re
     import time
 
+    from qwenkit.eval.passkey import build_prompt, score
     from qwenkit.loaders.load import load
 
     loaded = load(gguf_05b_path, progress=False)
     tok = loaded.tokenizer
     depths = [float(d) for d in os.environ.get("DCA_PASSKEY_DEPTHS", "0.5").split(",")]
     keys = [68217, 40931, 15526, 77302, 52981]
-    prompts = [passkey_prompt(tok, 6000, d, keys[i % len(keys)]) for i, d in enumerate(depths)]
+    n_tokens = int(os.environ.get("DCA_PASSKEY_TOKENS", "6000"))
+    prompts = [build_prompt(tok, n_tokens, d, str(keys[i % len(keys)]))[0] for i, d in enumerate(depths)]
     stats = DualChunkStats()
     rows = []
-    modes = os.environ.get("DCA_PASSKEY_MODES", "dca").split(",")  # "full,dca" for the comparison
+    # "full,dca,window" for the comparison; window = StreamingLLM's 2K sliding window + 4 sinks
+    modes = os.environ.get("DCA_PASSKEY_MODES", "dca").split(",")
     for mode in modes:
         args: dict[str, Any] = {"kv_cache_memory": "512MiB", "max_model_len": 8192, "max_num_seqs": len(prompts)}
         if mode == "dca":
             args["dual_chunk_attention"] = "chunk_size=2048,local_size=256"
+        elif mode == "window":
+            args.update(streaming_window=2048, num_sink_tokens=4)
         engine = LLMEngine(loaded.model, tok, **args)
         if mode == "dca":
             loaded.model.model.dual_chunk.stats = stats
@@ -341,8 +326,7 @@ def _passkey_run(gguf_05b_path) -> None:
         wall, cpu = time.perf_counter() - t0, time.process_time() - c0
         for i, (d, o) in enumerate(zip(depths, outs)):
             text = tok.decode(o.outputs[0].token_ids)
-            m = re.search(r"\d+", text)
-            ok = bool(m) and int(m.group()) == keys[i % len(keys)]
+            ok = score(text, str(keys[i % len(keys)]))
             rows.append({"mode": mode, "depth": d, "prompt_tokens": len(prompts[i]), "output": text, "retrieved": ok})
             logging.getLogger(__name__).warning("passkey %s depth %.1f (%d tokens): %r %s", mode, d, len(prompts[i]), text, ok)
         rows.append({"mode": mode, "wall_s": round(wall, 1), "cpu_s": round(cpu, 1)})
@@ -350,7 +334,7 @@ def _passkey_run(gguf_05b_path) -> None:
     if os.environ.get("DCA_PASSKEY_JSON"):
         with open(os.environ["DCA_PASSKEY_JSON"], "w") as f:
             json.dump({"torch_threads": torch.get_num_threads(), "max_relative_position": stats.max_relative_position,
+                       "prompt_tokens": n_tokens,
                        "results": rows}, f, indent=1)  # fmt: skip
-    assert min(len(p) for p in prompts) > 5500
     assert stats.calls > 0 and stats.min_relative_position >= 0
     assert stats.max_relative_position == 2048  # min(2 * 1792 - 1, 2048): never past the window

@@ -171,3 +171,154 @@ def test_weights_load_under_both_names(ref, vl_dir, tmp_path):
     save_file(state, str(tmp_path / "model.safetensors"))
     with pytest.raises(KeyError, match=r"visual\.blocks\.1\.mlp\.extra\.weight"):
         load(tmp_path, quantization="none", progress=False)
+
+
+# ---------------------------------------------------------------- engine
+PLACEHOLDER = [VISION_START, IMAGE_PAD, VISION_END]
+MAX_TOKENS = 8
+
+
+def request(images, text=(10, 11, 12), between=(13, 14), after=(15, 16, 17)) -> dict:
+    """vLLM's request form: one unexpanded <|image_pad|> per image."""
+    ids = list(text) + PLACEHOLDER + list(between) + PLACEHOLDER + list(after)
+    return {"prompt_token_ids": ids, "multi_modal_data": {"image": images}}
+
+
+def hf_greedy(ref, ids: list[int], images=None) -> list[int]:
+    """transformers' generate (greedy, no EOS stop) from the expanded prompt."""
+    ref.generation_config.eos_token_id = None
+    t = torch.tensor([ids])
+    kwargs = {}
+    if images is not None:
+        p = hf_processor()(images, return_tensors="pt")
+        kwargs = {"pixel_values": p["pixel_values"], "image_grid_thw": p["image_grid_thw"],
+                  "mm_token_type_ids": (t == IMAGE_PAD).int()}  # fmt: skip
+    with torch.no_grad():
+        out = ref.generate(t, max_new_tokens=MAX_TOKENS, do_sample=False, pad_token_id=0, **kwargs)
+    return out[0, len(ids):].tolist()
+
+
+def greedy(**kw):
+    from qwenkit import SamplingParams
+
+    return SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True, **kw)
+
+
+def make_llm(vl_dir, **engine_args):
+    from qwenkit import LLM
+
+    return LLM(str(vl_dir), quantization="none", **engine_args)
+
+
+@pytest.fixture(scope="module")
+def hf_tokens(ref):
+    """transformers' greedy tokens for the image request and for a text-only prompt."""
+    images = make_images()
+    processed = ImageProcessor(min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS)(images)
+    ids = prompt_ids(processed)
+    text = [5, 6, 7, 8, 9, 10, 300, 400]
+    return {"ids": ids, "image": hf_greedy(ref, ids, images), "text": hf_greedy(ref, text), "text_ids": text}
+
+
+def test_engine_greedy_equals_transformers_batched_with_text(vl_dir, hf_tokens):
+    llm = make_llm(vl_dir)
+    outs = llm.generate([request(make_images()), {"prompt_token_ids": hf_tokens["text_ids"]}], greedy(), use_tqdm=False)
+    assert outs[0].prompt_token_ids == hf_tokens["ids"]  # placeholders expanded at admission
+    assert outs[0].outputs[0].token_ids == hf_tokens["image"]
+    assert outs[1].outputs[0].token_ids == hf_tokens["text"]
+    assert llm.llm_engine.stats()["num_image_encodings"] == 2
+
+
+def test_chunked_prefill_cutting_images_equals_unchunked(vl_dir, hf_tokens):
+    # 35 prompt tokens in chunks of 6: image 0 spans [4, 12), image 1 [16, 31) -> both are cut
+    llm = make_llm(vl_dir, max_num_batched_tokens=6, max_num_seqs=2)
+    out = llm.generate(request(make_images()), greedy(logprobs=0), use_tqdm=False)[0]
+    assert out.outputs[0].token_ids == hf_tokens["image"]
+    assert llm.llm_engine.stats()["num_steps"] >= 6 + MAX_TOKENS - 1
+    whole = make_llm(vl_dir).generate(request(make_images()), greedy(logprobs=0), use_tqdm=False)[0]
+    assert abs(out.outputs[0].cumulative_logprob - whole.outputs[0].cumulative_logprob) <= 1e-4
+
+
+def test_preempted_request_is_not_re_encoded(vl_dir, hf_tokens):
+    llm = make_llm(vl_dir, enable_prefix_caching=False)
+    engine = llm.llm_engine
+    engine.add_request("r", request(make_images()), greedy())
+    for _ in range(3):  # prefill + 2 decodes
+        engine.step()
+    sched = engine.scheduler
+    seq = sched.running[0]
+    assert seq.num_output_tokens == 3
+    from qwenkit.engine.scheduler import SchedulerOutput
+
+    sched._preempt(seq, SchedulerOutput())
+    done = None
+    while engine.has_unfinished_requests():
+        for o in engine.step():
+            if o.finished:
+                done = o
+    assert done.outputs[0].token_ids == hf_tokens["image"]
+    stats = engine.stats()
+    assert stats["num_preemptions"] == 1 and seq.num_preemptions == 1
+    assert stats["num_image_encodings"] == 2  # the recompute reused the features
+
+
+def test_prefix_cache_keys_include_the_image(vl_dir, hf_tokens):
+    from PIL import Image
+
+    llm = make_llm(vl_dir, block_size=4)
+    engine = llm.llm_engine
+    first = llm.generate(request(make_images()), greedy(), use_tqdm=False)[0]
+    assert first.num_cached_tokens == 0 and engine.stats()["num_image_encodings"] == 2
+    again = llm.generate(request(make_images()), greedy(), use_tqdm=False)[0]
+    # 35 tokens: the 8 full blocks (32 tokens) hit, image 1 ends at 31: no image token recomputed
+    assert again.num_cached_tokens == 32
+    assert engine.stats()["num_image_encodings"] == 2  # nothing left to encode
+    assert again.outputs[0].token_ids == first.outputs[0].token_ids == hf_tokens["image"]
+    # same text and image sizes, other pixels in image 0: only the block before it may hit
+    other = Image.fromarray(np.random.default_rng(1).integers(0, 256, (70, 100, 3), dtype=np.uint8))
+    third = llm.generate(request([other, make_images()[1]]), greedy(), use_tqdm=False)[0]
+    assert third.num_cached_tokens == 4
+    assert engine.stats()["num_image_encodings"] == 4
+
+
+def test_chat_with_content_parts(vl_dir, tmp_path):
+    import base64
+    import io
+
+    a, b = make_images()
+    buf = io.BytesIO()
+    a.save(buf, format="PNG")
+    url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    messages = [{"role": "user", "content": [
+        {"type": "text", "text": "compare"}, {"type": "image_url", "image_url": {"url": url}},
+        {"type": "image", "image": b}, {"type": "text", "text": "ok"},
+    ]}]  # fmt: skip
+    llm = make_llm(vl_dir)
+    out = llm.chat(messages, greedy(), use_tqdm=False)[0]
+    tok = llm.get_tokenizer()
+    text = tok.apply_chat_template([{"role": "user", "content": [
+        {"type": "text", "text": "compare"}, {"type": "image"}, {"type": "image"}, {"type": "text", "text": "ok"}]}],
+        tokenize=False, add_generation_prompt=True)  # fmt: skip
+    assert text.count("<|vision_start|><|image_pad|><|vision_end|>") == 2
+    direct = llm.generate({"prompt": text, "multi_modal_data": {"image": [a, b]}}, greedy(), use_tqdm=False)[0]
+    assert out.prompt_token_ids == direct.prompt_token_ids
+    assert out.prompt_token_ids.count(IMAGE_PAD) == 8 + 15
+    assert out.outputs[0].token_ids == direct.outputs[0].token_ids
+
+
+def test_bad_image_requests_are_named(vl_dir):
+    from qwenkit import LLM
+    from qwenkit.config import ModelConfig as MC
+    from qwenkit.model import Qwen2ForCausalLM
+    from tests.tiny import tiny_hf_config
+
+    engine = make_llm(vl_dir).llm_engine
+    with pytest.raises(ValueError, match=r"request 'x'.*2 <\|image_pad\|> placeholder.*1 image"):
+        engine.add_request("x", request(make_images()[:1]), greedy())
+    with pytest.raises(ValueError, match=r"request 'y'.*'video'"):
+        engine.add_request("y", {"prompt_token_ids": [1, 2], "multi_modal_data": {"video": [1]}}, greedy())
+    with pytest.raises(ValueError, match=r"image\[0\] must be a PIL"):
+        engine.add_request("z", {"prompt_token_ids": [1, 2] + PLACEHOLDER, "multi_modal_data": {"image": "a.png"}}, greedy())
+    text_model = Qwen2ForCausalLM(MC.from_hf(tiny_hf_config()))
+    with pytest.raises(ValueError, match="text-only"):
+        LLM(text_model).llm_engine.add_request("t", {"prompt_token_ids": [1, 2], "multi_modal_data": {"image": make_images()}})

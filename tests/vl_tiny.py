@@ -16,6 +16,22 @@ ENDOFTEXT, IM_END = 512, 514
 VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD = 521, 522, 524, 525
 MIN_PIXELS, MAX_PIXELS = 56 * 56, 28 * 28 * 48
 
+# Qwen2-VL / Qwen2.5-VL's chat template (as the hub checkpoints ship it in chat_template.json)
+VL_CHAT_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}Picture {{ image_count.value }}: {% endif %}"
+    "<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'video' or 'video' in content %}{% set video_count.value = video_count.value + 1 %}"
+    "{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
 
 def tiny_vl_hf_config(**text_overrides: Any) -> dict[str, Any]:
     text = {
@@ -65,6 +81,10 @@ def make_tiny_vl(path: str | Path, seed: int = 0) -> Path:
     out = Path(path)
     make_tiny_vl_reference(seed).save_pretrained(out)
     write_tiny_tokenizer(out)
+    tok_cfg = json.loads((out / "tokenizer_config.json").read_text())
+    tok_cfg["chat_template"] = VL_CHAT_TEMPLATE  # the hub checkpoints carry it here and in chat_template.json
+    (out / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2))
+    (out / "chat_template.json").write_text(json.dumps({"chat_template": VL_CHAT_TEMPLATE}))
     (out / "preprocessor_config.json").write_text(json.dumps({
         "image_processor_type": "Qwen2VLImageProcessor", "min_pixels": MIN_PIXELS, "max_pixels": MAX_PIXELS,
         "patch_size": 14, "temporal_patch_size": 2, "merge_size": 2,

@@ -339,3 +339,18 @@ def test_int8_language_model_float_vision(vl_dir, hf_tokens):
     # an engine built from the bare module still uses the folder's preprocessor_config.json
     engine = LLMEngine(load(vl_dir, quantization="none", progress=False).model)
     assert engine.image_processor.max_pixels == MAX_PIXELS
+
+
+def test_export_loads_in_transformers(ref, ours, tmp_path):
+    import transformers
+
+    from qwenkit.loaders.hf import export_hf
+
+    export_hf(ours, tmp_path)  # the hub layout: flat config, visual.* / model.layers.* names
+    back = transformers.Qwen2_5_VLForConditionalGeneration.from_pretrained(tmp_path).eval()
+    processed = ImageProcessor(min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS)(make_images())
+    ids = torch.tensor([prompt_ids(processed)])
+    kw = {"pixel_values": processed.pixel_values, "image_grid_thw": torch.tensor(processed.image_grid_thw),
+          "mm_token_type_ids": (ids == IMAGE_PAD).int()}  # fmt: skip
+    with torch.no_grad():
+        assert torch.equal(back(input_ids=ids, **kw).logits, ref(input_ids=ids, **kw).logits)

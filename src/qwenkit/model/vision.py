@@ -152,8 +152,9 @@ class VisionAttention(nn.Module):
         k = rotate(k.float(), cos, sin).to(x.dtype)
         out = torch.empty_like(q)
         for lo, hi in zip(cu[:-1], cu[1:]):  # bidirectional attention within each segment
-            qs, ks, vs = (t[lo:hi].transpose(0, 1) for t in (q, k, v))  # (H, n, D)
-            out[lo:hi] = F.scaled_dot_product_attention(qs, ks, vs, scale=self.head_dim**-0.5).transpose(0, 1)
+            # 4-D (1, H, n, D): the CPU flash kernel (3-D inputs fall back to the math path)
+            qs, ks, vs = (t[lo:hi].transpose(0, 1)[None] for t in (q, k, v))
+            out[lo:hi] = F.scaled_dot_product_attention(qs, ks, vs, scale=self.head_dim**-0.5)[0].transpose(0, 1)
         return self.proj(out.reshape(n, -1))
 
 

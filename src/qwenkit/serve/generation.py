@@ -155,6 +155,7 @@ class SubRequest:
     prompt_token_ids: list[int]
     params: SamplingParams
     first_choice: int
+    multi_modal_data: Mapping[str, Any] | None = None  # vLLM's: {"image": [PIL images]}
 
 
 @dataclass
@@ -263,7 +264,8 @@ class GenerationRun:
     async def _pump(self, i: int, sub: SubRequest, queue: asyncio.Queue[Any]) -> None:
         rid = f"{self.request_id}-{i}"
         try:
-            async for out in self.engine.generate(sub.prompt_token_ids, sub.params, rid, self.priority):
+            mm = {"multi_modal_data": sub.multi_modal_data} if sub.multi_modal_data else {}
+            async for out in self.engine.generate(sub.prompt_token_ids, sub.params, rid, self.priority, **mm):
                 queue.put_nowait((sub, out))
         except asyncio.CancelledError:
             raise

@@ -333,6 +333,13 @@ class CompletionRequest(SamplingFields):
     echo: bool = False
     best_of: Annotated[int, Field(ge=1, le=MAX_N)] | None = None
     suffix: str | None = None
+    multi_modal_data: Any = Field(default=None, description="Refused: images go through chat (as vLLM).")
+
+    @model_validator(mode="after")
+    def _no_images(self) -> CompletionRequest:
+        if self.multi_modal_data is not None:
+            raise ValueError("images are accepted only by /v1/chat/completions, as image_url content parts")
+        return self
 
 
 class CompletionLogprobs(_Out):

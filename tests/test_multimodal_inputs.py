@@ -7,6 +7,7 @@ composited on white, checked against a numpy formula to +-1 of 255)."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import copy
 import http.server
 import io
@@ -116,25 +117,34 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             pass
 
 
-@pytest.fixture(scope="module")
-def http_base(good_png: bytes) -> Iterator[str]:
+@contextlib.contextmanager
+def image_http_server(png: bytes) -> Iterator[str]:
+    """A local http.server (thread) with an image, an HTML page, oversized and slow answers."""
     big = os.urandom(3000)
     _Handler.routes = {
-        "/ok.png": (200, "image/png", good_png, {}),
-        "/ok-octet": (200, "application/octet-stream", good_png, {}),
+        "/ok.png": (200, "image/png", png, {}),
+        "/ok-octet": (200, "application/octet-stream", png, {}),
         "/page.html": (200, "text/html; charset=utf-8", b"<html>hi</html>", {}),
         "/big-declared": (200, "image/png", big, {}),
         # no Content-Length (HTTP/1.0, body ends at close): the limit must hold while streaming
         "/big-streamed": (200, "image/png", big, {"Content-Length": ""}),
-        "/slow": (200, "image/png", good_png, {}),
+        "/slow": (200, "image/png", png, {}),
     }
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
     server.daemon_threads = True
     t = threading.Thread(target=server.serve_forever, daemon=True)
     t.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.fixture(scope="module")
+def http_base(good_png: bytes) -> Iterator[str]:
+    with image_http_server(good_png) as url:
+        yield url
 
 
 # ---------------------------------------------------------------------------- good inputs

@@ -21,13 +21,12 @@ from qwenkit.serve.app import create_app
 from qwenkit.serve.settings import ServerSettings
 from qwenkit.serve.vision import MediaSettings
 from tests.serve_utils import FakeEngine
-from tests.test_multimodal_inputs import (  # noqa: F401 - http_base and good_png are fixtures
+from tests.test_multimodal_inputs import (
     VL_CHAT_TEMPLATE,
     data_url,
-    good_png,
     gradient,
-    http_base,
     huge_png,
+    image_http_server,
     png_bytes,
 )
 
@@ -59,6 +58,17 @@ def vl_tok(tiny_tokenizer_dir: Path, tmp_path_factory: pytest.TempPathFactory) -
     cfg["chat_template"] = VL_CHAT_TEMPLATE
     (folder / "tokenizer_config.json").write_text(json.dumps(cfg))
     return Tokenizer.from_hf_dir(folder)
+
+
+@pytest.fixture(scope="module")
+def good_png() -> bytes:
+    return png_bytes(gradient())
+
+
+@pytest.fixture(scope="module")
+def http_base(good_png: bytes) -> Iterator[str]:
+    with image_http_server(good_png) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

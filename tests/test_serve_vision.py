@@ -48,16 +48,20 @@ class FakeVisionEngine(FakeEngine):
             yield out
 
 
-@pytest.fixture(scope="module")
-def vl_tok(tiny_tokenizer_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Any:
+def vl_tokenizer(tokenizer_dir: Path, folder: Path) -> Any:
+    """The tiny tokenizer with Qwen2.5-VL's chat template, copied to `folder`."""
     from qwenkit.tokenizer import Tokenizer
 
-    folder = tmp_path_factory.mktemp("vl_tok") / "tok"
-    shutil.copytree(tiny_tokenizer_dir, folder)
+    shutil.copytree(tokenizer_dir, folder)
     cfg = json.loads((folder / "tokenizer_config.json").read_text())
     cfg["chat_template"] = VL_CHAT_TEMPLATE
     (folder / "tokenizer_config.json").write_text(json.dumps(cfg))
     return Tokenizer.from_hf_dir(folder)
+
+
+@pytest.fixture(scope="module")
+def vl_tok(tiny_tokenizer_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    return vl_tokenizer(tiny_tokenizer_dir, tmp_path_factory.mktemp("vl_tok") / "tok")
 
 
 @pytest.fixture(scope="module")

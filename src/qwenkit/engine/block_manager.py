@@ -28,8 +28,14 @@ class Block:
         self.token_ids = ()
 
 
-def chain_hash(parent: object, token_ids: tuple[int, ...]) -> int:
-    return hash((parent, token_ids))
+def chain_hash(parent: object, token_ids: tuple[int, ...], extra: tuple[str, ...] = ()) -> int:
+    """`extra`: hashes of the images whose tokens fall in the block (their tokens are all the same
+    placeholder id: the image, not the ids, says what the KV holds)."""
+    return hash((parent, token_ids, extra)) if extra else hash((parent, token_ids))
+
+
+def block_extra(seq: Sequence, i: int, block_size: int) -> tuple[str, ...]:
+    return seq.mm.block_keys(i * block_size, (i + 1) * block_size) if seq.mm is not None else ()
 
 
 def root_hash(seq: Sequence) -> object:
@@ -95,7 +101,7 @@ class BlockManager:
         parent = root_hash(seq)
         for i in range(num_full):
             tokens = tuple(seq.token_ids[i * bs : (i + 1) * bs])
-            h = chain_hash(parent, tokens)
+            h = chain_hash(parent, tokens, block_extra(seq, i, bs))
             block_id = self.hash_to_block_id.get(h)
             if block_id is None or self.blocks[block_id].token_ids != tokens:
                 self.prefix_cache_misses += num_full - i
@@ -137,7 +143,7 @@ class BlockManager:
         for i in range(len(seq.block_hashes), seq.num_cached_tokens // bs):
             tokens = tuple(seq.token_ids[i * bs : (i + 1) * bs])
             parent = seq.block_hashes[i - 1] if i else root_hash(seq)
-            h = chain_hash(parent, tokens)
+            h = chain_hash(parent, tokens, block_extra(seq, i, bs))
             seq.block_hashes.append(h)
             block_id = seq.block_table[i]
             if block_id < 0 or h in self.hash_to_block_id:

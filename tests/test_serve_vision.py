@@ -31,6 +31,9 @@ from tests.test_multimodal_inputs import (
 )
 
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
 class FakeVisionEngine(FakeEngine):
     """FakeEngine that takes images and records the multi_modal_data of each request."""
 
@@ -224,3 +227,67 @@ def test_cli_flags() -> None:
         parser.parse_args(["serve", "m", "--limit-mm-per-prompt", '{"video": 1}'])
     with pytest.raises(ValueError, match="not a directory"):
         MediaSettings(allowed_local_media_path="/nonexistent/dir")
+
+
+# ---------------------------------------------------------------------------- end to end
+@pytest.mark.slow  # no real model, but ~40 s: transformers writes the folder, a server subprocess starts
+def test_openai_client_on_qwenkit_serve_with_a_tiny_vl_model(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """`qwenkit serve` on a tiny random Qwen2.5-VL folder, the unmodified openai client, a base64
+    PNG: the reply's tokens (and text, prompt length) equal LLM.chat's on the same messages
+    (greedy); the same image again is a prefix-cache hit (usage.cached_tokens == LLM's and
+    /metrics' hit counter rises by it); another image with the same text hits only the blocks
+    before the image."""
+    openai = pytest.importorskip("openai")
+    import httpx
+
+    from qwenkit import LLM, SamplingParams
+    from tests.serve_utils import ServerProcess, metric_value
+    from tests.vl_tiny import IMAGE_PAD, make_tiny_vl
+
+    folder = make_tiny_vl(tmp_path_factory.mktemp("tiny_vl") / "model")
+    srv = ServerProcess(folder, "-q", "none", "--block-size", "4", "--threads", "1", "--no-structured-warmup",
+                        "--served-model-name", "tiny-vl", log_path=tmp_path_factory.mktemp("log") / "serve.log")  # fmt: skip
+    try:
+        llm = LLM(str(folder), quantization="none", block_size=4)  # loads while the server starts
+        srv.wait_ready(120)
+        client = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+        rng = np.random.default_rng(3)
+        pics = [Image.fromarray(rng.integers(0, 256, (40, 60, 3), dtype=np.uint8), "RGB") for _ in range(2)]
+
+        def messages(pic: Image.Image) -> list[dict[str, Any]]:
+            return [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url(png_bytes(pic))}},
+                                                 {"type": "text", "text": "Describe the picture."}]}]  # fmt: skip
+
+        def ask(pic: Image.Image) -> Any:
+            return client.chat.completions.create(
+                model="tiny-vl", messages=messages(pic), max_tokens=8, temperature=0, logprobs=True,
+                extra_body={"ignore_eos": True},
+            )  # fmt: skip
+
+        params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+        want = llm.chat(messages(pics[0]), params, use_tqdm=False)[0]
+        want_again = llm.chat(messages(pics[0]), params, use_tqdm=False)[0]
+        tok = llm.get_tokenizer()
+        first_pad = want.prompt_token_ids.index(IMAGE_PAD)
+        last_pad = len(want.prompt_token_ids) - 1 - want.prompt_token_ids[::-1].index(IMAGE_PAD)
+
+        r = ask(pics[0])
+        got_bytes = [bytes(t.bytes or []) for t in r.choices[0].logprobs.content]
+        assert got_bytes == [tok.token_bytes(t) for t in want.outputs[0].token_ids]
+        assert r.choices[0].message.content == want.outputs[0].text
+        assert r.usage.prompt_tokens == len(want.prompt_token_ids) and r.usage.completion_tokens == 8
+        assert want.prompt_token_ids.count(IMAGE_PAD) > 1  # the placeholder was expanded
+
+        hits = lambda: metric_value(httpx.get(srv.url + "/metrics").text, "qwenkit:prefix_cache_hits_total")  # noqa: E731
+        before = hits()
+        again = ask(pics[0])
+        cached = again.usage.prompt_tokens_details.cached_tokens
+        assert cached == want_again.num_cached_tokens and cached > last_pad  # every image token came from the cache
+        assert hits() - before == cached
+        assert [bytes(t.bytes or []) for t in again.choices[0].logprobs.content] == got_bytes
+
+        other = ask(pics[1])  # same text, other pixels: only full blocks before the image may hit
+        assert other.usage.prompt_tokens_details.cached_tokens <= first_pad
+        assert other.usage.prompt_tokens == r.usage.prompt_tokens
+    finally:
+        assert srv.stop() == 0, srv.log()

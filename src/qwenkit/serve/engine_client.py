@@ -86,7 +86,7 @@ class AsyncEngineClient:
         self.vocab_size = int(core.model_config.vocab_size)
         self.eos_token_ids = tuple(core.eos_token_ids)
         self.generation_defaults = dict(core.generation_defaults)
-        self.supports_images = bool(getattr(core, "supports_images", False))
+        self.supports_images = getattr(core, "vl", None) is not None
 
     async def generate(
         self, prompt_token_ids: list[int], params: SamplingParams, request_id: str, priority: int = 0,
@@ -165,7 +165,8 @@ def load_engine_client(
         rope_scaling=rope_scaling,
     )  # fmt: skip
     core = LLMEngine(
-        loaded.model, loaded.tokenizer, generation_defaults=loaded.generation_defaults, **engine_args
-    )
+        loaded.model, loaded.tokenizer, generation_defaults=loaded.generation_defaults,
+        image_processor=getattr(loaded, "image_processor", None), **engine_args,
+    )  # fmt: skip
     name = served_model_name or loaded.source.name or Path(str(model)).name
     return AsyncEngineClient(AsyncLLMEngine(core), name)

@@ -129,6 +129,8 @@ def image_http_server(png: bytes) -> Iterator[str]:
         # no Content-Length (HTTP/1.0, body ends at close): the limit must hold while streaming
         "/big-streamed": (200, "image/png", big, {"Content-Length": ""}),
         "/slow": (200, "image/png", png, {}),
+        "/moved": (302, "text/plain", b"", {"Location": "/ok.png"}),
+        "/moved-to-ftp": (302, "text/plain", b"", {"Location": "ftp://127.0.0.1/secret.png"}),
     }
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
     server.daemon_threads = True
@@ -153,7 +155,7 @@ def test_good_png_every_source_kind(good_png: bytes, tmp_path: Path, http_base: 
     path = tmp_path / "a.png"
     path.write_bytes(good_png)
     for source in (gradient(), path, str(path), f"file://{path}", data_url(good_png), f"{http_base}/ok.png",
-                   f"{http_base}/ok-octet"):
+                   f"{http_base}/ok-octet", f"{http_base}/moved"):
         img = load_image(source)
         assert img.mode == "RGB" and img.size == (23, 17), source
         assert np.array_equal(np.asarray(img), want), source
@@ -258,6 +260,7 @@ def test_byte_limits(good_png: bytes, tmp_path: Path, http_base: str) -> None:
 def test_http_failures(http_base: str) -> None:
     _fails(f"{http_base}/missing.png", "HTTP 404")
     _fails(f"{http_base}/page.html", "Content-Type 'text/html'", "not an image")
+    _fails(f"{http_base}/moved-to-ftp", "redirects to a non-http(s) URL")
     t0 = time.monotonic()
     _fails(f"{http_base}/slow", "timeout of 0.3 s", timeout=0.3)
     assert time.monotonic() - t0 < 1.4  # gave up before the server answered (1.5 s)

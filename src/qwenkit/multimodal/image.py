@@ -197,12 +197,28 @@ def _read_local(path: Path, max_bytes: int, allowed: LocalPolicy) -> bytes:
         raise ImageInputError(f"cannot read image file {path}: {e}") from None
 
 
+class _HttpOnlyRedirects(urllib.request.HTTPRedirectHandler):
+    """Follow redirects to http(s) only (urllib's default also follows ftp://)."""
+
+    def redirect_request(self, req: Any, fp: Any, code: int, msg: str, headers: Any, newurl: str) -> Any:
+        if urllib.parse.urlparse(newurl).scheme.lower() not in ("http", "https"):
+            raise ImageInputError(f"{_short(req.full_url)} redirects to a non-http(s) URL: {_short(newurl)}")
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+# Only HTTP(S): no file://, ftp:// or data: handlers behind a remote URL.
+_OPENER = urllib.request.OpenerDirector()
+for _handler in (urllib.request.HTTPHandler, urllib.request.HTTPSHandler, _HttpOnlyRedirects,
+                 urllib.request.HTTPDefaultErrorHandler, urllib.request.HTTPErrorProcessor):
+    _OPENER.add_handler(_handler())
+
+
 def _fetch(url: str, max_bytes: int, timeout: float) -> bytes:
     """GET ``url`` within ``timeout`` seconds in all, reading at most ``max_bytes``."""
     deadline = time.monotonic() + timeout
     request = urllib.request.Request(url, headers={"User-Agent": "qwenkit", "Accept": "image/*"})
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as resp:  # noqa: S310 - scheme checked by the caller
+        with _OPENER.open(request, timeout=timeout) as resp:
             ctype = (resp.headers.get("Content-Type") or "").split(";")[0].strip().lower()
             if ctype and not (ctype.startswith("image/") or ctype in ("application/octet-stream", "binary/octet-stream")):
                 raise ImageInputError(f"{_short(url)} answered with Content-Type {ctype!r}, not an image")

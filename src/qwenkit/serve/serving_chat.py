@@ -74,7 +74,7 @@ def _content(content: Any) -> Any:
     return [part.model_dump(exclude_none=True) for part in content]
 
 
-def template_messages(messages: list[Any], tokenizer: Any, media: MediaSettings | None = None) -> list[dict[str, Any]]:
+def template_messages(messages: list[Any], tokenizer: Any = None, media: MediaSettings | None = None) -> list[dict[str, Any]]:
     """OpenAI messages -> the dicts HF chat templates expect (tool-call arguments as objects;
     content parts joined as text, or kept as parts for templates that read them)."""
     return chat_messages(messages, tokenizer, media or MediaSettings(limit_images=2**31))[0]

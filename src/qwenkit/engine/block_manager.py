@@ -28,14 +28,17 @@ class Block:
         self.token_ids = ()
 
 
-def chain_hash(parent: object, token_ids: tuple[int, ...], extra: tuple[str, ...] = ()) -> int:
-    """`extra`: hashes of the images whose tokens fall in the block (their tokens are all the same
-    placeholder id: the image, not the ids, says what the KV holds)."""
-    return hash((parent, token_ids, extra)) if extra else hash((parent, token_ids))
+def chain_hash(parent: object, token_ids: tuple[int, ...]) -> int:
+    return hash((parent, token_ids))
 
 
-def block_extra(seq: Sequence, i: int, block_size: int) -> tuple[str, ...]:
-    return seq.mm.block_keys(i * block_size, (i + 1) * block_size) if seq.mm is not None else ()
+def block_parent(seq: Sequence, i: int, block_size: int, parent: object) -> object:
+    """The parent key of block i, with the hashes of the images whose tokens fall in the block
+    (vLLM's extra keys: image tokens are all one placeholder id, the image says what the KV holds)."""
+    if seq.mm is None:
+        return parent
+    keys = seq.mm.block_keys(i * block_size, (i + 1) * block_size)
+    return (parent, keys) if keys else parent
 
 
 def root_hash(seq: Sequence) -> object:
@@ -101,7 +104,7 @@ class BlockManager:
         parent = root_hash(seq)
         for i in range(num_full):
             tokens = tuple(seq.token_ids[i * bs : (i + 1) * bs])
-            h = chain_hash(parent, tokens, block_extra(seq, i, bs))
+            h = chain_hash(block_parent(seq, i, bs, parent), tokens)
             block_id = self.hash_to_block_id.get(h)
             if block_id is None or self.blocks[block_id].token_ids != tokens:
                 self.prefix_cache_misses += num_full - i
@@ -143,7 +146,7 @@ class BlockManager:
         for i in range(len(seq.block_hashes), seq.num_cached_tokens // bs):
             tokens = tuple(seq.token_ids[i * bs : (i + 1) * bs])
             parent = seq.block_hashes[i - 1] if i else root_hash(seq)
-            h = chain_hash(parent, tokens, block_extra(seq, i, bs))
+            h = chain_hash(block_parent(seq, i, bs, parent), tokens)
             seq.block_hashes.append(h)
             block_id = seq.block_table[i]
             if block_id < 0 or h in self.hash_to_block_id:

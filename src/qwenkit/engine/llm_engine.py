@@ -163,7 +163,7 @@ class LLMEngine:
         **engine_args: Any,
     ) -> None:
         """`image_processor`: a `qwenkit.multimodal.processor.ImageProcessor` for a vision-language
-        model (default: transformers' defaults; `LLM` passes the checkpoint's)."""
+        model (default: the one `load` attached to the model, from its preprocessor_config.json)."""
         if config is not None and engine_args:
             raise TypeError("pass either config= or engine keyword arguments, not both")
         self.config = config or EngineConfig.from_kwargs(**engine_args)
@@ -183,7 +183,7 @@ class LLMEngine:
         if self.vl is not None:
             from qwenkit.multimodal.processor import ImageProcessor
 
-            self.image_processor = image_processor or ImageProcessor()
+            self.image_processor = image_processor or getattr(model, "image_processor", None) or ImageProcessor()
             if cfg.tensor_parallel_size > 1 or cfg.pipeline_parallel_size > 1 or cfg.speculative_config or cfg.streaming_window:
                 raise ValueError("a vision-language model does not combine with tensor / pipeline parallel, "
                                  "speculative decoding or streaming_window yet")  # fmt: skip

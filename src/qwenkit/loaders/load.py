@@ -181,6 +181,7 @@ def load(
         from qwenkit.multimodal.processor import ImageProcessor
 
         processor = ImageProcessor.from_pretrained(src.path)
+        model.image_processor = processor  # engines built from the module alone find it here
     dt = time.perf_counter() - t0
     logger.info("loaded %s (%s) in %.1fs", src.name, src.format, dt)
     return LoadedModel(model, tokenizer, config, src, gen, tensor_types, dt, processor)

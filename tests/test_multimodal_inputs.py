@@ -131,6 +131,7 @@ def image_http_server(png: bytes) -> Iterator[str]:
         "/slow": (200, "image/png", png, {}),
         "/moved": (302, "text/plain", b"", {"Location": "/ok.png"}),
         "/moved-to-ftp": (302, "text/plain", b"", {"Location": "ftp://127.0.0.1/secret.png"}),
+        "/moved-to-other-host": (302, "text/plain", b"", {"Location": "http://localhost:1/x.png"}),
     }
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
     server.daemon_threads = True
@@ -261,6 +262,10 @@ def test_http_failures(http_base: str) -> None:
     _fails(f"{http_base}/missing.png", "HTTP 404")
     _fails(f"{http_base}/page.html", "Content-Type 'text/html'", "not an image")
     _fails(f"{http_base}/moved-to-ftp", "redirects to a non-http(s) URL")
+    # allowed hosts (vLLM's --allowed-media-domains), redirects included
+    assert load_image(f"{http_base}/ok.png", allowed_media_domains=["127.0.0.1"]).size == (23, 17)
+    _fails(f"{http_base}/ok.png", "host '127.0.0.1' is not in the allowed media domains", allowed_media_domains=["example.com"])
+    _fails(f"{http_base}/moved-to-other-host", "host 'localhost' is not in the allowed", allowed_media_domains=["127.0.0.1"])
     t0 = time.monotonic()
     _fails(f"{http_base}/slow", "timeout of 0.3 s", timeout=0.3)
     assert time.monotonic() - t0 < 1.4  # gave up before the server answered (1.5 s)

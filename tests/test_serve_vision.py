@@ -182,9 +182,9 @@ def test_bad_images_are_400_naming_the_part(vl: Any, good_png: bytes, http_base:
     assert r.status_code == 400 and "messages" in (r.json()["error"]["param"] or "")
 
 
-def test_local_paths_when_allowed(vl_tok: Any, media_dir: Path, tmp_path: Path) -> None:
+def test_local_paths_and_domains_when_configured(vl_tok: Any, media_dir: Path, tmp_path: Path) -> None:
     engine = FakeVisionEngine(vl_tok)
-    media = MediaSettings(allowed_local_media_path=str(media_dir))
+    media = MediaSettings(allowed_local_media_path=str(media_dir), allowed_media_domains=("example.com",))
     app = create_app(ServerSettings(model="fake", structured_warmup=False, media=media), lambda: engine)
     gradient().save(tmp_path / "outside.png")
     with TestClient(app) as client:
@@ -192,6 +192,9 @@ def test_local_paths_when_allowed(vl_tok: Any, media_dir: Path, tmp_path: Path) 
         assert post_chat(client, image_msg(f"file://{media_dir / 'local.png'}")).status_code == 200
         r = post_chat(client, image_msg(str(tmp_path / "outside.png")))
         assert r.status_code == 400 and "outside the allowed local media path" in r.json()["error"]["message"]
+        r = post_chat(client, image_msg(f"http://127.0.0.1:{_closed_port()}/x.png"))
+        assert r.status_code == 400 and "not in the allowed media domains" in r.json()["error"]["message"]
+        assert r.json()["error"]["param"] == "messages[0].content[1].image_url.url"
     assert engine.mm[0]["image"][0].size == (23, 17)
 
 
@@ -220,8 +223,9 @@ def test_cli_flags() -> None:
     sub = parser.add_subparsers()
     add_serve_parser(sub)
     args = parser.parse_args(["serve", "m", "--limit-mm-per-prompt", '{"image": 2}', "--image-fetch-timeout", "1.5",
-                              "--max-image-bytes", "1000", "--max-image-pixels", "4096", "--allowed-local-media-path", "/tmp"])  # fmt: skip
-    assert settings_from_args(args).media == MediaSettings(2, 1.5, 1000, 4096, "/tmp")
+                              "--max-image-bytes", "1000", "--max-image-pixels", "4096", "--allowed-local-media-path", "/tmp",
+                              "--allowed-media-domains", "upload.wikimedia.org", "example.com"])  # fmt: skip
+    assert settings_from_args(args).media == MediaSettings(2, 1.5, 1000, 4096, "/tmp", ("upload.wikimedia.org", "example.com"))
     assert settings_from_args(parser.parse_args(["serve", "m"])).media.allowed_local_media_path is None
     with pytest.raises(SystemExit):
         parser.parse_args(["serve", "m", "--limit-mm-per-prompt", '{"video": 1}'])
@@ -277,6 +281,9 @@ def test_openai_client_on_qwenkit_serve_with_a_tiny_vl_model(tmp_path_factory: p
         assert r.choices[0].message.content == want.outputs[0].text
         assert r.usage.prompt_tokens == len(want.prompt_token_ids) and r.usage.completion_tokens == 8
         assert want.prompt_token_ids.count(IMAGE_PAD) > 1  # the placeholder was expanded
+        stream = client.chat.completions.create(model="tiny-vl", messages=messages(pics[0]), max_tokens=8,
+                                                temperature=0, stream=True, extra_body={"ignore_eos": True})  # fmt: skip
+        assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == want.outputs[0].text
 
         hits = lambda: metric_value(httpx.get(srv.url + "/metrics").text, "qwenkit:prefix_cache_hits_total")  # noqa: E731
         before = hits()

@@ -29,13 +29,15 @@ DEFAULT_LIMIT_IMAGES = 8
 
 @dataclass(frozen=True)
 class MediaSettings:
-    """Limits on image inputs. `allowed_local_media_path`: None refuses local paths."""
+    """Limits on image inputs. `allowed_local_media_path`: None refuses local paths;
+    `allowed_media_domains`: None allows any host for http(s) images."""
 
     limit_images: int = DEFAULT_LIMIT_IMAGES
     fetch_timeout: float = DEFAULT_FETCH_TIMEOUT
     max_bytes: int = DEFAULT_MAX_IMAGE_BYTES
     max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
     allowed_local_media_path: str | None = None
+    allowed_media_domains: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.limit_images < 0:
@@ -66,6 +68,8 @@ def add_media_args(parser: Any) -> None:
                    help=f"most images per request, as vLLM: '{{\"image\": N}}' (default {DEFAULT_LIMIT_IMAGES})")
     g.add_argument("--allowed-local-media-path", default=None, metavar="DIR",
                    help="let requests name local image files (paths, file://) under DIR (default: refused)")
+    g.add_argument("--allowed-media-domains", nargs="+", default=None, metavar="HOST",
+                   help="only fetch http(s) images (and their redirects) from these hosts (default: any)")
     g.add_argument("--image-fetch-timeout", type=float,
                    default=float(os.environ.get("QWENKIT_IMAGE_FETCH_TIMEOUT", DEFAULT_FETCH_TIMEOUT)),
                    help="seconds to fetch one http(s) image (default: $QWENKIT_IMAGE_FETCH_TIMEOUT or "
@@ -80,6 +84,7 @@ def media_settings_from_args(args: argparse.Namespace) -> MediaSettings:
         limit_images=args.limit_mm_per_prompt, fetch_timeout=args.image_fetch_timeout,
         max_bytes=args.max_image_bytes, max_pixels=args.max_image_pixels,
         allowed_local_media_path=args.allowed_local_media_path,
+        allowed_media_domains=tuple(args.allowed_media_domains) if args.allowed_media_domains else None,
     )  # fmt: skip
 
 
@@ -103,6 +108,7 @@ def load_images(engine: Any, model_name: str, images: Sequence[ChatImage], media
         return load_chat_images(
             images, max_bytes=media.max_bytes, max_pixels=media.max_pixels, timeout=media.fetch_timeout,
             allowed_local_media_path=media.allowed_local_media_path or False,
+            allowed_media_domains=media.allowed_media_domains,
         )  # fmt: skip
     except ImageInputError as e:
         raise bad_request(str(e), param=e.param, code="invalid_image") from None

@@ -181,6 +181,21 @@ def test_jpeg_greyscale_palette_decode_like_pil() -> None:
     assert np.array_equal(grey[..., 0], grey[..., 1]) and np.array_equal(grey[..., 1], grey[..., 2])
 
 
+def test_exif_orientation_applied_like_transformers() -> None:
+    """A JPEG tagged "rotate 90 CW" (orientation 6) comes out upright, equal to transformers'
+    load_image on the same data URL."""
+    from transformers.image_utils import load_image as hf_load_image
+
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buf = io.BytesIO()
+    gradient(40, 30).save(buf, "JPEG", quality=95, exif=exif)
+    url = data_url(buf.getvalue(), "image/jpeg")
+    got = load_image(url)
+    assert got.size == (30, 40)
+    assert np.array_equal(np.asarray(got), np.asarray(hf_load_image(url).convert("RGB")))
+
+
 def test_alpha_and_transparent_palette_composite_on_white() -> None:
     rgb = np.asarray(gradient(16, 8)).astype(np.float64)
     alpha = np.tile(np.linspace(0, 255, 16).round(), (8, 1))

@@ -28,7 +28,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Union
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from qwenkit.errors import ImageInputError
 
@@ -95,7 +95,8 @@ def load_image(
 
 
 def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
-    """Encoded image bytes -> RGB image; the size is checked from the header before decoding."""
+    """Encoded image bytes -> RGB image (EXIF orientation applied); the size is checked from the
+    header before decoding."""
     if not data:
         raise ImageInputError("the image data is empty")
     try:
@@ -116,6 +117,7 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> 
         img.load()
     except (OSError, SyntaxError, ValueError, EOFError) as e:
         raise ImageInputError(f"the {img.format or ''} image is truncated or corrupt: {e}".replace("  ", " ")) from None
+    img = ImageOps.exif_transpose(img)  # camera photos upright, as transformers' load_image
     return _to_rgb(img)
 
 

@@ -339,3 +339,57 @@ def test_int8_language_model_float_vision(vl_dir, hf_tokens):
     # an engine built from the bare module still uses the folder's preprocessor_config.json
     engine = LLMEngine(load(vl_dir, quantization="none", progress=False).model)
     assert engine.image_processor.max_pixels == MAX_PIXELS
+
+
+def test_export_loads_in_transformers(ref, ours, tmp_path):
+    import transformers
+
+    from qwenkit.loaders.hf import export_hf
+
+    export_hf(ours, tmp_path)  # the hub layout: flat config, visual.* / model.layers.* names
+    back = transformers.Qwen2_5_VLForConditionalGeneration.from_pretrained(tmp_path).eval()
+    processed = ImageProcessor(min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS)(make_images())
+    ids = torch.tensor([prompt_ids(processed)])
+    kw = {"pixel_values": processed.pixel_values, "image_grid_thw": torch.tensor(processed.image_grid_thw),
+          "mm_token_type_ids": (ids == IMAGE_PAD).int()}  # fmt: skip
+    with torch.no_grad():
+        assert torch.equal(back(input_ids=ids, **kw).logits, ref(input_ids=ids, **kw).logits)
+
+
+# Qwen/Qwen2.5-VL-3B-Instruct's config.json (the hub's flat layout)
+HUB_3B_CONFIG = {
+    "architectures": ["Qwen2_5_VLForConditionalGeneration"], "attention_dropout": 0.0, "bos_token_id": 151643,
+    "eos_token_id": 151645, "vision_start_token_id": 151652, "vision_end_token_id": 151653,
+    "vision_token_id": 151654, "image_token_id": 151655, "video_token_id": 151656, "hidden_act": "silu",
+    "hidden_size": 2048, "initializer_range": 0.02, "intermediate_size": 11008, "max_position_embeddings": 128000,
+    "max_window_layers": 70, "model_type": "qwen2_5_vl", "num_attention_heads": 16, "num_hidden_layers": 36,
+    "num_key_value_heads": 2, "rms_norm_eps": 1e-06, "rope_theta": 1000000.0, "sliding_window": 32768,
+    "tie_word_embeddings": True, "torch_dtype": "bfloat16", "transformers_version": "4.41.2", "use_cache": True,
+    "use_sliding_window": False,
+    "vision_config": {
+        "depth": 32, "hidden_act": "silu", "hidden_size": 1280, "intermediate_size": 3420, "num_heads": 16,
+        "in_chans": 3, "out_hidden_size": 2048, "patch_size": 14, "spatial_merge_size": 2, "spatial_patch_size": 14,
+        "window_size": 112, "fullatt_block_indexes": [7, 15, 23, 31], "tokens_per_second": 2, "temporal_patch_size": 2,
+    },
+    "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]}, "vocab_size": 151936,
+}  # fmt: skip
+
+
+def test_hub_3b_config_and_every_tensor_maps():
+    """The 3B's real config parses as transformers reads it, and every tensor of transformers'
+    model of that config (meta device: no memory) loads into ours by name and shape."""
+    import transformers
+
+    cfg = ModelConfig.from_hf(HUB_3B_CONFIG)
+    hf = transformers.Qwen2_5_VLConfig(**HUB_3B_CONFIG)
+    assert (cfg.hidden_size, cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.rope_theta, cfg.rms_norm_eps) == (
+        hf.text_config.hidden_size, hf.text_config.num_hidden_layers, hf.text_config.num_key_value_heads,
+        hf.text_config.rope_parameters["rope_theta"], hf.text_config.rms_norm_eps)  # fmt: skip
+    assert cfg.tie_word_embeddings == hf.tie_word_embeddings is True
+    assert cfg.multimodal["mrope_section"] == hf.text_config.rope_parameters["mrope_section"]
+    with torch.device("meta"):
+        ref = transformers.Qwen2_5_VLForConditionalGeneration(hf)
+        ours = Qwen2_5_VLForConditionalGeneration(cfg)
+    assert ours.visual.config.fullatt_block_indexes == tuple(hf.vision_config.fullatt_block_indexes)
+    loaded = ours.load_weights((k, v) for k, v in ref.state_dict().items() if k != "lm_head.weight")
+    assert loaded == {n for n, _ in ours.named_parameters(remove_duplicate=False)}

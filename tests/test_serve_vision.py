@@ -176,6 +176,9 @@ def test_bad_images_are_400_naming_the_part(vl: Any, good_png: bytes, http_base:
         assert len(engine.requests) == n_before, name  # nothing reached the engine
         ok = post_chat(client, image_msg(data_url(good_png)))
         assert ok.status_code == 200, (name, ok.text)
+    # streaming requests fail the same way, as a plain HTTP 400 before any event
+    r = post_chat(client, image_msg(data_url(truncated)), stream=True)
+    assert r.status_code == 400 and r.json()["error"]["param"] == url
     # an invalid detail and a non-user image are schema errors, also 400 naming the field
     bad_detail = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x", "detail": "max"}}]}]
     r = post_chat(client, bad_detail)

@@ -181,8 +181,11 @@ def test_bad_images_are_400_naming_the_part(vl: Any, good_png: bytes, http_base:
     assert r.status_code == 400 and r.json()["error"]["param"] == url
     # an invalid detail and a non-user image are schema errors, also 400 naming the field
     bad_detail = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x", "detail": "max"}}]}]
-    r = post_chat(client, bad_detail)
-    assert r.status_code == 400 and "messages" in (r.json()["error"]["param"] or "")
+    system_image = [{"role": "system", "content": [{"type": "image_url", "image_url": {"url": data_url(good_png)}}]},
+                    {"role": "user", "content": "hi"}]  # fmt: skip
+    for messages in (bad_detail, system_image):
+        r = post_chat(client, messages)
+        assert r.status_code == 400 and (r.json()["error"]["param"] or "").startswith("messages"), r.text
 
 
 def test_local_paths_and_domains_when_configured(vl_tok: Any, media_dir: Path, tmp_path: Path) -> None:

@@ -152,6 +152,7 @@ def load_chat_images(
     max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
     timeout: float = DEFAULT_FETCH_TIMEOUT,
     allowed_local_media_path: LocalPolicy = True,
+    allowed_media_domains: Sequence[str] | None = None,
 ) -> list[Any]:
     """Load each image (see :func:`~qwenkit.multimodal.image.load_image`); a failure raises
     :class:`ImageInputError` whose message and ``param`` name the part."""
@@ -160,7 +161,8 @@ def load_chat_images(
         try:
             out.append(
                 load_image(image.source, max_bytes=max_bytes, max_pixels=max_pixels, timeout=timeout,
-                           allowed_local_media_path=allowed_local_media_path)
+                           allowed_local_media_path=allowed_local_media_path,
+                           allowed_media_domains=allowed_media_domains)
             )  # fmt: skip
         except ImageInputError as e:
             raise ImageInputError(f"{image.param}: {e}", param=image.param) from None

@@ -10,6 +10,8 @@ Every failure is an :class:`~qwenkit.errors.ImageInputError` saying what was wro
 * ``allowed_local_media_path``: local files (plain paths, ``file://``). ``True`` allows any path
   (library use), ``False`` refuses all (the server's default), a directory allows files under it
   (vLLM's ``--allowed-local-media-path``).
+* ``allowed_media_domains``: when given, http(s) URLs (and their redirects) must be on one of
+  these hosts (vLLM's ``--allowed-media-domains``).
 """
 from __future__ import annotations
 
@@ -22,10 +24,11 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Union
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from qwenkit.errors import ImageInputError
 
@@ -57,6 +60,7 @@ def load_image(
     max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
     timeout: float = DEFAULT_FETCH_TIMEOUT,
     allowed_local_media_path: LocalPolicy = True,
+    allowed_media_domains: Sequence[str] | None = None,
 ) -> Image.Image:
     """The image at ``source`` as a decoded RGB :class:`PIL.Image.Image` (see the module doc)."""
     if max_bytes <= 0 or max_pixels <= 0 or timeout <= 0:
@@ -71,7 +75,7 @@ def load_image(
         if scheme == "data":
             data = _decode_data_url(source, max_bytes)
         elif scheme in ("http", "https"):
-            data = _fetch(source, max_bytes, timeout)
+            data = _fetch(source, max_bytes, timeout, allowed_media_domains)
         elif scheme == "file":
             parsed = urllib.parse.urlparse(source)
             if parsed.netloc not in ("", "localhost"):
@@ -91,7 +95,8 @@ def load_image(
 
 
 def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
-    """Encoded image bytes -> RGB image; the size is checked from the header before decoding."""
+    """Encoded image bytes -> RGB image (EXIF orientation applied); the size is checked from the
+    header before decoding."""
     if not data:
         raise ImageInputError("the image data is empty")
     try:
@@ -112,6 +117,7 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> 
         img.load()
     except (OSError, SyntaxError, ValueError, EOFError) as e:
         raise ImageInputError(f"the {img.format or ''} image is truncated or corrupt: {e}".replace("  ", " ")) from None
+    img = ImageOps.exif_transpose(img)  # camera photos upright, as transformers' load_image
     return _to_rgb(img)
 
 
@@ -197,12 +203,43 @@ def _read_local(path: Path, max_bytes: int, allowed: LocalPolicy) -> bytes:
         raise ImageInputError(f"cannot read image file {path}: {e}") from None
 
 
-def _fetch(url: str, max_bytes: int, timeout: float) -> bytes:
+def _check_domain(url: str, domains: Sequence[str] | None) -> None:
+    if domains is None:
+        return
+    host = (urllib.parse.urlparse(url).hostname or "").lower()
+    if host not in {d.lower() for d in domains}:
+        raise ImageInputError(f"image URL host {host!r} is not in the allowed media domains ({', '.join(domains)})")
+
+
+class _CheckedRedirects(urllib.request.HTTPRedirectHandler):
+    """Follow redirects to http(s) only (urllib's default also follows ftp://), on allowed hosts."""
+
+    def __init__(self, domains: Sequence[str] | None) -> None:
+        self.domains = domains
+
+    def redirect_request(self, req: Any, fp: Any, code: int, msg: str, headers: Any, newurl: str) -> Any:
+        if urllib.parse.urlparse(newurl).scheme.lower() not in ("http", "https"):
+            raise ImageInputError(f"{_short(req.full_url)} redirects to a non-http(s) URL: {_short(newurl)}")
+        _check_domain(newurl, self.domains)
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+def _opener(domains: Sequence[str] | None) -> urllib.request.OpenerDirector:
+    """Only HTTP(S): no file://, ftp:// or data: handlers behind a remote URL."""
+    opener = urllib.request.OpenerDirector()
+    for handler in (urllib.request.HTTPHandler(), urllib.request.HTTPSHandler(), _CheckedRedirects(domains),
+                    urllib.request.HTTPDefaultErrorHandler(), urllib.request.HTTPErrorProcessor()):
+        opener.add_handler(handler)
+    return opener
+
+
+def _fetch(url: str, max_bytes: int, timeout: float, domains: Sequence[str] | None = None) -> bytes:
     """GET ``url`` within ``timeout`` seconds in all, reading at most ``max_bytes``."""
+    _check_domain(url, domains)
     deadline = time.monotonic() + timeout
     request = urllib.request.Request(url, headers={"User-Agent": "qwenkit", "Accept": "image/*"})
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as resp:  # noqa: S310 - scheme checked by the caller
+        with _opener(domains).open(request, timeout=timeout) as resp:
             ctype = (resp.headers.get("Content-Type") or "").split(";")[0].strip().lower()
             if ctype and not (ctype.startswith("image/") or ctype in ("application/octet-stream", "binary/octet-stream")):
                 raise ImageInputError(f"{_short(url)} answered with Content-Type {ctype!r}, not an image")

@@ -14,7 +14,7 @@ Weights load under both names: the hub checkpoints' (``visual.*``, ``model.layer
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, Iterator, Sequence
+from typing import Iterable, Sequence
 
 import torch
 from torch import nn
@@ -109,13 +109,13 @@ class Qwen2_5_VLForConditionalGeneration(Qwen2ForCausalLM):
     """`Qwen2ForCausalLM` (the language model, `self.model`) plus `self.visual`."""
 
     def __init__(self, config: ModelConfig) -> None:
-        self_vl = VLConfig.from_model_config(config)
+        vl = VLConfig.from_model_config(config)  # a bad multimodal config fails before any allocation
         super().__init__(config)
-        self.vl = self_vl
-        self.visual = VisionTransformer(self_vl.vision)
+        self.vl = vl
+        self.visual = VisionTransformer(vl.vision)
         # the position component (0 t, 1 h, 2 w) of each rotary dim; both halves alike (a plain
         # list: built on the meta device, a buffer would come back uninitialised)
-        comp = [c for c, s in enumerate(self_vl.mrope_section) for _ in range(s)]
+        comp = [c for c, s in enumerate(vl.mrope_section) for _ in range(s)]
         self.mrope_component = comp + comp
 
     # ------------------------------------------------------------------ vision
@@ -211,6 +211,7 @@ class Qwen2_5_VLForConditionalGeneration(Qwen2ForCausalLM):
         return name
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]], adopt: bool = False) -> set[str]:
+        """Either naming scheme; `hf_state_dict` (export) writes the hub names, ours."""
         return super().load_weights(((self.hub_name(n), t) for n, t in weights), adopt)
 
     def _load_tensor(self, name, tensor, params, modules, adopt=False):  # type: ignore[no-untyped-def]
@@ -224,17 +225,9 @@ class Qwen2_5_VLForConditionalGeneration(Qwen2ForCausalLM):
         param.data.copy_(tensor)
         return name
 
-    def hf_state_dict(self) -> Iterator[tuple[str, torch.Tensor]]:
-        return super().hf_state_dict()  # hub names: ours already are
-
-
-def vl_config(config: ModelConfig) -> VLConfig | None:
-    """The parsed multimodal config of a model config, None for a text-only model."""
-    return VLConfig.from_model_config(config) if config.multimodal is not None else None
-
 
 def is_vl_model(model: nn.Module) -> bool:
     return isinstance(model, Qwen2_5_VLForConditionalGeneration)
 
 
-__all__ = ["Qwen2_5_VLForConditionalGeneration", "VLConfig", "mrope_positions", "vl_config", "is_vl_model"]
+__all__ = ["Qwen2_5_VLForConditionalGeneration", "VLConfig", "mrope_positions", "is_vl_model"]

@@ -392,3 +392,28 @@ def test_hub_3b_config_and_every_tensor_maps():
     assert ours.visual.config.fullatt_block_indexes == tuple(hf.vision_config.fullatt_block_indexes)
     loaded = ours.load_weights((k, v) for k, v in ref.state_dict().items() if k != "lm_head.weight")
     assert loaded == {n for n, _ in ours.named_parameters(remove_duplicate=False)}
+
+
+def test_bad_vl_configs_are_named():
+    from qwenkit.config import ConfigError
+    from tests.vl_tiny import tiny_vl_hf_config
+
+    def build(cfg):
+        return Qwen2_5_VLForConditionalGeneration(ModelConfig.from_hf(cfg))
+
+    with pytest.raises(ConfigError, match=r"mrope_section \[2, 3, 4\].*head_dim / 2 = 8"):
+        build(tiny_vl_hf_config(rope_scaling={"type": "mrope", "mrope_section": [2, 3, 4]}))
+    with pytest.raises(ConfigError, match="yarn"):
+        build(tiny_vl_hf_config(rope_scaling={"type": "yarn", "factor": 2}))
+    cfg = tiny_vl_hf_config()
+    del cfg["vision_config"]
+    with pytest.raises(ConfigError, match="vision_config"):
+        build(cfg)
+    cfg = tiny_vl_hf_config()
+    cfg["vision_config"]["out_hidden_size"] = 48
+    with pytest.raises(ConfigError, match="out_hidden_size=48"):
+        build(cfg)
+    cfg = tiny_vl_hf_config()
+    cfg["image_token_id"] = 9999
+    with pytest.raises(ConfigError, match="image_token_id=9999"):
+        build(cfg)

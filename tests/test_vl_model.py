@@ -305,7 +305,7 @@ def test_chat_with_content_parts(vl_dir, tmp_path):
     assert out.outputs[0].token_ids == direct.outputs[0].token_ids
 
 
-def test_bad_image_requests_are_named(vl_dir):
+def test_bad_image_requests_are_named(vl_dir, tiny_tokenizer):
     from qwenkit import LLM
     from qwenkit.config import ModelConfig as MC
     from qwenkit.model import Qwen2ForCausalLM
@@ -319,8 +319,12 @@ def test_bad_image_requests_are_named(vl_dir):
     with pytest.raises(ValueError, match=r"image\[0\] must be a PIL"):
         engine.add_request("z", {"prompt_token_ids": [1, 2] + PLACEHOLDER, "multi_modal_data": {"image": "a.png"}}, greedy())
     text_model = Qwen2ForCausalLM(MC.from_hf(tiny_hf_config()))
+    text_llm = LLM(text_model, tiny_tokenizer)
     with pytest.raises(ValueError, match="text-only"):
-        LLM(text_model).llm_engine.add_request("t", {"prompt_token_ids": [1, 2], "multi_modal_data": {"image": make_images()}})
+        text_llm.llm_engine.add_request("t", {"prompt_token_ids": [1, 2], "multi_modal_data": {"image": make_images()}})
+    chat = [{"role": "user", "content": [{"type": "text", "text": "hi"}, {"type": "image", "image": make_images()[0]}]}]
+    with pytest.raises(ValueError, match=r"messages\[0\]\.content\[1\]\.image.*text-only"):
+        text_llm.chat(chat, greedy(), use_tqdm=False)
 
 
 def test_int8_language_model_float_vision(vl_dir, hf_tokens):

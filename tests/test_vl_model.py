@@ -217,16 +217,22 @@ def hf_tokens(ref):
     processed = ImageProcessor(min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS)(images)
     ids = prompt_ids(processed)
     text = [5, 6, 7, 8, 9, 10, 300, 400]
-    return {"ids": ids, "image": hf_greedy(ref, ids, images), "text": hf_greedy(ref, text), "text_ids": text}
+    swapped = images[::-1]
+    ids_swapped = prompt_ids(ImageProcessor(min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS)(swapped), text_before=(20,))
+    return {"ids": ids, "image": hf_greedy(ref, ids, images), "text": hf_greedy(ref, text), "text_ids": text,
+            "swapped": hf_greedy(ref, ids_swapped, swapped)}  # fmt: skip
 
 
 def test_engine_greedy_equals_transformers_batched_with_text(vl_dir, hf_tokens):
     llm = make_llm(vl_dir)
-    outs = llm.generate([request(make_images()), {"prompt_token_ids": hf_tokens["text_ids"]}], greedy(), use_tqdm=False)
+    prompts = [request(make_images()), {"prompt_token_ids": hf_tokens["text_ids"]}, request(make_images()[::-1], text=(20,))]
+    outs = llm.generate(prompts, greedy(), use_tqdm=False)  # one batch: 35 + 8 + 33 prompt tokens
     assert outs[0].prompt_token_ids == hf_tokens["ids"]  # placeholders expanded at admission
     assert outs[0].outputs[0].token_ids == hf_tokens["image"]
     assert outs[1].outputs[0].token_ids == hf_tokens["text"]
-    assert llm.llm_engine.stats()["num_image_encodings"] == 2
+    assert outs[2].outputs[0].token_ids == hf_tokens["swapped"]
+    assert llm.llm_engine.stats()["num_image_encodings"] == 4
+    assert llm.llm_engine.stats()["num_steps"] == MAX_TOKENS  # the three prompts were prefilled together
 
 
 def test_chunked_prefill_cutting_images_equals_unchunked(vl_dir, hf_tokens):

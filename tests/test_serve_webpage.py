@@ -96,3 +96,55 @@ def test_chat_page_streams_an_answer(tiny_tokenizer: Any, driver: Any, tmp_path:
         assert "How do I print a greeting in Python?" in second_prompt and "That prints a greeting. Done." in second_prompt
         assert "And in one line?" in second_prompt
         driver.save_screenshot(str(tmp_path / "chat_page.png"))
+
+
+def test_chat_page_pasted_and_dropped_images(tiny_tokenizer_dir: Path, driver: Any, tmp_path: Path) -> None:
+    """Paste one image and drop another into the chat box: two thumbnails, then the next message
+    carries both as image_url data-URL parts (the engine gets the same pixels, in order)."""
+    import base64
+    import io
+
+    import numpy as np
+    from PIL import Image
+    from selenium.webdriver.common.by import By
+
+    from tests.test_serve_vision import FakeVisionEngine, vl_tokenizer
+
+    tok = vl_tokenizer(tiny_tokenizer_dir, tmp_path / "vl_tok")
+    fake = FakeVisionEngine(tok)
+    pictures = [Image.new("RGB", (12, 8), (200, 30, 40)), Image.new("RGB", (7, 9), (10, 20, 250))]
+    b64 = []
+    for im in pictures:
+        buf = io.BytesIO()
+        im.save(buf, "PNG")
+        b64.append(base64.b64encode(buf.getvalue()).decode())
+    with live_server(ServerSettings(model="m", structured_warmup=False), fake) as (url, _state):
+        driver.get(url + "/")
+        wait_until(lambda: driver.find_element(By.ID, "model").text == "fake-vl", what="the model name")
+        driver.execute_script(
+            """
+            const file = (b64, name) => new File([Uint8Array.from(atob(b64), (c) => c.charCodeAt(0))], name, {type: "image/png"});
+            const box = document.getElementById("prompt");
+            const paste = new DataTransfer(); paste.items.add(file(arguments[0], "a.png"));
+            box.dispatchEvent(new ClipboardEvent("paste", {clipboardData: paste, bubbles: true, cancelable: true}));
+            const drop = new DataTransfer(); drop.items.add(file(arguments[1], "b.png"));
+            box.dispatchEvent(new DragEvent("drop", {dataTransfer: drop, bubbles: true, cancelable: true}));
+            """,
+            b64[0], b64[1],
+        )  # fmt: skip
+        thumbs = wait_until(lambda: len(driver.find_elements(By.CSS_SELECTOR, "#attachments img.thumb")) == 2
+                            and driver.find_elements(By.CSS_SELECTOR, "#attachments img.thumb"), what="two thumbnails")  # fmt: skip
+        assert all(t.get_attribute("src").startswith("data:image/png;base64,") for t in thumbs)
+        driver.find_element(By.ID, "prompt").send_keys("What colours?")
+        driver.find_element(By.ID, "send").click()
+        answer = wait_until(lambda: driver.find_elements(By.CSS_SELECTOR, ".msg.assistant") or None, what="an answer")[0]
+        wait_until(lambda: answer.get_attribute("data-state") == "done", what="the end of the answer")
+        assert "A picture." in answer.text
+        assert driver.find_elements(By.CSS_SELECTOR, "#attachments img") == []  # sent, so cleared
+        assert len(driver.find_elements(By.CSS_SELECTOR, ".msg.user img.thumb")) == 2
+    images = fake.mm[-1]["image"]
+    assert len(images) == 2
+    for got, want in zip(images, pictures):
+        assert np.array_equal(np.asarray(got), np.asarray(want))
+    prompt = tok.decode(fake.requests[-1][1], skip_special_tokens=False)
+    assert prompt.count("<|vision_start|><|image_pad|><|vision_end|>") == 2 and "What colours?" in prompt

@@ -91,6 +91,9 @@ class ModelConfig:
     architecture: str = "qwen2"
     name: str = ""
     moe: MoeConfig | None = None  # model_type qwen2_moe: routed experts replace some MLPs
+    # model_type qwen2_5_vl: {"vision_config", "mrope_section", "image_token_id", ...}
+    # (parsed by qwenkit.model.qwen2_5_vl); None for a text-only model
+    multimodal: Mapping[str, Any] | None = field(default=None, compare=False, hash=False)
     extra: Mapping[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
     def __post_init__(self) -> None:
@@ -112,6 +115,8 @@ class ModelConfig:
 
     @property
     def model_type(self) -> str:
+        if self.multimodal is not None:
+            return "qwen2_5_vl"
         return "qwen2" if self.moe is None else "qwen2_moe"
 
     def is_moe_layer(self, layer_idx: int) -> bool:
@@ -145,8 +150,13 @@ class ModelConfig:
     def from_hf(cls, cfg: Mapping[str, Any]) -> ModelConfig:
         archs = cfg.get("architectures") or []
         model_type = cfg.get("model_type", "qwen2")
-        if model_type not in ("qwen2", "qwen2_moe"):
-            raise ConfigError(f"unsupported model_type {model_type!r} (expected 'qwen2' or 'qwen2_moe')")
+        if model_type not in ("qwen2", "qwen2_moe", "qwen2_5_vl"):
+            raise ConfigError(
+                f"unsupported model_type {model_type!r} (expected 'qwen2', 'qwen2_moe' or 'qwen2_5_vl')"
+            )
+        multimodal = None
+        if model_type == "qwen2_5_vl":
+            cfg, multimodal = _split_vl_config(cfg)
         moe = MoeConfig.from_hf(cfg) if model_type == "qwen2_moe" else None
         try:
             eos = cfg.get("eos_token_id")
@@ -183,6 +193,7 @@ class ModelConfig:
                 name=str(cfg.get("_name_or_path", "")),
                 attention_bias=bool(cfg.get("qkv_bias", True)) if moe else True,
                 moe=moe,
+                multimodal=multimodal,
             )
         except KeyError as e:
             raise ConfigError(f"config.json is missing required field {e.args[0]!r}") from None
@@ -225,6 +236,12 @@ class ModelConfig:
                        qkv_bias=self.attention_bias)
         if self.dual_chunk_attention_config:
             out["dual_chunk_attention_config"] = dict(self.dual_chunk_attention_config)
+        if self.multimodal is not None:  # the hub checkpoints' flat layout
+            mm = dict(self.multimodal)
+            out.update(
+                architectures=["Qwen2_5_VLForConditionalGeneration"], model_type="qwen2_5_vl",
+                rope_scaling={"type": "mrope", "mrope_section": list(mm.pop("mrope_section"))}, **mm,
+            )  # fmt: skip
         return out
 
     # ------------------------------------------------------------------ GGUF metadata
@@ -287,3 +304,37 @@ class ModelConfig:
             name=str(meta.get("general.name", "")),
             moe=moe,
         )
+
+
+# Qwen2.5-VL token ids (transformers' Qwen2_5_VLConfig defaults)
+VL_TOKEN_DEFAULTS = {
+    "image_token_id": 151655,
+    "video_token_id": 151656,
+    "vision_start_token_id": 151652,
+    "vision_end_token_id": 151653,
+}
+
+
+def _split_vl_config(cfg: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A ``qwen2_5_vl`` config.json -> (the text fields, flat as a qwen2 config, the multimodal
+    fields). Text fields may be top-level (hub checkpoints) or under ``text_config``
+    (transformers 5.x ``save_pretrained``); the latter wins, as transformers reads them."""
+    text = {k: v for k, v in cfg.items() if k not in ("text_config", "vision_config")}
+    text.update(cfg.get("text_config") or {})
+    text.setdefault("rms_norm_eps", 1e-5)  # Qwen2_5_VLTextConfig's default
+    rope = dict(text.pop("rope_scaling", None) or text.pop("rope_parameters", None) or {})
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    if kind not in ("mrope", "default"):
+        raise ConfigError(f"qwen2_5_vl: rope_scaling type {kind!r} is not supported (expected 'mrope' or 'default')")
+    if "rope_theta" in rope and "rope_theta" not in text:
+        text["rope_theta"] = rope["rope_theta"]
+    text.pop("rope_parameters", None)
+    vision = cfg.get("vision_config")
+    if not isinstance(vision, Mapping):
+        raise ConfigError("qwen2_5_vl config.json is missing 'vision_config'")
+    # transformers reads tie_word_embeddings at the top level, or from an old text_config
+    text["tie_word_embeddings"] = bool(cfg.get("tie_word_embeddings") or (cfg.get("text_config") or {}).get("tie_word_embeddings"))
+    mm: dict[str, Any] = {k: int(cfg.get(k, d)) for k, d in VL_TOKEN_DEFAULTS.items()}
+    mm["mrope_section"] = [int(x) for x in rope.get("mrope_section", (16, 24, 24))]
+    mm["vision_config"] = dict(vision)
+    return text, mm

@@ -22,3 +22,14 @@ class DataError(QwenkitError, ValueError):
     """Training data is malformed, lacks a needed field, or a tokenized shard is corrupt.
 
     The message names the file (and line / row / document) and what is wrong."""
+
+
+class ImageInputError(QwenkitError, ValueError):
+    """An image input cannot be used: unreachable, too large, truncated, not an image, or refused.
+
+    The message says which limit or check failed; ``param`` names the request field it came
+    from when known (``messages[0].content[1].image_url.url``)."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param

@@ -32,6 +32,15 @@ def chain_hash(parent: object, token_ids: tuple[int, ...]) -> int:
     return hash((parent, token_ids))
 
 
+def block_parent(seq: Sequence, i: int, block_size: int, parent: object) -> object:
+    """The parent key of block i, with the hashes of the images whose tokens fall in the block
+    (vLLM's extra keys: image tokens are all one placeholder id, the image says what the KV holds)."""
+    if seq.mm is None:
+        return parent
+    keys = seq.mm.block_keys(i * block_size, (i + 1) * block_size)
+    return (parent, keys) if keys else parent
+
+
 def root_hash(seq: Sequence) -> object:
     """Parent of a sequence's first block: KV written under another per-request YaRN table
     is another prefix (table 0, plain RoPE, keeps the unscaled hashes)."""
@@ -95,7 +104,7 @@ class BlockManager:
         parent = root_hash(seq)
         for i in range(num_full):
             tokens = tuple(seq.token_ids[i * bs : (i + 1) * bs])
-            h = chain_hash(parent, tokens)
+            h = chain_hash(block_parent(seq, i, bs, parent), tokens)
             block_id = self.hash_to_block_id.get(h)
             if block_id is None or self.blocks[block_id].token_ids != tokens:
                 self.prefix_cache_misses += num_full - i
@@ -137,7 +146,7 @@ class BlockManager:
         for i in range(len(seq.block_hashes), seq.num_cached_tokens // bs):
             tokens = tuple(seq.token_ids[i * bs : (i + 1) * bs])
             parent = seq.block_hashes[i - 1] if i else root_hash(seq)
-            h = chain_hash(parent, tokens)
+            h = chain_hash(block_parent(seq, i, bs, parent), tokens)
             seq.block_hashes.append(h)
             block_id = seq.block_table[i]
             if block_id < 0 or h in self.hash_to_block_id:

@@ -84,14 +84,16 @@ class LLM:
                 "quantization= applies when LLM loads the model from a name or path; quantize an "
                 "nn.Module with qwenkit.quant.quantize_model first"
             )
+        image_processor = engine_args.pop("image_processor", None)
         if isinstance(model, LoadedModel):
             tokenizer = tokenizer or model.tokenizer
             generation_defaults = generation_defaults or model.generation_defaults
+            image_processor = image_processor or model.image_processor
             model = model.model
         if rope_scaling is not None:
             model.set_rope_scaling(parse_rope_scaling(rope_scaling))
         self.llm_engine = LLMEngine(
-            model, tokenizer, generation_defaults=generation_defaults, **engine_args
+            model, tokenizer, generation_defaults=generation_defaults, image_processor=image_processor, **engine_args
         )
         self._counter = itertools.count()
 
@@ -191,17 +193,33 @@ class LLM:
         if tokenizer is None:
             raise ValueError("chat needs a tokenizer")
         conversations = [messages] if messages and isinstance(messages[0], Mapping) else messages
-        prompts = [
-            {
+        prompts = []
+        for conv in conversations:
+            conv, images = self._chat_images(conv, chat_template)
+            prompt: dict[str, Any] = {
                 "prompt_token_ids": self.apply_chat_template(
                     conv, chat_template=chat_template, add_generation_prompt=add_generation_prompt,
                     continue_final_message=continue_final_message, tools=tools,
                     **(chat_template_kwargs or {}),
                 ),
-            }
-            for conv in conversations
-        ]  # fmt: skip
+            }  # fmt: skip
+            if images:
+                prompt["multi_modal_data"] = {"image": images}
+            prompts.append(prompt)
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
+
+    def _chat_images(self, conversation: Sequence[Message], chat_template: str | None) -> tuple[list[Any], list[Any]]:
+        """Content parts (text, image_url, image) -> the template's messages and the loaded images
+        (qwenkit.multimodal.chat); plain string contents pass through untouched."""
+        if all(isinstance(m.get("content"), (str, type(None))) for m in conversation):
+            return list(conversation), []
+        from qwenkit.multimodal.chat import detect_content_format, load_chat_images, parse_chat_messages
+
+        template = chat_template or self.get_tokenizer().chat_template or ""
+        messages, refs = parse_chat_messages(conversation, content_format=detect_content_format(template))
+        if refs and self.llm_engine.vl is None:
+            raise ValueError(f"{refs[0].param}: this model is text-only and takes no images")
+        return messages, load_chat_images(refs) if refs else []
 
     def apply_chat_template(self, conversation: Sequence[Message], **kwargs: Any) -> list[int]:
         return self.get_tokenizer().apply_chat_template(list(conversation), tokenize=True, **kwargs)

@@ -26,6 +26,7 @@ from qwenkit.engine.block_manager import BlockManager
 from qwenkit.engine.kv_cache import KVCache
 from qwenkit.engine.logits_processors import LogitsSpec
 from qwenkit.engine.model_runner import ModelRunner, PromptLogprobs
+from qwenkit.engine.multimodal import expand_images, image_list
 from qwenkit.engine.outputs import (
     CompletionOutput,
     Logprob,
@@ -43,6 +44,7 @@ from qwenkit.engine.structured_output import StructuredOutputManager
 from qwenkit.loaders.load import load
 from qwenkit.model.layers import scaled_max_positions
 from qwenkit.model.dca import enable_dual_chunk_attention
+from qwenkit.model.qwen2_5_vl import is_vl_model
 from qwenkit.sampling_params import SamplingParams
 from qwenkit.tokenizer import IncrementalDetokenizer
 
@@ -157,8 +159,11 @@ class LLMEngine:
         config: EngineConfig | None = None,
         *,
         generation_defaults: Mapping[str, Any] | None = None,
+        image_processor: Any = None,
         **engine_args: Any,
     ) -> None:
+        """`image_processor`: a `qwenkit.multimodal.processor.ImageProcessor` for a vision-language
+        model (default: the one `load` attached to the model, from its preprocessor_config.json)."""
         if config is not None and engine_args:
             raise TypeError("pass either config= or engine keyword arguments, not both")
         self.config = config or EngineConfig.from_kwargs(**engine_args)
@@ -174,6 +179,14 @@ class LLMEngine:
                 raise ValueError("dual_chunk_attention does not combine with per-request RoPE factors")
             logger.info("dual chunk attention: decode steps run the torch attention path (no fused C step)")
         self.model_config = model.config
+        self.vl = model.vl if is_vl_model(model) else None
+        if self.vl is not None:
+            from qwenkit.multimodal.processor import ImageProcessor
+
+            self.image_processor = image_processor or getattr(model, "image_processor", None) or ImageProcessor()
+            if cfg.tensor_parallel_size > 1 or cfg.pipeline_parallel_size > 1 or cfg.speculative_config or cfg.streaming_window:
+                raise ValueError("a vision-language model does not combine with tensor / pipeline parallel, "
+                                 "speculative decoding or streaming_window yet")  # fmt: skip
         self.generation_defaults = dict(generation_defaults or {})
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
@@ -314,6 +327,7 @@ class LLMEngine:
         text, ids = self.tokenize_prompt(prompt)
         if not ids:
             raise ValueError(f"request {request_id!r}: the prompt is empty")
+        ids, mm = self._admit_images(request_id, prompt, ids)
         vocab = self.model_config.vocab_size
         if min(ids) < 0 or max(ids) >= vocab:
             raise ValueError(f"request {request_id!r}: token ids must be in [0, {vocab})")
@@ -344,6 +358,7 @@ class LLMEngine:
                 arrival_time=arrival, generator=gen,
             )  # fmt: skip
             seq.rope_factor_index = rope_index
+            seq.mm = mm
             if spec is not None:
                 seq.logits_state = spec.new_state()
             if params.prompt_logprobs is not None and i == 0:  # one copy per request
@@ -357,6 +372,20 @@ class LLMEngine:
         self._requests[request_id] = req
         for seq in seqs:
             self.scheduler.add(seq)
+
+    def _admit_images(self, request_id: str, prompt: PromptType, ids: list[int]) -> tuple[list[int], Any]:
+        """vLLM's multi_modal_data: the prompt's image placeholders expanded, the images processed."""
+        where = f"request {request_id!r}"
+        data = prompt.get("multi_modal_data") if isinstance(prompt, Mapping) else None
+        images = image_list(data, where) if data else []
+        if self.vl is None:
+            if images:
+                raise ValueError(f"{where}: images were given but the model is text-only "
+                                 f"(model_type {self.model_config.model_type!r})")  # fmt: skip
+            return ids, None
+        if not images and self.vl.image_token_id not in ids:
+            return ids, None
+        return expand_images(ids, images, self.vl, self.image_processor, where)
 
     def abort_request(self, request_id: str | Iterable[str]) -> None:
         """Stop requests now and free their blocks; their final output (finish_reason "abort")
@@ -567,6 +596,7 @@ class LLMEngine:
             "num_prompt_tokens_computed": self.num_prompt_tokens_computed,
             "num_generation_tokens": self.num_generation_tokens,
             "num_steps": self.num_steps,
+            "num_image_encodings": getattr(self.model_runner, "num_image_encodings", 0),
             **(self.spec.stats() if self.spec is not None else {}),
         }
 

@@ -60,6 +60,10 @@ class StepInputs:
     sample_seqs: list[Sequence]
     prompt_chunks: list[PromptChunk] = field(default_factory=list)
     rope_factor_index: torch.Tensor | None = None  # (N,) per-request YaRN table of each token
+    # vision-language steps with an image request: M-RoPE positions (3, N) and the image tokens'
+    # (flat indices (K,), features (K, hidden))
+    mrope_positions: torch.Tensor | None = None
+    image_embeds: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 @dataclass
@@ -89,6 +93,7 @@ class ModelRunner:
         self.sampler = Sampler()
         rotary = getattr(getattr(model, "model", None), "rotary_emb", None)
         self.rope_per_request = bool(getattr(rotary, "factors", ()))
+        self.num_image_encodings = 0  # vision encoder runs (one per image per request)
 
     def prepare(self, out: SchedulerOutput) -> StepInputs:
         seqs, num_new = out.seqs, out.num_new_tokens
@@ -148,6 +153,7 @@ class ModelRunner:
             groups,
             streaming_window=self.streaming_window,
         )
+        mrope, image_embeds = self._multimodal(seqs, num_new, positions) if any(s.mm is not None for s in seqs) else (None, None)
         factor_index = None
         if self.rope_per_request:
             factor_index = torch.tensor([s.rope_factor_index for s in seqs])[seq_of_token].to(dev)
@@ -159,7 +165,37 @@ class ModelRunner:
             sample_index=torch.tensor(sample_index, dtype=torch.long, device=dev),
             sample_seqs=sample_seqs,
             prompt_chunks=prompt_chunks,
+            mrope_positions=mrope.to(dev) if mrope is not None else None,
+            image_embeds=image_embeds,
         )
+
+    def _multimodal(
+        self, seqs: list[Sequence], num_new: list[int], positions: torch.Tensor
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+        """M-RoPE positions (3, N) of the step and the vision features of the image tokens in it
+        (a chunk may hold part of an image: its rows of the features)."""
+        mrope = positions.expand(3, -1).clone()
+        index, feats = [], []
+        flat = 0
+        for seq, n in zip(seqs, num_new):
+            mm, c = seq.mm, seq.num_cached_tokens
+            if mm is not None:
+                mrope[:, flat : flat + n] = mm.rope_positions(c, n)
+                for j, (s, e) in enumerate(mm.ranges):
+                    lo, hi = max(s, c), min(e, c + n)
+                    if lo < hi:
+                        index.append(torch.arange(flat + lo - c, flat + hi - c))
+                        feats.append(self._image_features(mm, j)[lo - s : hi - s])
+            flat += n
+        if not index:
+            return mrope, None
+        return mrope, (torch.cat(index).to(self.device), torch.cat(feats))
+
+    def _image_features(self, mm, j: int) -> torch.Tensor:  # type: ignore[no-untyped-def]
+        if mm.features[j] is None:  # once per image: kept on the request across preemptions
+            mm.features[j] = self.model.encode_images(mm.pixel_values[j].to(self.device), [mm.grids[j]])[0]
+            self.num_image_encodings += 1
+        return mm.features[j]
 
     @torch.inference_mode()
     def run(self, out: SchedulerOutput, score: Mapping[Sequence, int] | None = None) -> StepOutput:
@@ -168,7 +204,12 @@ class ModelRunner:
         `score` (speculative decoding): sequences whose last `score[seq]` positions get their
         raw logits returned in `StepOutput.scored` instead of being sampled."""
         inputs = self.prepare(out)
-        if inputs.rope_factor_index is None:
+        if inputs.mrope_positions is not None:
+            hidden = self.model.hidden_states(
+                inputs.input_ids, None, inputs.attn_metadata,
+                mrope_positions=inputs.mrope_positions, image_embeds=inputs.image_embeds,
+            )  # fmt: skip
+        elif inputs.rope_factor_index is None:
             hidden = self.model.hidden_states(inputs.input_ids, inputs.positions, inputs.attn_metadata)
         else:
             hidden = self.model.hidden_states(

@@ -64,6 +64,7 @@ class Sequence:
         self.block_hashes: list[int] = []  # chained hashes of the full, computed blocks
         self.num_released_blocks = 0  # leading non-sink blocks released (sliding window)
         self.rope_factor_index = 0  # per-request YaRN: the rotary table chosen at admission
+        self.mm: Any = None  # the request's images (engine.multimodal.MultiModalState), shared by its seqs
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None
         # Per-output-token log-probabilities (filled only when sampling_params.logprobs is set).

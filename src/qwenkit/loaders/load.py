@@ -107,6 +107,7 @@ class LoadedModel:
     generation_defaults: dict[str, Any] = field(default_factory=dict)
     tensor_types: dict[str, str] = field(default_factory=dict)
     load_seconds: float = 0.0
+    image_processor: Any = None  # vision-language models: the folder's preprocessor_config.json
 
 
 def load(
@@ -175,9 +176,15 @@ def load(
         if config.moe is not None:
             logger.info("qwen2_moe: the CPU runtime's one-call decode step covers dense Qwen2 layers "
                         "only; the MoE decoder runs its (fused) modules one by one")
+    processor = None
+    if config.multimodal is not None:
+        from qwenkit.multimodal.processor import ImageProcessor
+
+        processor = ImageProcessor.from_pretrained(src.path)
+        model.image_processor = processor  # engines built from the module alone find it here
     dt = time.perf_counter() - t0
     logger.info("loaded %s (%s) in %.1fs", src.name, src.format, dt)
-    return LoadedModel(model, tokenizer, config, src, gen, tensor_types, dt)
+    return LoadedModel(model, tokenizer, config, src, gen, tensor_types, dt, processor)
 
 
 def load_model(

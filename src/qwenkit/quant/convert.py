@@ -44,6 +44,8 @@ def int4_compatible(out_features: int, in_features: int, group_size: int) -> boo
 def role_of(name: str) -> str | None:
     """Module path -> role (``model.layers.3.mlp.down_proj`` -> ``down_proj``)."""
     leaf = name.rsplit(".", 1)[-1]
+    if name.startswith("visual."):
+        return None  # a vision-language model's vision encoder stays in float
     if leaf in LINEAR_ROLES or name == "lm_head":
         return leaf
     if name.endswith("embed_tokens"):

@@ -185,7 +185,7 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
         if isinstance(req, P.TokenizeChatRequest):
             tools = template_tools(P.ChatCompletionRequest(messages=req.messages, tools=req.tools)) if req.tools else None
             ids = await asyncio.to_thread(
-                render_prompt, tok, template_messages(req.messages), tools,
+                render_prompt, tok, template_messages(req.messages, tok, state.settings.media), tools,
                 req.add_generation_prompt, req.continue_final_message,
             )  # fmt: skip
         else:

@@ -56,6 +56,9 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
     add_speculative_args(p)
     add_parallel_args(g)
     add_dual_chunk_arg(g)
+    from qwenkit.serve.vision import add_media_args
+
+    add_media_args(p)
     p.set_defaults(func=cmd_serve)
     return p
 
@@ -79,6 +82,8 @@ def settings_from_args(args: argparse.Namespace) -> Any:
     spec = speculative_config_from_args(args)
     if spec is not None:
         engine_args["speculative_config"] = spec
+    from qwenkit.serve.vision import media_settings_from_args
+
     origins = tuple(o.strip() for arg in args.allowed_origins for o in arg.split(",") if o.strip())
     return ServerSettings(
         model=str(args.model),
@@ -90,6 +95,7 @@ def settings_from_args(args: argparse.Namespace) -> Any:
         allowed_origins=origins,
         structured_warmup=not args.no_structured_warmup,
         engine_args=engine_args,
+        media=media_settings_from_args(args),
     )
 
 

@@ -46,11 +46,14 @@ class EngineClient(Protocol):
     vocab_size: int
     eos_token_ids: tuple[int, ...]
     generation_defaults: Mapping[str, Any]
+    supports_images: bool  # a vision model: generate() takes multi_modal_data={"image": [...]}
 
     def generate(
-        self, prompt_token_ids: list[int], params: SamplingParams, request_id: str, priority: int = 0
-    ) -> AsyncIterator[RequestOutput]:
-        """DELTA outputs until one with `finished=True`; closing the iterator early aborts."""
+        self, prompt_token_ids: list[int], params: SamplingParams, request_id: str, priority: int = 0,
+        multi_modal_data: Mapping[str, Any] | None = None,
+    ) -> AsyncIterator[RequestOutput]:  # fmt: skip
+        """DELTA outputs until one with `finished=True`; closing the iterator early aborts.
+        `multi_modal_data` is passed only with images, so text-only clients may omit it."""
         ...
 
     async def abort(self, request_id: str) -> None: ...
@@ -83,11 +86,16 @@ class AsyncEngineClient:
         self.vocab_size = int(core.model_config.vocab_size)
         self.eos_token_ids = tuple(core.eos_token_ids)
         self.generation_defaults = dict(core.generation_defaults)
+        self.supports_images = getattr(core, "vl", None) is not None
 
     async def generate(
-        self, prompt_token_ids: list[int], params: SamplingParams, request_id: str, priority: int = 0
-    ) -> AsyncIterator[RequestOutput]:
-        agen = self.async_engine.generate(prompt_token_ids, params, request_id, priority=priority)
+        self, prompt_token_ids: list[int], params: SamplingParams, request_id: str, priority: int = 0,
+        multi_modal_data: Mapping[str, Any] | None = None,
+    ) -> AsyncIterator[RequestOutput]:  # fmt: skip
+        prompt: Any = prompt_token_ids
+        if multi_modal_data:
+            prompt = {"prompt_token_ids": prompt_token_ids, "multi_modal_data": multi_modal_data}
+        agen = self.async_engine.generate(prompt, params, request_id, priority=priority)
         try:
             async for out in agen:
                 yield out
@@ -157,7 +165,8 @@ def load_engine_client(
         rope_scaling=rope_scaling,
     )  # fmt: skip
     core = LLMEngine(
-        loaded.model, loaded.tokenizer, generation_defaults=loaded.generation_defaults, **engine_args
-    )
+        loaded.model, loaded.tokenizer, generation_defaults=loaded.generation_defaults,
+        image_processor=getattr(loaded, "image_processor", None), **engine_args,
+    )  # fmt: skip
     name = served_model_name or loaded.source.name or Path(str(model)).name
     return AsyncEngineClient(AsyncLLMEngine(core), name)

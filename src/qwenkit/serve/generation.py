@@ -155,6 +155,7 @@ class SubRequest:
     prompt_token_ids: list[int]
     params: SamplingParams
     first_choice: int
+    multi_modal_data: Mapping[str, Any] | None = None  # vLLM's: {"image": [PIL images]}
 
 
 @dataclass
@@ -182,6 +183,8 @@ class GenerationRun:
     finish_reasons: dict[int, str] = field(default_factory=dict)
     # Prompt log-probs per prompt index, once the engine reported them (echo with logprobs).
     prompt_logprobs: dict[int, list[dict[int, Logprob] | None]] = field(default_factory=dict)
+    # Prompt lengths as the engine counts them (image placeholders expanded), per prompt index.
+    engine_prompt_lens: dict[int, int] = field(default_factory=dict)
     outcome: str | None = None  # "finished" | "client_disconnect" | "timeout" | "error"
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
     _timer: asyncio.TimerHandle | None = None
@@ -191,7 +194,7 @@ class GenerationRun:
     def prompt_tokens(self) -> int:
         seen: dict[int, int] = {}
         for sub in self.subs:
-            seen[sub.prompt_index] = len(sub.prompt_token_ids)
+            seen[sub.prompt_index] = self.engine_prompt_lens.get(sub.prompt_index, len(sub.prompt_token_ids))
         return sum(seen.values())
 
     @property
@@ -249,6 +252,8 @@ class GenerationRun:
             self.cached_tokens = max(self.cached_tokens, out.num_cached_tokens)
         if out.prompt_logprobs is not None:
             self.prompt_logprobs[sub.prompt_index] = out.prompt_logprobs
+        if out.prompt_token_ids:
+            self.engine_prompt_lens[sub.prompt_index] = len(out.prompt_token_ids)
         deltas = []
         for o in out.outputs:
             if o.token_ids and self.first_token_time is None:
@@ -263,7 +268,8 @@ class GenerationRun:
     async def _pump(self, i: int, sub: SubRequest, queue: asyncio.Queue[Any]) -> None:
         rid = f"{self.request_id}-{i}"
         try:
-            async for out in self.engine.generate(sub.prompt_token_ids, sub.params, rid, self.priority):
+            mm = {"multi_modal_data": sub.multi_modal_data} if sub.multi_modal_data else {}
+            async for out in self.engine.generate(sub.prompt_token_ids, sub.params, rid, self.priority, **mm):
                 queue.put_nowait((sub, out))
         except asyncio.CancelledError:
             raise

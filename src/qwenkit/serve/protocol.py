@@ -117,6 +117,16 @@ class TextContentPart(_Model):
     text: str
 
 
+class ImageURL(_Model):
+    url: str = Field(description="data:image/...;base64,... or http(s)://... (local paths only with --allowed-local-media-path).")
+    detail: Literal["auto", "low", "high"] | None = None
+
+
+class ImageURLContentPart(_Model):
+    type: Literal["image_url"]
+    image_url: ImageURL
+
+
 class FunctionCall(_Model):
     name: str
     arguments: str = Field(description="The arguments as a JSON string.")
@@ -129,6 +139,9 @@ class ToolCall(_Model):
 
 
 MessageContent = Union[str, list[TextContentPart]]
+# Images only in user messages (as OpenAI).
+UserContentPart = Annotated[Union[TextContentPart, ImageURLContentPart], Field(discriminator="type")]
+UserContent = Union[str, list[UserContentPart]]
 
 
 class SystemMessage(_Model):
@@ -139,7 +152,7 @@ class SystemMessage(_Model):
 
 class UserMessage(_Model):
     role: Literal["user"]
-    content: MessageContent
+    content: UserContent
     name: str | None = None
 
 
@@ -320,6 +333,13 @@ class CompletionRequest(SamplingFields):
     echo: bool = False
     best_of: Annotated[int, Field(ge=1, le=MAX_N)] | None = None
     suffix: str | None = None
+    multi_modal_data: Any = Field(default=None, description="Refused: images go through chat (as vLLM).")
+
+    @model_validator(mode="after")
+    def _no_images(self) -> CompletionRequest:
+        if self.multi_modal_data is not None:
+            raise ValueError("images are accepted only by /v1/chat/completions, as image_url content parts")
+        return self
 
 
 class CompletionLogprobs(_Out):

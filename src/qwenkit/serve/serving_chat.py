@@ -53,6 +53,7 @@ from qwenkit.serve.state import ServerState
 from qwenkit.serve.streaming import SSE_HEADERS, RunStreamingResponse, sse, sse_events
 from qwenkit.serve.structured import StructuredOutputError, chat_structured_outputs, check_json_schema
 from qwenkit.serve.tool_parser import HermesToolParser
+from qwenkit.serve.vision import MediaSettings, load_images, split_messages
 
 CLIENT_CLOSED = 499  # nginx's "client closed request", for the access log
 
@@ -67,17 +68,23 @@ def check_model(state: ServerState, model: str | None) -> None:
 
 
 # ============================================================================ prompt
-def _text(content: Any) -> str | None:
+def _content(content: Any) -> Any:
     if content is None or isinstance(content, str):
         return content
-    return "\n".join(part.text for part in content)
+    return [part.model_dump(exclude_none=True) for part in content]
 
 
-def template_messages(messages: list[Any]) -> list[dict[str, Any]]:
-    """OpenAI messages -> the dicts HF chat templates expect (tool-call arguments as objects)."""
+def template_messages(messages: list[Any], tokenizer: Any = None, media: MediaSettings | None = None) -> list[dict[str, Any]]:
+    """OpenAI messages -> the dicts HF chat templates expect (tool-call arguments as objects;
+    content parts joined as text, or kept as parts for templates that read them)."""
+    return chat_messages(messages, tokenizer, media or MediaSettings(limit_images=2**31))[0]
+
+
+def chat_messages(messages: list[Any], tokenizer: Any, media: MediaSettings) -> tuple[list[dict[str, Any]], list[Any]]:
+    """(template messages, the image parts in order, not yet loaded)."""
     out: list[dict[str, Any]] = []
     for m in messages:
-        d: dict[str, Any] = {"role": "system" if m.role == "developer" else m.role, "content": _text(m.content)}
+        d: dict[str, Any] = {"role": "system" if m.role == "developer" else m.role, "content": _content(m.content)}
         if isinstance(m, AssistantMessage) and m.tool_calls:
             calls = []
             for tc in m.tool_calls:
@@ -92,7 +99,7 @@ def template_messages(messages: list[Any]) -> list[dict[str, Any]]:
         if getattr(m, "reasoning_content", None):
             d["reasoning_content"] = m.reasoning_content
         out.append(d)
-    return out
+    return split_messages(tokenizer, out, media)
 
 
 def template_tools(req: ChatCompletionRequest) -> list[dict[str, Any]] | None:
@@ -137,6 +144,7 @@ class ChatPlan:
     parallel_tool_calls: bool
     structured_outputs: StructuredOutputsParams | None
     tool_names: tuple[str, ...] = ()
+    multi_modal_data: dict[str, Any] | None = None  # {"image": [PIL images]} for vision models
 
     def parser(self) -> HermesToolParser:
         return HermesToolParser(parallel_tool_calls=self.parallel_tool_calls, tool_names=self.tool_names)
@@ -151,14 +159,17 @@ def plan_chat(state: ServerState, req: ChatCompletionRequest) -> ChatPlan:
     tools = template_tools(req) if use_tools else None
     if req.tools and not use_tools:
         template_tools(req)  # still validate the schemas
+    media = state.settings.media
+    messages, image_parts = chat_messages(req.messages, engine.tokenizer, media)
     prompt_ids = render_prompt(
-        engine.tokenizer, template_messages(req.messages), tools,
-        req.add_generation_prompt, req.continue_final_message,
+        engine.tokenizer, messages, tools, req.add_generation_prompt, req.continue_final_message,
     )  # fmt: skip
     structured = chat_structured_outputs(engine, req)
+    images = load_images(engine, engine.model_name, image_parts, media)
     json_output = req.response_format is not None and req.response_format.type != "text"
     names = tuple(t.function.name for t in req.tools or ())
-    return ChatPlan(prompt_ids, use_tools and not json_output, req.parallel_tool_calls, structured, names)
+    mm = {"image": images} if images else None
+    return ChatPlan(prompt_ids, use_tools and not json_output, req.parallel_tool_calls, structured, names, mm)
 
 
 # ============================================================================ output pieces
@@ -209,7 +220,7 @@ async def create_chat_completion(state: ServerState, req: ChatCompletionRequest,
         structured_outputs=plan.structured_outputs,
     )  # fmt: skip
     priority = request_priority(req, raw)
-    run = GenerationRun(state, state.admit(), [SubRequest(0, plan.prompt_ids, params, 0)], priority, raw)
+    run = GenerationRun(state, state.admit(), [SubRequest(0, plan.prompt_ids, params, 0, plan.multi_modal_data)], priority, raw)
     response_id = random_id("chatcmpl")
     if req.stream:
         return await _stream(state, req, plan, run, response_id)

@@ -4,6 +4,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from qwenkit.serve.vision import MediaSettings
+
 
 @dataclass(frozen=True)
 class ServerSettings:
@@ -19,6 +21,7 @@ class ServerSettings:
     allowed_origins: tuple[str, ...] = ()
     structured_warmup: bool = True
     engine_args: dict[str, Any] = field(default_factory=dict)
+    media: MediaSettings = field(default_factory=MediaSettings)  # image-input limits
 
     def __post_init__(self) -> None:
         if self.max_queue < 0:

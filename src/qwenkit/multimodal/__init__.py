@@ -1,0 +1,1 @@
+"""Multimodal inputs: loading images safely (:mod:`.image`), OpenAI chat content parts (:mod:`.chat`)."""

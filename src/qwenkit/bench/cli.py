@@ -1,4 +1,4 @@
-"""CLI hook: `qwenkit bench decode|batch|prefill|all|throughput|kernels|train|rollout|moe|spec`.
+"""CLI hook: `qwenkit bench decode|batch|prefill|all|throughput|kernels|train|rollout|moe|spec|tp`.
 
 The main CLI registers it with ``add_bench_parser(subparsers)``. `decode`, `batch`, `prefill` and `all`
 run `qwenkit.bench.decode` (qwenkit vs llama.cpp vs transformers, one subprocess per engine);
@@ -118,4 +118,10 @@ def add_bench_parser(subparsers: Any) -> argparse.ArgumentParser:
     p = sub.add_parser("moe", help="Qwen2-MoE decode tok/s on a random config: qwenkit vs transformers")
     moe_bench.add_arguments(p)
     p.set_defaults(func=moe_bench.cmd_moe)
+
+    from qwenkit.bench import tp as tp_bench
+
+    p = sub.add_parser("tp", help="tensor / pipeline parallel (2 processes x 1 thread) vs 1 process x 2 threads")
+    tp_bench.add_arguments(p)
+    p.set_defaults(func=tp_bench.cmd_tp)
     return bench

@@ -388,3 +388,15 @@ def test_real_05b_two_ranks_equal_one(gguf_05b_path, split: str) -> None:
         p_ref = [next(iter(d.values())).logprob for d in r.prompt_logprobs[1:]]
         p_got = [next(iter(d.values())).logprob for d in o.prompt_logprobs[1:]]
         assert p_got == pytest.approx(p_ref, rel=1e-5, abs=1e-5)
+
+
+def test_pp_micro_batches_flag_reaches_the_engine() -> None:
+    from qwenkit.cli.main import build_parser, engine_kwargs
+    from qwenkit.serve.cli import settings_from_args
+
+    args = build_parser().parse_args(["generate", "m", "-pp", "2", "--pp-micro-batches", "4"])
+    kw = engine_kwargs(args)
+    assert kw["pipeline_parallel_size"] == 2 and kw["pp_micro_batches"] == 4
+    assert "pp_micro_batches" not in engine_kwargs(build_parser().parse_args(["generate", "m", "-pp", "2"]))
+    serve = build_parser().parse_args(["serve", "m", "-pp", "2", "--pp-micro-batches", "3"])
+    assert settings_from_args(serve).engine_args["pp_micro_batches"] == 3

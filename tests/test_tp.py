@@ -138,9 +138,11 @@ def test_greedy_through_llm_is_identical_with_two_ranks(tp_case) -> None:
         assert p_got == pytest.approx(p_ref, rel=1e-4, abs=1e-5)
 
 
-def test_tensor_parallel_serves_per_request_rope_factors() -> None:
-    """Per-request YaRN (factor 1 for the short prompt, 4 for the long one) through TP = 2 gives
-    the single-process engine's greedy tokens: the workers rotate with the same per-token tables."""
+@pytest.mark.parametrize("split", ["tensor_parallel_size", "pipeline_parallel_size"])
+def test_two_ranks_serve_per_request_rope_factors(split: str) -> None:
+    """Per-request YaRN (factor 1 for the short prompt, 4 for the long one) through TP = 2 and
+    PP = 2 (micro-batches) gives the single-process engine's greedy tokens: the workers rotate
+    with the same per-token tables."""
     from qwenkit.engine.llm import LLM
     from qwenkit.sampling_params import SamplingParams
 
@@ -151,7 +153,7 @@ def test_tensor_parallel_serves_per_request_rope_factors() -> None:
     params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True, prompt_logprobs=1)
     ref = LLM(copy.deepcopy(model), rope_scaling=rope, **ENGINE).generate(prompts, params, use_tqdm=False)
     plain = LLM(copy.deepcopy(model), **ENGINE).generate(prompts, params, use_tqdm=False)
-    llm = LLM(copy.deepcopy(model), rope_scaling=rope, tensor_parallel_size=2, **ENGINE)
+    llm = LLM(copy.deepcopy(model), rope_scaling=rope, **{split: 2}, **ENGINE)
     try:
         got = llm.generate(prompts, params, use_tqdm=False)
     finally:

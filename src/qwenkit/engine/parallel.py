@@ -5,7 +5,9 @@ Rank 0 (the process that holds the `LLMEngine`) prepares each step as usual, bro
 step's model inputs (token ids, positions, KV slots, block tables, which rows need logits) on a
 control group, and then runs the forward like every other rank; only rank 0 samples. Workers
 hold their own KV cache (their KV heads or their layers, the same block layout) and follow the
-broadcasts. Tensor parallel: `qwenkit.parallel.tp`; pipeline stages: `qwenkit.parallel.pp`.
+broadcasts. Tensor parallel: `qwenkit.parallel.tp`; pipeline stages: `qwenkit.parallel.pp`, where
+every rank cuts the step the same way into micro-batches of whole sequences (`split_plan`) so the
+stages overlap.
 
 Workers are started here with torch.multiprocessing (spawn; gloo on CPU, NCCL on CUDA) or, when
 the process was launched by torchrun (``RANK`` / ``WORLD_SIZE`` / ``MASTER_ADDR`` set), every

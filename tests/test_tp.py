@@ -39,7 +39,7 @@ def _model(seed: int = 0, **overrides) -> Qwen2ForCausalLM:
 
 def _worker_logits(port: int, models: list[Qwen2ForCausalLM], ids: list[torch.Tensor]) -> None:
     """Rank 1 of the logits test: its shard of each model, the same forwards as rank 0."""
-    from qwenkit.parallel import apply_pipeline_parallel, apply_tensor_parallel, run_stage
+    from qwenkit.parallel import MicroBatch, apply_pipeline_parallel, apply_tensor_parallel, run_stage
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=1, world_size=2,
@@ -50,7 +50,7 @@ def _worker_logits(port: int, models: list[Qwen2ForCausalLM], ids: list[torch.Te
                 apply_tensor_parallel(copy.deepcopy(model), 1, 2)(x)
             for model, x in zip(models, ids):  # pipeline: this rank runs layers [2, 4)
                 apply_pipeline_parallel(model, 1, 2)
-                run_stage(model, torch.arange(x.shape[1]), x.shape[1], None, 1, 2)
+                run_stage(model, [MicroBatch(None, torch.arange(x.shape[1]), None)], 1, 2)
     finally:
         dist.destroy_process_group()
 
@@ -138,9 +138,11 @@ def test_greedy_through_llm_is_identical_with_two_ranks(tp_case) -> None:
         assert p_got == pytest.approx(p_ref, rel=1e-4, abs=1e-5)
 
 
-def test_tensor_parallel_serves_per_request_rope_factors() -> None:
-    """Per-request YaRN (factor 1 for the short prompt, 4 for the long one) through TP = 2 gives
-    the single-process engine's greedy tokens: the workers rotate with the same per-token tables."""
+@pytest.mark.parametrize("split", ["tensor_parallel_size", "pipeline_parallel_size"])
+def test_two_ranks_serve_per_request_rope_factors(split: str) -> None:
+    """Per-request YaRN (factor 1 for the short prompt, 4 for the long one) through TP = 2 and
+    PP = 2 (micro-batches) gives the single-process engine's greedy tokens: the workers rotate
+    with the same per-token tables."""
     from qwenkit.engine.llm import LLM
     from qwenkit.sampling_params import SamplingParams
 
@@ -151,7 +153,7 @@ def test_tensor_parallel_serves_per_request_rope_factors() -> None:
     params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True, prompt_logprobs=1)
     ref = LLM(copy.deepcopy(model), rope_scaling=rope, **ENGINE).generate(prompts, params, use_tqdm=False)
     plain = LLM(copy.deepcopy(model), **ENGINE).generate(prompts, params, use_tqdm=False)
-    llm = LLM(copy.deepcopy(model), rope_scaling=rope, tensor_parallel_size=2, **ENGINE)
+    llm = LLM(copy.deepcopy(model), rope_scaling=rope, **{split: 2}, **ENGINE)
     try:
         got = llm.generate(prompts, params, use_tqdm=False)
     finally:
@@ -192,7 +194,108 @@ def test_a_lost_worker_is_an_error_not_a_hang(tp_case) -> None:
         llm.llm_engine.shutdown()  # frees torch.distributed for the next test now
 
 
-def test_bad_splits_and_quantized_models_are_refused_with_the_field_named() -> None:
+PP_ENGINE = dict(block_size=4, kv_cache_memory="4MiB", max_num_batched_tokens=48, max_num_seqs=8)
+
+
+@pytest.fixture(scope="module")
+def pp_llm():
+    """(single-process model, PP = 2 LLM with up to 3 micro-batches a step)."""
+    from qwenkit.engine.llm import LLM
+
+    model = _model(seed=5, **CASES["kv2"])
+    llm = LLM(copy.deepcopy(model), pipeline_parallel_size=2, pp_micro_batches=3, **PP_ENGINE)
+    yield model, llm
+    llm.llm_engine.shutdown()
+
+
+def test_split_plan_cuts_whole_sequences_with_balanced_tokens() -> None:
+    """3 decodes + prefill chunks of 20 and 9 tokens, cut 3 ways: whole sequences in order, each
+    part's groups re-based to its own flat tokens, every token in exactly one part."""
+    from qwenkit.engine.parallel import StepPlan, split_plan
+
+    ql = [torch.tensor([1, 1, 1]), torch.tensor([20, 9])]
+    cl = [torch.tensor([7, 8, 9]), torch.tensor([20, 30])]
+    bt = [torch.arange(15).reshape(3, 5), torch.arange(15, 25).reshape(2, 5)]
+    n = 32
+    plan = StepPlan(torch.arange(n), torch.arange(n) + 100, torch.arange(n) + 200,
+                    [(0, ql[0], cl[0], bt[0]), (3, ql[1], cl[1], bt[1])], torch.tensor([0, 1, 2, 31]), [(3, 22)])  # fmt: skip
+    parts = split_plan(plan, 3)
+    assert [p.input_ids.tolist() for p in parts] == [list(range(0, 3)), list(range(3, 23)), list(range(23, 32))]
+    assert [[(s, q.tolist()) for s, q, _, _ in p.groups] for p in parts] == [[(0, [1, 1, 1])], [(0, [20])], [(0, [9])]]
+    assert parts[2].groups[0][2].tolist() == [30] and parts[2].groups[0][3].tolist() == [list(range(20, 25))]
+    assert torch.cat([p.slot_mapping for p in parts]).tolist() == plan.slot_mapping.tolist()
+    two = split_plan(plan, 2)  # 16 tokens each side would cut the 20-token chunk: it goes whole
+    assert [[(s, q.tolist()) for s, q, _, _ in p.groups] for p in two] == [[(0, [1, 1, 1]), (3, [20])], [(0, [9])]]
+    assert len(split_plan(plan, 9)) == 5  # never more parts than sequences
+
+
+def test_pipeline_micro_batches_equal_the_single_process_engine(pp_llm, monkeypatch) -> None:
+    """PP = 2 with up to 3 micro-batches in flight: batches of 1, 3 and 8 sequences (chunked
+    prefill, steps mixing decodes and prefill chunks) give the single-process engine's greedy
+    tokens; sampled and prompt log-probs within rel 1e-4 / abs 1e-5 (micro-batches change GEMM row
+    counts, so the last bits may differ)."""
+    from qwenkit.engine import parallel
+    from qwenkit.engine.llm import LLM
+    from qwenkit.sampling_params import SamplingParams
+
+    model, llm = pp_llm
+    seen = []  # (micro-batches, sequences per micro-batch) of each step on rank 0
+    real = parallel.run_first_stage
+
+    def record(m, micro):
+        seen.append([sum(int(g.num_seqs) for g in mb.attn_metadata.groups) for mb in micro])
+        return real(m, micro)
+
+    monkeypatch.setattr(parallel, "run_first_stage", record)
+    g = torch.Generator().manual_seed(6)
+    params = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True, logprobs=1, prompt_logprobs=1)
+    ref_llm = LLM(copy.deepcopy(model), **PP_ENGINE)
+    for lens in ([17], [5, 30, 12], [3, 9, 14, 21, 6, 11, 25, 8]):
+        prompts = [torch.randint(2, model.config.vocab_size, (n,), generator=g).tolist() for n in lens]
+        ref = ref_llm.generate(prompts, params, use_tqdm=False)
+        got = llm.generate(prompts, params, use_tqdm=False)
+        for r, o in zip(ref, got):
+            assert o.outputs[0].token_ids == r.outputs[0].token_ids, lens
+            lp_ref = [lp[t].logprob for lp, t in zip(r.outputs[0].logprobs, r.outputs[0].token_ids)]
+            lp_got = [lp[t].logprob for lp, t in zip(o.outputs[0].logprobs, o.outputs[0].token_ids)]
+            assert lp_got == pytest.approx(lp_ref, rel=1e-4, abs=1e-5)
+            p_ref = [next(iter(d.values())).logprob for d in r.prompt_logprobs[1:]]
+            p_got = [next(iter(d.values())).logprob for d in o.prompt_logprobs[1:]]
+            assert p_got == pytest.approx(p_ref, rel=1e-4, abs=1e-5)
+    assert [1] in seen and [1, 1, 1] in seen  # one sequence: no cut; 3 decodes: 3 micro-batches
+    assert max(len(s) for s in seen) == 3 and sum(s == [8] for s in seen) == 0
+
+
+def test_a_stage_killed_with_micro_batches_in_flight_is_an_error_not_a_hang(pp_llm) -> None:
+    """Rank 0 kills the stage-1 worker right after sending it the first micro-batch of a
+    3-micro-batch step: the step raises WorkerLostError within seconds."""
+    from qwenkit.engine.parallel import WorkerLostError
+    from qwenkit.sampling_params import SamplingParams
+
+    _, llm = pp_llm
+    worker = llm.llm_engine.parallel.procs[0]
+    last = llm.llm_engine.model.model.layers[-1]
+    calls = []
+
+    def kill_after_first(module, args, out):  # rank 0's last layer: micro-batch 0 goes out next
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(worker.pid, signal.SIGKILL)
+
+    handle = last.register_forward_hook(kill_after_first)
+    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(WorkerLostError):
+            llm.generate([list(range(2, 12 + i)) for i in range(3)], params, use_tqdm=False)
+        assert time.monotonic() - t0 < 30
+        assert len(calls) >= 2
+    finally:
+        handle.remove()
+        llm.llm_engine.shutdown()
+
+
+def test_bad_splits_and_unknown_modules_are_refused_with_the_field_named() -> None:
     from qwenkit.parallel import TensorParallelError, check_tensor_parallel
 
     cfg = ModelConfig.from_hf(tiny_hf_config(num_attention_heads=4, num_key_value_heads=2))
@@ -200,10 +303,9 @@ def test_bad_splits_and_quantized_models_are_refused_with_the_field_named() -> N
         check_tensor_parallel(cfg, 3)
     with pytest.raises(TensorParallelError, match="intermediate_size=150"):
         check_tensor_parallel(ModelConfig.from_hf(tiny_hf_config(intermediate_size=150)), 4)
-    from qwenkit.quant import quantize_model
-
-    model = quantize_model(_model(), "int8")
-    with pytest.raises(TensorParallelError, match="quantization='none'"):
+    model = _model()
+    model.model.layers[1].mlp.down_proj = torch.nn.Identity()  # a module it does not know how to split
+    with pytest.raises(TensorParallelError, match=r"model\.layers\.1\.mlp\.down_proj: a Identity"):
         check_tensor_parallel(model.config, 2, model)
 
 
@@ -288,3 +390,15 @@ def test_real_05b_two_ranks_equal_one(gguf_05b_path, split: str) -> None:
         p_ref = [next(iter(d.values())).logprob for d in r.prompt_logprobs[1:]]
         p_got = [next(iter(d.values())).logprob for d in o.prompt_logprobs[1:]]
         assert p_got == pytest.approx(p_ref, rel=1e-5, abs=1e-5)
+
+
+def test_pp_micro_batches_flag_reaches_the_engine() -> None:
+    from qwenkit.cli.main import build_parser, engine_kwargs
+    from qwenkit.serve.cli import settings_from_args
+
+    args = build_parser().parse_args(["generate", "m", "-pp", "2", "--pp-micro-batches", "4"])
+    kw = engine_kwargs(args)
+    assert kw["pipeline_parallel_size"] == 2 and kw["pp_micro_batches"] == 4
+    assert "pp_micro_batches" not in engine_kwargs(build_parser().parse_args(["generate", "m", "-pp", "2"]))
+    serve = build_parser().parse_args(["serve", "m", "-pp", "2", "--pp-micro-batches", "3"])
+    assert settings_from_args(serve).engine_args["pp_micro_batches"] == 3

@@ -1,4 +1,4 @@
-"""CLI hook: `qwenkit bench decode|batch|prefill|all|throughput|kernels|train|rollout|moe|spec|vl`.
+"""CLI hook: `qwenkit bench decode|batch|prefill|all|throughput|kernels|train|rollout|moe|spec|tp|vl`.
 
 The main CLI registers it with ``add_bench_parser(subparsers)``. `decode`, `batch`, `prefill` and `all`
 run `qwenkit.bench.decode` (qwenkit vs llama.cpp vs transformers, one subprocess per engine);
@@ -124,4 +124,10 @@ def add_bench_parser(subparsers: Any) -> argparse.ArgumentParser:
     p = sub.add_parser("vl", help="Qwen2.5-VL image preprocessing + vision encoder time: qwenkit vs transformers")
     vl_bench.add_arguments(p)
     p.set_defaults(func=vl_bench.cmd_vl)
+
+    from qwenkit.bench import tp as tp_bench
+
+    p = sub.add_parser("tp", help="tensor / pipeline parallel (2 processes x 1 thread) vs 1 process x 2 threads")
+    tp_bench.add_arguments(p)
+    p.set_defaults(func=tp_bench.cmd_tp)
     return bench

@@ -126,6 +126,8 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     for name in ("tensor_parallel_size", "pipeline_parallel_size"):
         if getattr(args, name, 1) > 1:
             out[name] = getattr(args, name)
+    if getattr(args, "pp_micro_batches", None) is not None:
+        out["pp_micro_batches"] = args.pp_micro_batches
     return {k: v for k, v in out.items() if v is not None}
 
 

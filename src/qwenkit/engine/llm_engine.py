@@ -82,8 +82,10 @@ class EngineConfig:
     speculative_config: Mapping[str, Any] | None = None
     # > 1: shard the model over that many processes (qwenkit.engine.parallel); rank 0 schedules
     tensor_parallel_size: int = 1
-    # > 1: layer ranges over that many processes (no micro-batches yet); not with tensor parallel
+    # > 1: layer ranges over that many processes; not with tensor parallel
     pipeline_parallel_size: int = 1
+    # pipeline parallel: micro-batches a step is cut into so stages overlap (None: one per stage)
+    pp_micro_batches: int | None = None
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> EngineConfig:
@@ -195,7 +197,8 @@ class LLMEngine:
             from qwenkit.engine.parallel import ModelParallel
 
             self.parallel = ModelParallel.start(
-                model, cfg.tensor_parallel_size, pipeline_parallel_size=cfg.pipeline_parallel_size
+                model, cfg.tensor_parallel_size, pipeline_parallel_size=cfg.pipeline_parallel_size,
+                pp_micro_batches=cfg.pp_micro_batches,
             )
         elif self.device.type == "cpu" and cfg.install_cpu_runtime:
             cpu.install(model)  # the fused C ops and one-call decode step (no-op if installed)

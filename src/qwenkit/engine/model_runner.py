@@ -204,17 +204,7 @@ class ModelRunner:
         `score` (speculative decoding): sequences whose last `score[seq]` positions get their
         raw logits returned in `StepOutput.scored` instead of being sampled."""
         inputs = self.prepare(out)
-        if inputs.mrope_positions is not None:
-            hidden = self.model.hidden_states(
-                inputs.input_ids, None, inputs.attn_metadata,
-                mrope_positions=inputs.mrope_positions, image_embeds=inputs.image_embeds,
-            )  # fmt: skip
-        elif inputs.rope_factor_index is None:
-            hidden = self.model.hidden_states(inputs.input_ids, inputs.positions, inputs.attn_metadata)
-        else:
-            hidden = self.model.hidden_states(
-                inputs.input_ids, inputs.positions, inputs.attn_metadata, rope_factor_index=inputs.rope_factor_index
-            )
+        hidden = self.hidden_states(inputs)
         prompt_logprobs = [self._prompt_logprobs(hidden, chunk) for chunk in inputs.prompt_chunks]
         scored: dict[Sequence, torch.Tensor] = {}
         if score:
@@ -228,6 +218,19 @@ class ModelRunner:
             return StepOutput([], None, prompt_logprobs, scored)
         logits = self.model.compute_logits(hidden[inputs.sample_index])  # (S_sample, V)
         return StepOutput(inputs.sample_seqs, self.sample(logits, inputs.sample_seqs), prompt_logprobs, scored)
+
+    def hidden_states(self, inputs: StepInputs) -> torch.Tensor:
+        """The step's final-normed hidden states (N, hidden)."""
+        if inputs.mrope_positions is not None:
+            return self.model.hidden_states(
+                inputs.input_ids, None, inputs.attn_metadata,
+                mrope_positions=inputs.mrope_positions, image_embeds=inputs.image_embeds,
+            )  # fmt: skip
+        if inputs.rope_factor_index is None:
+            return self.model.hidden_states(inputs.input_ids, inputs.positions, inputs.attn_metadata)
+        return self.model.hidden_states(
+            inputs.input_ids, inputs.positions, inputs.attn_metadata, rope_factor_index=inputs.rope_factor_index
+        )
 
     def _prompt_logprobs(self, hidden: torch.Tensor, chunk: PromptChunk) -> PromptLogprobs:
         """Raw log-probs of the chunk's target tokens, in slices of PROMPT_LOGPROBS_ROWS rows."""

@@ -5,7 +5,9 @@ Rank 0 (the process that holds the `LLMEngine`) prepares each step as usual, bro
 step's model inputs (token ids, positions, KV slots, block tables, which rows need logits) on a
 control group, and then runs the forward like every other rank; only rank 0 samples. Workers
 hold their own KV cache (their KV heads or their layers, the same block layout) and follow the
-broadcasts. Tensor parallel: `qwenkit.parallel.tp`; pipeline stages: `qwenkit.parallel.pp`.
+broadcasts. Tensor parallel: `qwenkit.parallel.tp`; pipeline stages: `qwenkit.parallel.pp`, where
+every rank cuts the step the same way into micro-batches of whole sequences (`split_plan`) so the
+stages overlap.
 
 Workers are started here with torch.multiprocessing (spawn; gloo on CPU, NCCL on CUDA) or, when
 the process was launched by torchrun (``RANK`` / ``WORLD_SIZE`` / ``MASTER_ADDR`` set), every
@@ -37,10 +39,12 @@ from qwenkit.engine.paged_attention import PagedAttentionMetadata, SequenceGroup
 from qwenkit.engine.scheduler import SchedulerOutput
 from qwenkit.errors import QwenkitError
 from qwenkit.parallel import (
+    MicroBatch,
     apply_pipeline_parallel,
     apply_tensor_parallel,
     check_tensor_parallel,
     local_kv_heads,
+    run_first_stage,
     run_stage,
     stage_layers,
 )
@@ -81,12 +85,68 @@ class StepPlan:
         )  # fmt: skip
 
 
+def split_plan(plan: StepPlan, micro_batches: int) -> list[StepPlan]:
+    """The step cut into at most `micro_batches` runs of whole consecutive sequences, each with
+    about the same number of tokens (at least one sequence each); `sample_index` and
+    `prompt_rows` are left empty (logits are taken from the concatenated hidden states)."""
+    seqs = []  # (group, index in group, query len) per sequence, in flat order
+    for gi, (_, ql, _, _) in enumerate(plan.groups):
+        seqs += [(gi, j, int(n)) for j, n in enumerate(ql.tolist())]
+    m = max(1, min(micro_batches, len(seqs)))
+    cum = [0]
+    for _, _, n in seqs:
+        cum.append(cum[-1] + n)
+    total, cuts = cum[-1], [0]
+    for k in range(1, m):  # the first sequence end at or past k/m of the tokens
+        i = next(i for i in range(1, len(seqs) + 1) if cum[i] * m >= k * total)
+        cuts.append(min(max(i, cuts[-1] + 1), len(seqs) - (m - k)))
+    cuts.append(len(seqs))
+    parts = []
+    empty = torch.zeros(0, dtype=torch.long)
+    for a, b in zip(cuts, cuts[1:]):
+        ta, tb = cum[a], cum[b]
+        groups = []
+        for gi, (_, ql, cl, bt) in enumerate(plan.groups):
+            idx = [j for g, j, _ in seqs[a:b] if g == gi]
+            if idx:
+                lo, hi = idx[0], idx[-1] + 1
+                start = sum(n for g, j, n in seqs[a:b] if g < gi)
+                groups.append((start, ql[lo:hi], cl[lo:hi], bt[lo:hi]))
+        rfi = None if plan.rope_factor_index is None else plan.rope_factor_index[ta:tb]
+        parts.append(StepPlan(plan.input_ids[ta:tb], plan.positions[ta:tb], plan.slot_mapping[ta:tb], groups,
+                              empty, [], rfi))  # fmt: skip
+    return parts
+
+
+def _micro_batches(
+    kv_cache: KVCache, plan: StepPlan, micro_batches: int, streaming_window: int | None, num_sink_tokens: int
+) -> list[MicroBatch]:
+    """`split_plan`'s parts with their attention metadata over this rank's KV cache."""
+    dev = kv_cache.k_cache[0].device
+    out = []
+    for part in split_plan(plan, micro_batches):
+        md = _metadata(kv_cache, part, streaming_window, num_sink_tokens)
+        rfi = None if part.rope_factor_index is None else part.rope_factor_index.to(dev)
+        out.append(MicroBatch(part.input_ids.to(dev), part.positions.to(dev), md, rfi))
+    return out
+
+
+def _metadata(
+    kv_cache: KVCache, plan: StepPlan, streaming_window: int | None, num_sink_tokens: int
+) -> PagedAttentionMetadata:
+    dev, dtype = kv_cache.k_cache[0].device, kv_cache.dtype
+    groups = [
+        SequenceGroup(start, ql, cl, bt, kv_cache.block_size, num_sink_tokens, dev, dtype)
+        for start, ql, cl, bt in plan.groups
+    ]
+    return PagedAttentionMetadata(kv_cache, plan.slot_mapping.to(dev), groups, streaming_window=streaming_window)
+
+
 def tp_quantization(quantization: str | None, num_ranks: int) -> str:
-    """The load-time weight format: with several ranks ``auto`` means ``none`` (only float
-    weights are split); other formats are passed on (a quantized one is refused at start)."""
+    """The load-time weight format with `num_ranks` ranks: every format splits (quantized
+    linears on their codes), so it is the one asked for (``auto`` when none is)."""
     if num_ranks > 1 and quantization in (None, "auto"):
-        logger.info("%d ranks: loading float weights (quantized linears are not split)", num_ranks)
-        return "none"
+        logger.info("%d ranks: quantization 'auto' (int8 linears are split on their rows / columns)", num_ranks)
     return quantization or "auto"
 
 
@@ -143,22 +203,18 @@ def _shard(model: nn.Module, rank: int, world_size: int, pipeline: bool, comm: _
 
 def _execute(
     model: nn.Module, kv_cache: KVCache, plan: StepPlan, streaming_window: int | None, num_sink_tokens: int,
-    stage: tuple[int, int, _Comm] | None = None,
+    stage: tuple[int, int, _Comm, int] | None = None,
 ) -> None:
     """A worker's share of one step: the same forward and the same logits collectives as rank 0
-    (tensor parallel), or its layers between a recv and a send (`stage`: rank, world, comm)."""
-    dev, dtype = kv_cache.k_cache[0].device, kv_cache.dtype
-    groups = [
-        SequenceGroup(start, ql, cl, bt, kv_cache.block_size, num_sink_tokens, dev, dtype)
-        for start, ql, cl, bt in plan.groups
-    ]
-    md = PagedAttentionMetadata(kv_cache, plan.slot_mapping.to(dev), groups, streaming_window=streaming_window)
+    (tensor parallel), or its layers on each micro-batch between a recv and a send (`stage`:
+    rank, world, comm, micro-batches)."""
+    dev = kv_cache.k_cache[0].device
     if stage is not None:
-        if plan.rope_factor_index is not None:
-            raise NotImplementedError("per-request RoPE factors are not supported with pipeline parallel")
-        rank, world, comm = stage
-        run_stage(model, plan.positions.to(dev), plan.input_ids.numel(), md, rank, world, comm.compute)
+        rank, world, comm, micro_batches = stage
+        micro = _micro_batches(kv_cache, plan, micro_batches, streaming_window, num_sink_tokens)
+        run_stage(model, micro, rank, world, comm.compute)
         return
+    md = _metadata(kv_cache, plan, streaming_window, num_sink_tokens)
     extra = {} if plan.rope_factor_index is None else {"rope_factor_index": plan.rope_factor_index.to(dev)}
     hidden = model.hidden_states(plan.input_ids.to(dev), plan.positions.to(dev), md, **extra)
     for lo, hi in plan.prompt_rows:  # ModelRunner._prompt_logprobs's slices
@@ -171,7 +227,7 @@ def _execute(
 def _worker_loop(model: nn.Module, comm: _Comm, rank: int, world_size: int, pipeline: bool) -> None:
     setup = comm.receive()  # the KV cache layout rank 0 chose
     mc = model.config
-    stage = (rank, world_size, comm) if pipeline else None
+    stage = (rank, world_size, comm, setup["micro_batches"]) if pipeline else None
     kv = KVCache(
         len(model.model.layers), setup["num_blocks"], setup["block_size"],
         local_kv_heads(mc, world_size) if not pipeline else mc.num_key_value_heads,
@@ -212,8 +268,12 @@ def _spawned_worker(
 class ModelParallel:
     """Rank 0's handle on the group: the workers, the control channel, liveness checks."""
 
-    def __init__(self, world_size: int, comm: _Comm, procs: list[Any], num_kv_heads: int, num_layers: int) -> None:
+    def __init__(
+        self, world_size: int, comm: _Comm, procs: list[Any], num_kv_heads: int, num_layers: int,
+        micro_batches: int = 0,
+    ) -> None:
         self.world_size = world_size
+        self.micro_batches = micro_batches  # pipeline parallel: micro-batches per step (0: tensor parallel)
         self.comm = comm
         self.procs = procs
         self.num_kv_heads = num_kv_heads  # what this rank's KV cache holds
@@ -224,11 +284,12 @@ class ModelParallel:
     @classmethod
     def start(
         cls, model: nn.Module, tensor_parallel_size: int, *, pipeline_parallel_size: int = 1,
-        timeout_s: float | None = None,
+        pp_micro_batches: int | None = None, timeout_s: float | None = None,
     ) -> ModelParallel:
         """Start (or, under torchrun, join) the group and shard `model` in place as rank 0:
         `tensor_parallel_size` ranks splitting every layer, or `pipeline_parallel_size` stages
-        (one of the two; both at once is not supported).
+        (one of the two; both at once is not supported). `pp_micro_batches`: the most
+        micro-batches a pipelined step is cut into (default: the number of stages).
         Under torchrun a rank other than 0 runs the worker loop here and exits the process.
         `timeout_s`: a collective's limit (default ``$QWENKIT_TP_TIMEOUT`` or 120 s)."""
         if timeout_s is None:
@@ -240,6 +301,8 @@ class ModelParallel:
         if tensor_parallel_size > 1 and pipeline_parallel_size > 1:
             raise ValueError("tensor_parallel_size and pipeline_parallel_size cannot both be > 1 yet")
         pipeline = pipeline_parallel_size > 1
+        if pp_micro_batches is not None and pp_micro_batches < 1:
+            raise ValueError(f"pp_micro_batches must be >= 1, got {pp_micro_batches}")
         world_size = pipeline_parallel_size if pipeline else tensor_parallel_size
         config = model.config
         if any(type(m).__module__.startswith("qwenkit.cpu") for m in model.modules()):
@@ -291,12 +354,14 @@ class ModelParallel:
         logger.info("%s parallel: %d ranks (%s), rank 0 schedules", "pipeline" if pipeline else "tensor",
                     world_size, dist.get_backend())  # fmt: skip
         kv_heads = config.num_key_value_heads if pipeline else local_kv_heads(config, world_size)
-        return cls(world_size, comm, procs, kv_heads, len(model.model.layers))
+        micro = (pp_micro_batches or world_size) if pipeline else 0
+        return cls(world_size, comm, procs, kv_heads, len(model.model.layers), micro)
 
     def setup_workers(self, kv_cache: KVCache, streaming_window: int | None, num_sink_tokens: int) -> None:
         self._send({
             "num_blocks": kv_cache.num_blocks, "block_size": kv_cache.block_size, "dtype": kv_cache.dtype,
             "streaming_window": streaming_window, "num_sink_tokens": num_sink_tokens,
+            "micro_batches": self.micro_batches,
         })  # fmt: skip
 
     def check_workers(self) -> None:
@@ -315,8 +380,10 @@ class ModelParallel:
             self.error = WorkerLostError(f"tensor-parallel group failed: {e}")
             raise self.error from e
 
-    def send_step(self, inputs: StepInputs) -> None:
-        self._send(StepPlan.from_inputs(inputs))
+    def send_step(self, inputs: StepInputs) -> StepPlan:
+        plan = StepPlan.from_inputs(inputs)
+        self._send(plan)
+        return plan
 
     def guard(self, e: RuntimeError) -> RuntimeError:
         """The error to raise for `e`, raised during the forward: a `WorkerLostError` when a
@@ -362,8 +429,16 @@ class ParallelModelRunner(ModelRunner):
 
     def prepare(self, out: SchedulerOutput) -> StepInputs:
         inputs = super().prepare(out)
-        self.parallel.send_step(inputs)
+        self._plan = self.parallel.send_step(inputs)
         return inputs
+
+    def hidden_states(self, inputs: StepInputs) -> torch.Tensor:
+        if not self.parallel.micro_batches:  # tensor parallel: the plain forward, collectives inside
+            return super().hidden_states(inputs)
+        micro = _micro_batches(
+            self.kv_cache, self._plan, self.parallel.micro_batches, self.streaming_window, self.num_sink_tokens
+        )
+        return run_first_stage(self.model, micro)
 
     def run(self, out: SchedulerOutput, score: Any = None) -> Any:
         if score:  # workers would not join the scored rows' logits collectives
@@ -384,4 +459,7 @@ def add_parallel_args(g: Any) -> None:
     g.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
                    help="shard the model over N processes (torch.distributed; float weights)")
     g.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1,
-                   help="split the layers over N processes (stages; float weights; not with -tp)")
+                   help="split the layers over N processes (stages; not with -tp)")
+    g.add_argument("--pp-micro-batches", type=int, default=None,
+                   help="pipeline parallel: cut each step into up to N micro-batches of whole sequences, "
+                        "so the stages overlap (default: the number of stages; 1: no overlap)")

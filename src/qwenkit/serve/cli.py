@@ -74,7 +74,7 @@ def settings_from_args(args: argparse.Namespace) -> Any:
         if getattr(args, name) > 1:
             engine_args[name] = getattr(args, name)
     for name in ("max_num_batched_tokens", "max_model_len", "kv_cache_memory", "streaming_window", "num_sink_tokens",
-                 "dual_chunk_attention"):
+                 "dual_chunk_attention", "pp_micro_batches"):
         if getattr(args, name) is not None:
             engine_args[name] = getattr(args, name)
     from qwenkit.engine.spec_decode import speculative_config_from_args

@@ -58,11 +58,19 @@ def check_kv_cache_dtype(value: str) -> str:
     raise ValueError(f"kv_cache_dtype must be one of {list(KV_CACHE_DTYPES)}, got {value!r}")
 
 
-def add_kv_cache_dtype_arg(g: Any) -> None:
+def add_kv_cache_dtype_arg(g: Any, default: str | None = "auto", extra_help: str = "") -> None:
     """`--kv-cache-dtype` (generate, chat, serve, eval, bench)."""
-    g.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES + _FP8, metavar="{auto,int8}",
+    import argparse
+
+    def parse(value: str) -> str:
+        try:
+            return check_kv_cache_dtype(value)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    g.add_argument("--kv-cache-dtype", default=default, type=parse, metavar="{auto,int8}",
                    help="KV cache storage: auto (the model's dtype) or int8 (per token-and-head scales: "
-                        "~3.8x the tokens of fp32 in the same --kv-cache-memory)")  # fmt: skip
+                        "~3.8x the tokens of fp32 in the same --kv-cache-memory)" + extra_help)  # fmt: skip
 
 
 def quantize_kv(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -263,3 +263,18 @@ class PagedAttentionMetadata:
         )  # (S, Hq, Tq, D)
         out = out.transpose(1, 2).reshape(g.num_seqs * g.tq, n_heads, head_dim)
         return out[g.out_index] if g.out_index is not None else out  # (tokens, Hq, D)
+
+
+def single_sequence_metadata(kv_cache: KVCache, start: int, n: int) -> PagedAttentionMetadata:
+    """Attention metadata for tokens start..start+n-1 of one sequence laid out in blocks 0, 1, 2, …
+    of `kv_cache` (no block manager): evaluation loops that run a text through the cache in
+    chunks (perplexity with an int8 cache) and tests."""
+    bs = kv_cache.block_size
+    num_blocks = -(-(start + n) // bs)
+    if num_blocks > kv_cache.num_blocks:
+        raise ValueError(f"{start + n} tokens need {num_blocks} blocks; the KV cache has {kv_cache.num_blocks}")
+    device = kv_cache.k_cache[0].device
+    group = SequenceGroup(
+        0, torch.tensor([n]), torch.tensor([start + n]), torch.arange(num_blocks)[None], bs, 0, device, kv_cache.dtype
+    )
+    return PagedAttentionMetadata(kv_cache, torch.arange(start, start + n, device=device), [group])

@@ -241,6 +241,37 @@ def test_streaming_window_and_preemption_with_int8(models):
     assert win.generate([{"prompt_token_ids": prompts[0]}], greedy(16))[0].outputs[0].token_ids == outs[0].outputs[0].token_ids
 
 
+def test_speculative_dca_and_tensor_parallel_with_int8(models):
+    """The other engine modes on an int8 cache: n-gram speculative decoding (verification rows
+    and the KV trim of rejected tokens) gives the plain int8 engine's greedy tokens; dual chunk
+    attention (unrotated keys, quantized as stored) gives fp32-cache DCA's; tensor parallel
+    (each rank's own int8 pool, the cache dtype sent to the worker) gives one process's."""
+    import copy
+
+    _, _, ours = models
+    base = dict(kv_cache_dtype="int8", block_size=4, max_num_batched_tokens=32, max_num_seqs=4, kv_cache_memory="4MiB")
+    loop = [3, 1, 4, 1, 5, 9, 2, 6] * 4  # repetitive: the n-gram proposer finds matches
+    prompts = [loop, random_prompts(1, 30, 30, seed=5)[0]]
+    plain = token_ids(run_engine(LLMEngine(ours, None, **base), prompts, greedy(16)))
+    spec = LLMEngine(ours, None, speculative_config={"method": "ngram", "num_speculative_tokens": 3}, **base)
+    assert token_ids(run_engine(spec, prompts, greedy(16))) == plain
+    assert spec.spec.num_accepted_tokens > 0  # drafts were verified and some kept
+
+    dca = copy.deepcopy(ours)
+    fp32_dca = token_ids(run_engine(LLMEngine(dca, None, dual_chunk_attention="chunk_size=16,local_size=4",
+                                              **(base | {"kv_cache_dtype": "auto"})), prompts, greedy(8)))  # fmt: skip
+    int8_engine = LLMEngine(dca, None, dual_chunk_attention="chunk_size=16,local_size=4", **base)
+    assert int8_engine.kv_cache.quantized
+    assert token_ids(run_engine(int8_engine, prompts, greedy(8))) == fp32_dca
+
+    llm = LLM(copy.deepcopy(ours), tensor_parallel_size=2, **base)
+    try:
+        got = llm.generate([{"prompt_token_ids": p} for p in prompts], greedy(16), use_tqdm=False)
+    finally:
+        llm.llm_engine.shutdown()
+    assert [o.outputs[0].token_ids for o in got] == plain
+
+
 def test_cli_and_server_flags(tiny_hf_dir, capsys):
     from fastapi.testclient import TestClient
 
@@ -294,3 +325,23 @@ def test_perplexity_through_the_int8_cache(models):
     int8 = perplexity(ours, ids, n_ctx=300, kv_cache_dtype="int8")
     assert fp32.ppl == pytest.approx(plain.ppl, rel=1e-5)
     assert int8.ppl != fp32.ppl and math.isclose(int8.ppl, fp32.ppl, rel_tol=0.05)
+
+
+@pytest.mark.slow
+def test_real_05b_perplexity_within_one_percent(gguf_05b_path):
+    """Real 0.5B (fp32 weights: only the cache differs), stdlib argparse.py, one window of 1024
+    tokens through the paged cache in 512-token chunks: int8 K/V within 1 % of the fp32 cache."""
+    import argparse as argparse_module
+    from pathlib import Path
+
+    from qwenkit.eval.perplexity import llama_tokenize, sliding_perplexity
+    from qwenkit.loaders.load import load
+
+    torch.set_num_threads(2)
+    lm = load(str(gguf_05b_path), progress=False, quantization="none")
+    ids = llama_tokenize(lm.tokenizer, Path(argparse_module.__file__).read_text())[:1024]
+    fp32 = sliding_perplexity(lm.model, ids, n_ctx=1024, stride=512, kv_cache_dtype="auto")
+    int8 = sliding_perplexity(lm.model, ids, n_ctx=1024, stride=512, kv_cache_dtype="int8")
+    assert fp32.n_chunks == int8.n_chunks == 1 and fp32.n_scored == 1023
+    assert int8.ppl != fp32.ppl  # the int8 cache is really in use
+    assert abs(int8.ppl / fp32.ppl - 1) <= 0.01, (int8.ppl, fp32.ppl)

@@ -173,7 +173,7 @@ def _engine_options(p: argparse.ArgumentParser) -> None:
     from qwenkit.engine.llm_engine import add_streaming_args
 
     add_streaming_args(g)
-    add_kv_cache_dtype_arg(g)
+    add_kv_cache_dtype_arg(g, default=None)  # None: the engine's default (auto)
     g.add_argument("--engine-arg", action="append", default=[], metavar="KEY=VALUE",
                    help="any other qwenkit.LLM / engine argument (VALUE parsed as JSON when it is JSON); repeatable")  # fmt: skip
 

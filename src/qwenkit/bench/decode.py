@@ -333,7 +333,7 @@ def run_worker(engine: str, args: argparse.Namespace, token_ids: list[int]) -> E
             spt = _median_time(lambda: eng.decode_batch(prompts, args.batch_steps), max(1, args.repeats - 1))
             res.batch_tps[str(b)] = b / spt
     if args.mode in ("prefill", "all"):
-        eng.prefill(token_ids[: min(args.prefill)])  # warm-up
+        eng.prefill(token_ids[: min(*args.prefill, 512)])  # warm-up (not a whole 16K prompt)
         for n in sorted(args.prefill):
             if engine == "transformers" and n > TRANSFORMERS_MAX_PREFILL:
                 continue

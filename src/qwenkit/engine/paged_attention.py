@@ -15,6 +15,10 @@ those results can differ in the last bits with chunking and batching. All the in
 tensors are built once per step (and per distinct window), never per layer or per sequence in
 Python.
 
+An int8 cache (`kv_cache_dtype="int8"`) is written through `KVCache.write` (codes + one scale
+per token and KV head); the C kernel reads the codes in place, the SDPA path dequantizes the
+blocks it gathers (`KVCache.gather`), and so does dual chunk attention.
+
 Visibility (HF semantics): key j is visible to query i iff j <= i and, for a layer with window W,
 i - j < W. In streaming mode (StreamingLLM) the first `num_sink_tokens` positions stay visible as
 well. Departure from the paper: positions are absolute, not re-numbered inside the cache; RoPE

@@ -25,6 +25,7 @@ from qwenkit.engine.llm import LLM
 from qwenkit.engine.llm_engine import LLMEngine
 from qwenkit.engine.paged_attention import single_sequence_metadata
 from qwenkit.quant import quantize_model
+from qwenkit.sampling_params import SamplingParams
 from tests.engine_helpers import greedy, random_prompts, run_engine, token_ids
 from tests.tiny import make_hf_and_ours, tiny_hf_config
 
@@ -244,7 +245,8 @@ def test_streaming_window_and_preemption_with_int8(models):
 def test_speculative_dca_and_tensor_parallel_with_int8(models):
     """The other engine modes on an int8 cache: n-gram speculative decoding (verification rows
     and the KV trim of rejected tokens) gives the plain int8 engine's greedy tokens; dual chunk
-    attention (unrotated keys, quantized as stored) gives fp32-cache DCA's; tensor parallel
+    attention (unrotated keys, quantized as stored) gives fp32-cache DCA's, per-request YaRN
+    (factors 1 and 4 in one batch) the fp32 cache's; tensor parallel
     (each rank's own int8 pool, the cache dtype sent to the worker) gives one process's."""
     import copy
 
@@ -263,6 +265,20 @@ def test_speculative_dca_and_tensor_parallel_with_int8(models):
     int8_engine = LLMEngine(dca, None, dual_chunk_attention="chunk_size=16,local_size=4", **base)
     assert int8_engine.kv_cache.quantized
     assert token_ids(run_engine(int8_engine, prompts, greedy(8))) == fp32_dca
+
+    rope = {"rope_type": "yarn", "factor": 4, "original_max_position_embeddings": 16}
+    short_long = [prompts[0][:5], prompts[0]]  # per request: factor 1 and factor 4 in one batch
+    params = SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=0)
+
+    def prompt_lps(**kw) -> list[list[float]]:
+        outs = LLM(copy.deepcopy(ours), **(base | kw)).generate(short_long, params, use_tqdm=False)
+        return [[next(iter(d.values())).logprob for d in o.prompt_logprobs[1:]] for o in outs]
+
+    per_request = prompt_lps(rope_scaling=rope | {"dynamic": True})
+    no_scaling, static4 = prompt_lps(), prompt_lps(rope_scaling=rope)
+    assert per_request[0] == no_scaling[0]  # factor 1: plain RoPE, bit for bit, on the int8 cache too
+    assert per_request[1] == pytest.approx(static4[1], abs=1e-5)  # factor 4: static YaRN's
+    assert static4[1] != pytest.approx(no_scaling[1], abs=1e-3)
 
     llm = LLM(copy.deepcopy(ours), tensor_parallel_size=2, **base)
     try:

@@ -10,11 +10,19 @@ Measured per engine (median of `repeats` runs):
   ``logits_to_keep=1``, as its `generate` does);
 - ``decode`` tok/s: greedy, one sequence, `decode_tokens` new tokens after a 64-token prompt,
   counted from the first generated token to the last;
-- peak RSS (``ru_maxrss``, load included) and steady RSS after the runs.
+- peak RSS (``ru_maxrss``, load included) and steady RSS after the runs, and the peak RSS
+  reached by the end of each prefill length (``prefill_peak_rss_mb``: it only grows, so the
+  step from one length to the next is what that prompt needed).
+
+Long prompts (``--prefill 8192,16384``): qwenkit prefills in chunks of
+``--max-num-batched-tokens`` (default 2048) through its paged cache, whose attention kernel
+never builds a T x T score matrix; llama.cpp in its ``n_batch`` 512 chunks. transformers (eager
+attention: a T x T score matrix per head) skips prompts over 4096 tokens.
 
 Engines:
 - ``qwenkit``: `qwenkit.loaders.load.load(..., quantization=Q)` and the serving engine
-  (`LLMEngine`: paged KV cache, scheduler, sampler), as a user gets it.
+  (`LLMEngine`: paged KV cache, scheduler, sampler), as a user gets it; ``--kv-cache-dtype int8``
+  stores its KV cache in int8.
 - ``llama.cpp``: `llama_cpp.Llama` (PyPI `llama-cpp-python`, built from source at install:
   `pip install 'qwenkit[bench]'`; a first build takes ~20-30 min on this 2-core machine).
 - ``transformers``: `AutoModelForCausalLM.from_pretrained(dir, gguf_file=...)` (the GGUF
@@ -52,6 +60,8 @@ DEFAULT_PREFILL = (128, 512, 2048)
 DECODE_PROMPT = 64
 BATCH_PROMPT = 32  # prompt tokens per sequence in the batched decode
 DEFAULT_BATCH = (1, 4, 16, 64)
+DEFAULT_PREFILL_CHUNK = 2048  # qwenkit's max_num_batched_tokens for the single-stream runs
+TRANSFORMERS_MAX_PREFILL = 4096  # eager attention's (T, T) scores per head: 16K would need ~14 GB
 
 
 @dataclass
@@ -67,6 +77,7 @@ class EngineResult:
     decode_tokens: int = 0
     batch_tps: dict[str, float] = field(default_factory=dict)  # B -> aggregate decode tok/s
     peak_rss_mb: float = 0.0
+    prefill_peak_rss_mb: dict[str, float] = field(default_factory=dict)  # n -> peak RSS after prefill@n
     rss_mb: float = 0.0
     loadavg_before: float = 0.0
     loadavg_after: float = 0.0
@@ -87,6 +98,8 @@ def best_of(rounds: Sequence[EngineResult]) -> EngineResult:
         best.prefill_tps[n] = max(r.prefill_tps.get(n, 0.0) for r in ok)
         best.ttft_s[n] = min(r.ttft_s.get(n, float("inf")) for r in ok)
     best.peak_rss_mb = max(r.peak_rss_mb for r in ok)
+    for n in ok[0].prefill_peak_rss_mb:
+        best.prefill_peak_rss_mb[n] = max(r.prefill_peak_rss_mb.get(n, 0.0) for r in ok)
     best.loadavg_before = ok[0].loadavg_before
     best.loadavg_after = ok[-1].loadavg_after
     best.rounds = [asdict(r) for r in rounds] if len(rounds) > 1 else []
@@ -100,15 +113,21 @@ def _median_time(fn: Callable[[], float], repeats: int) -> float:
 # ------------------------------------------------------------------------------------ engines
 class QwenkitEngine:
     """qwenkit's serving engine (`LLMEngine`, paged KV cache), one request at a time for the
-    single-stream figures; prefill in one chunk (`max_num_batched_tokens` = the longest prompt),
+    single-stream figures; prefill in chunks of `chunk` tokens (a prompt up to that long in one),
     without prefix caching (the bench repeats its prompts)."""
 
-    def __init__(self, model: str, quantization: str, max_len: int) -> None:
+    def __init__(
+        self, model: str, quantization: str, max_len: int, kv_cache_dtype: str = "auto",
+        chunk: int = DEFAULT_PREFILL_CHUNK,
+    ) -> None:
         self.lm = load(model, quantization=quantization, progress=False)
+        self.kv_cache_dtype = kv_cache_dtype
         # no prefix caching: every timed prefill computes its whole prompt
         self.engine = LLMEngine(self.lm.model, self.lm.tokenizer, max_num_seqs=1, max_model_len=max_len,
-                                max_num_batched_tokens=max_len, enable_prefix_caching=False)  # fmt: skip
-        self.config = {"quantization": quantization,
+                                max_num_batched_tokens=min(max_len, chunk), enable_prefix_caching=False,
+                                kv_cache_dtype=kv_cache_dtype)  # fmt: skip
+        self.config = {"quantization": quantization, "kv_cache_dtype": kv_cache_dtype,
+                       "max_num_batched_tokens": min(max_len, chunk),
                        "spec": getattr(getattr(self.lm.model, "quant_policy", None), "spec", "fp32")}  # fmt: skip
 
     def _run(self, ids: list[int], n: int) -> tuple[float, float]:
@@ -135,7 +154,7 @@ class QwenkitEngine:
         prefill."""
         b = len(prompts)
         engine = LLMEngine(self.lm.model, self.lm.tokenizer, max_num_seqs=b,
-                           max_model_len=max(map(len, prompts)) + n + 8)  # fmt: skip
+                           max_model_len=max(map(len, prompts)) + n + 8, kv_cache_dtype=self.kv_cache_dtype)  # fmt: skip
         params = SamplingParams(temperature=0.0, max_tokens=n + 2, ignore_eos=True)
         for i, p in enumerate(prompts):
             engine.add_request(f"b{i}", p, params)
@@ -292,7 +311,8 @@ def run_worker(engine: str, args: argparse.Namespace, token_ids: list[int]) -> E
     t0 = time.perf_counter()
     max_len = max([*args.prefill, DECODE_PROMPT + args.decode_tokens, BATCH_PROMPT + args.batch_steps]) + 16
     if engine == "qwenkit":
-        eng: Any = QwenkitEngine(args.model, args.quantization, max_len)
+        eng: Any = QwenkitEngine(args.model, args.quantization, max_len, args.kv_cache_dtype,
+                                 args.max_num_batched_tokens)  # fmt: skip
     elif engine == "llama.cpp":
         eng = LlamaCppEngine(args.model, args.threads, max_len)
     elif engine == "transformers":
@@ -313,11 +333,14 @@ def run_worker(engine: str, args: argparse.Namespace, token_ids: list[int]) -> E
             spt = _median_time(lambda: eng.decode_batch(prompts, args.batch_steps), max(1, args.repeats - 1))
             res.batch_tps[str(b)] = b / spt
     if args.mode in ("prefill", "all"):
-        eng.prefill(token_ids[: min(args.prefill)])  # warm-up
-        for n in args.prefill:
+        eng.prefill(token_ids[: min(*args.prefill, 512)])  # warm-up (not a whole 16K prompt)
+        for n in sorted(args.prefill):
+            if engine == "transformers" and n > TRANSFORMERS_MAX_PREFILL:
+                continue
             reps = args.repeats if n <= 512 else max(1, args.repeats - 1)
             t = _median_time(lambda: eng.prefill(token_ids[:n]), reps)
             res.prefill_tps[str(n)], res.ttft_s[str(n)] = n / t, t
+            res.prefill_peak_rss_mb[str(n)] = peak_resident_bytes() / 1e6
     res.peak_rss_mb, res.rss_mb = peak_resident_bytes() / 1e6, resident_bytes() / 1e6
     res.loadavg_after = os.getloadavg()[0]
     return res
@@ -346,7 +369,8 @@ def _forward_args(args: argparse.Namespace) -> list[str]:
     out = [args.model, "--threads", str(args.threads), "--repeats", str(args.repeats),
            "--decode-tokens", str(args.decode_tokens), "--prefill", ",".join(map(str, args.prefill)),
            "--quantization", args.quantization, "--mode", args.mode,
-           "--batch", ",".join(map(str, args.batch)), "--batch-steps", str(args.batch_steps)]  # fmt: skip
+           "--batch", ",".join(map(str, args.batch)), "--batch-steps", str(args.batch_steps),
+           "--kv-cache-dtype", args.kv_cache_dtype, "--max-num-batched-tokens", str(args.max_num_batched_tokens)]  # fmt: skip
     return out
 
 
@@ -386,6 +410,14 @@ def format_report(results: Sequence[EngineResult]) -> str:
                 a, b = val(ours, c), val(other, c)
                 ratios.append(f"{a / b:.2f}×" if a and b else "–")
             lines.append(f"| qwenkit / {other.engine} | " + " | ".join(ratios) + " | | | |")
+    rss = [r for r in results if r.prefill_peak_rss_mb and not r.error]
+    if rss:
+        lens = sorted({int(n) for r in rss for n in r.prefill_peak_rss_mb})
+        lines += ["", "| engine | " + " | ".join(f"peak RSS MB after prefill@{n}" for n in lens) + " |",
+                  "|---|" + "---|" * len(lens)]  # fmt: skip
+        for r in rss:
+            cells = [f"{r.prefill_peak_rss_mb[str(n)]:.0f}" if str(n) in r.prefill_peak_rss_mb else "–" for n in lens]
+            lines.append(f"| {r.engine} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -423,6 +455,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="batch sizes for the aggregate decode (modes batch and all; '' = none)")  # fmt: skip
     p.add_argument("--batch-steps", type=int, default=24, help="timed decode steps per batch size")
     p.add_argument("--quantization", "-q", default="auto", help=f"{', '.join(method_names())} or a policy spec")
+    p.add_argument("--max-num-batched-tokens", type=int, default=DEFAULT_PREFILL_CHUNK,
+                   help="qwenkit's prefill chunk (tokens per engine step) for long prompts")  # fmt: skip
+    from qwenkit.engine.kv_cache import add_kv_cache_dtype_arg
+
+    add_kv_cache_dtype_arg(p)
     p.add_argument("--json", default=None, help="write all results here")
 
 

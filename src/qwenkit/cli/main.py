@@ -87,8 +87,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--block-size", type=int, default=None)
     g.add_argument("--max-num-seqs", type=int, default=None, help="sequences per engine step")
     g.add_argument("--max-num-batched-tokens", type=int, default=None, help="tokens per engine step (prefill chunk)")
+    from qwenkit.engine.kv_cache import add_kv_cache_dtype_arg
     from qwenkit.engine.llm_engine import add_streaming_args
 
+    add_kv_cache_dtype_arg(g)
     add_streaming_args(g)
     g.add_argument("--threads", type=int, default=None)
     g.add_argument("--quantization", "-q", default="auto",
@@ -115,6 +117,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     out = {
         "max_model_len": args.max_model_len,
         "kv_cache_memory": args.kv_cache_memory,
+        "kv_cache_dtype": getattr(args, "kv_cache_dtype", None),
         "block_size": args.block_size,
         "max_num_seqs": args.max_num_seqs,
         "max_num_batched_tokens": args.max_num_batched_tokens,

@@ -89,11 +89,14 @@ class DecodeKV:
     """What the attention backend hands the fused step: one row per sequence, each with one
     new token whose query sees every cached key of its sequence (the new one included)."""
 
-    k_cache: Sequence[torch.Tensor]  # per layer (blocks, block_size, Hkv, D) fp32, contiguous
+    k_cache: Sequence[torch.Tensor]  # per layer (blocks, block_size, Hkv, D) fp32 or int8, contiguous
     v_cache: Sequence[torch.Tensor]
     slots: torch.Tensor  # (M,) int64: block * block_size + offset of each row's new key
     block_tables: torch.Tensor  # (M, max_blocks) int64, contiguous
     context_lens: torch.Tensor  # (M,) int64: cached keys after this step
+    # int8 pools: per layer (blocks, block_size, Hkv) fp32 scales, contiguous; None for fp32
+    k_scale: Sequence[torch.Tensor] | None = None
+    v_scale: Sequence[torch.Tensor] | None = None
 
 
 @functools.lru_cache(maxsize=1)
@@ -101,7 +104,7 @@ def _lib() -> ctypes.CDLL | None:
     lib = build.lib()
     if lib is None:
         return None
-    lib.qk_decode_layers.argtypes = [ctypes.POINTER(_Model), _P, _I, _P, _P, _P, _P, _P, _P, _I, _P, _I, _P]
+    lib.qk_decode_layers.argtypes = [ctypes.POINTER(_Model), _P, _I, _P, _P, _P, _P, _P, _P, _P, _P, _I, _P, _I, _P]
     lib.qk_decode_layers.restype = None
     lib.qk_decode_scratch_floats.argtypes = [ctypes.POINTER(_Model), _I]
     lib.qk_decode_scratch_floats.restype = _I
@@ -255,9 +258,13 @@ def run(
     n_layers = plan.model.n_layers
     k_ptrs = (ctypes.c_void_p * n_layers)(*(t.data_ptr() for t in kv.k_cache))
     v_ptrs = (ctypes.c_void_p * n_layers)(*(t.data_ptr() for t in kv.v_cache))
+    ks_ptrs = vs_ptrs = None
+    if kv.k_scale is not None and kv.v_scale is not None:
+        ks_ptrs = (ctypes.c_void_p * n_layers)(*(t.data_ptr() for t in kv.k_scale))
+        vs_ptrs = (ctypes.c_void_p * n_layers)(*(t.data_ptr() for t in kv.v_scale))
     tables, ctx, slots = kv.block_tables, kv.context_lens, kv.slots
     lib.qk_decode_layers(
-        ctypes.byref(plan.model), x.data_ptr(), rows, cos.data_ptr(), sin.data_ptr(), k_ptrs, v_ptrs,
+        ctypes.byref(plan.model), x.data_ptr(), rows, cos.data_ptr(), sin.data_ptr(), k_ptrs, v_ptrs, ks_ptrs, vs_ptrs,
         slots.data_ptr(), tables.data_ptr(), tables.shape[1], ctx.data_ptr(), kv.k_cache[0].shape[1],
         plan.scratch.data_ptr(),
     )  # fmt: skip
@@ -265,9 +272,10 @@ def run(
 
 
 def decode_kv_ok(k_cache: Sequence[torch.Tensor]) -> bool:
-    """Whether a cache's per-layer pools have the layout the fused step reads."""
+    """Whether a cache's per-layer pools have the layout the fused step reads (fp32, or int8
+    with its scales)."""
     t = k_cache[0]
-    return t.dtype == torch.float32 and t.is_cpu and t.is_contiguous()
+    return t.dtype in (torch.float32, torch.int8) and t.is_cpu and t.is_contiguous()
 
 
 class FusedQwen2Model(Qwen2Model):

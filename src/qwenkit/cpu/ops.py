@@ -13,6 +13,7 @@ These ops (`csrc/ops_avx2.c`) do the same math in one pass:
 * `paged_attention` — the same kernel for every query row of a step (prefill chunks and
   decodes): causal, each row over exactly its keys 0..position, so a row's result does not
   depend on chunking, prefix-cache hits or the batch (bit-identical to a decode row).
+  Both also read int8 pools (`kv_cache_dtype="int8"`) with their per token-and-head scales.
 
 `enabled(*tensors)` says when the fused modules (`modules.py`) may call them: CPU fp32 tensors, the library built, no
 autograd graph to record (training keeps the torch expressions), and not under `torch.compile`
@@ -41,8 +42,8 @@ def _lib() -> ctypes.CDLL | None:
     lib.qk_rms_norm.argtypes = [_P, _P, _P, _I, _I, _F]
     lib.qk_silu_mul.argtypes = [_P, _P, _I, _I]
     lib.qk_rope.argtypes = [_P, _I, _I, _I, _I, _P, _P]
-    lib.qk_attn_decode.argtypes = [_P, _I, _P, _P, _P, _I, _P, _I, _I, _P, _I, _I, _I, _I, _F]
-    lib.qk_attn_paged.argtypes = [_P, _I, _P, _P, _P, _I, _P, _P, _I, _I, _P, _I, _I, _I, _I, _F]
+    lib.qk_attn_decode.argtypes = [_P, _I, _P, _P, _P, _P, _P, _I, _P, _I, _I, _P, _I, _I, _I, _I, _F]
+    lib.qk_attn_paged.argtypes = [_P, _I, _P, _P, _P, _P, _P, _I, _P, _P, _I, _I, _P, _I, _I, _I, _I, _F]
     for f in (lib.qk_rms_norm, lib.qk_silu_mul, lib.qk_rope, lib.qk_attn_decode, lib.qk_attn_paged):
         f.restype = None
     return lib
@@ -108,12 +109,26 @@ def _rows_uniform(x: torch.Tensor) -> bool:
     return True
 
 
-def _attn_layout_ok(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, *index: torch.Tensor) -> bool:
+def _attn_layout_ok(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k_scale: torch.Tensor | None,
+    v_scale: torch.Tensor | None, *index: torch.Tensor,
+) -> bool:
     """The attention kernels' layouts: head_dim compiled in, whole GQA groups, q rows of
-    contiguous heads, contiguous pools, int64 tables / lengths."""
+    contiguous heads, contiguous pools (fp32, or int8 with contiguous fp32 scales (blocks,
+    block_size, Hkv)), int64 tables / lengths."""
     _, hq, d = q.shape
+    if k_scale is None:
+        pools_ok = k_cache.dtype == v_cache.dtype == torch.float32 and v_scale is None
+    else:
+        pools_ok = (
+            k_cache.dtype == v_cache.dtype == torch.int8
+            and v_scale is not None
+            and all(s.dtype == torch.float32 and s.is_contiguous() and s.shape == k_cache.shape[:3]
+                    for s in (k_scale, v_scale))
+        )  # fmt: skip
     return (
-        d in ATTN_HEAD_DIMS
+        pools_ok
+        and d in ATTN_HEAD_DIMS
         and hq % k_cache.shape[2] == 0
         and q.stride(2) == 1
         and q.stride(1) == d
@@ -131,22 +146,25 @@ def decode_attention(
     context_lens: torch.Tensor,
     *,
     scale: float,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor | None:
-    """q (S, Hq, D): one query per sequence; k_cache / v_cache (blocks, block_size, Hkv, D);
+    """q (S, Hq, D): one query per sequence; k_cache / v_cache (blocks, block_size, Hkv, D), fp32
+    or int8 with k_scale / v_scale (blocks, block_size, Hkv) fp32;
     block_tables (S, max_blocks) int64; context_lens (S,) int64: sequence s attends to its
     first context_lens[s] cached positions, all visible. -> (S, Hq, D), or None when the layouts
     do not fit (the caller then uses torch)."""
     s, hq, d = q.shape
     hkv = k_cache.shape[2]
-    if not _attn_layout_ok(q, k_cache, v_cache, block_tables, context_lens):
+    if not _attn_layout_ok(q, k_cache, v_cache, k_scale, v_scale, block_tables, context_lens):
         return None
     tables = block_tables.contiguous()
     ctx = context_lens.contiguous()
     out = q.new_empty(s, hq, d)
     bs = k_cache.shape[1]
     _lib().qk_attn_decode(
-        q.data_ptr(), q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(), tables.data_ptr(),
-        tables.shape[1], ctx.data_ptr(), bs * hkv * d, bs, out.data_ptr(), s, hq, hkv, d, scale,
+        q.data_ptr(), q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(), _ptr(k_scale), _ptr(v_scale),
+        tables.data_ptr(), tables.shape[1], ctx.data_ptr(), bs * hkv * d, bs, out.data_ptr(), s, hq, hkv, d, scale,
     )  # fmt: skip
     return out
 
@@ -160,17 +178,20 @@ def paged_attention(
     query_lens: torch.Tensor,
     *,
     scale: float,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor | None:
     """Causal attention of a step's query rows over the paged cache (their keys written already).
 
     q (N, Hq, D): the rows of S sequences in order, query_lens[s] (int64, sum N) each; sequence
     s's row i sits at position context_lens[s] - query_lens[s] + i and sees keys 0..that
-    position; k_cache / v_cache (blocks, block_size, Hkv, D); block_tables (S, max_blocks)
+    position; k_cache / v_cache (blocks, block_size, Hkv, D), fp32 or int8 with k_scale / v_scale
+    (blocks, block_size, Hkv) fp32 (folded into the dot products and softmax weights); block_tables (S, max_blocks)
     int64. -> (N, Hq, D), or None when the layouts do not fit (the caller then uses torch).
     Each (row, head) runs the same arithmetic as `decode_attention` at that position."""
     n, hq, d = q.shape
     hkv = k_cache.shape[2]
-    if not _attn_layout_ok(q, k_cache, v_cache, block_tables, context_lens, query_lens):
+    if not _attn_layout_ok(q, k_cache, v_cache, k_scale, v_scale, block_tables, context_lens, query_lens):
         return None
     tables = block_tables.contiguous()
     ctx = context_lens.contiguous()
@@ -178,8 +199,12 @@ def paged_attention(
     out = q.new_empty(n, hq, d)
     bs = k_cache.shape[1]
     _lib().qk_attn_paged(
-        q.data_ptr(), q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(), tables.data_ptr(),
-        tables.shape[1], ctx.data_ptr(), qlen.data_ptr(), bs * hkv * d, bs, out.data_ptr(),
+        q.data_ptr(), q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(), _ptr(k_scale), _ptr(v_scale),
+        tables.data_ptr(), tables.shape[1], ctx.data_ptr(), qlen.data_ptr(), bs * hkv * d, bs, out.data_ptr(),
         ctx.numel(), hq, hkv, d, scale,
     )  # fmt: skip
     return out
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()

@@ -23,7 +23,7 @@ from torch import nn
 
 from qwenkit import cpu
 from qwenkit.engine.block_manager import BlockManager
-from qwenkit.engine.kv_cache import KVCache
+from qwenkit.engine.kv_cache import KVCache, check_kv_cache_dtype
 from qwenkit.engine.logits_processors import LogitsSpec
 from qwenkit.engine.model_runner import ModelRunner, PromptLogprobs
 from qwenkit.engine.multimodal import expand_images, image_list
@@ -70,6 +70,8 @@ class EngineConfig:
     max_num_batched_tokens: int | None = None
     enable_prefix_caching: bool = True
     kv_cache_memory: int | str | None = None
+    # "auto" (the model's dtype) or "int8" (per token-and-head scales; engine/kv_cache.py)
+    kv_cache_dtype: str = "auto"
     max_model_len: int | None = None
     streaming_window: int | None = None
     num_sink_tokens: int = 4
@@ -102,6 +104,7 @@ class EngineConfig:
             raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
         if self.streaming_window is not None and self.streaming_window < 1:
             raise ValueError(f"streaming_window must be >= 1, got {self.streaming_window}")
+        check_kv_cache_dtype(self.kv_cache_dtype)
         if self.num_sink_tokens < 0:
             raise ValueError(f"num_sink_tokens must be >= 0, got {self.num_sink_tokens}")
         if self.speculative_config is not None and self.streaming_window is not None:
@@ -229,7 +232,7 @@ class LLMEngine:
             mc, cfg.block_size, cfg.kv_cache_memory, self.dtype, self.device,
             max_useful_tokens=cfg.max_num_seqs * (self.max_model_len + cfg.block_size),
             num_kv_heads=self.parallel.num_kv_heads if self.parallel else None,
-            num_layers=self.parallel.num_layers if self.parallel else None,
+            num_layers=self.parallel.num_layers if self.parallel else None, kv_cache_dtype=cfg.kv_cache_dtype,
         )  # fmt: skip
         capacity = self.kv_cache.num_slots
         self.streaming = cfg.streaming_window is not None

@@ -15,6 +15,10 @@ those results can differ in the last bits with chunking and batching. All the in
 tensors are built once per step (and per distinct window), never per layer or per sequence in
 Python.
 
+An int8 cache (`kv_cache_dtype="int8"`) is written through `KVCache.write` (codes + one scale
+per token and KV head); the C kernel reads the codes in place, the SDPA path dequantizes the
+blocks it gathers (`KVCache.gather`), and so does dual chunk attention.
+
 Visibility (HF semantics): key j is visible to query i iff j <= i and, for a layer with window W,
 i - j < W. In streaming mode (StreamingLLM) the first `num_sink_tokens` positions stay visible as
 well. Departure from the paper: positions are absolute, not re-numbered inside the cache; RoPE
@@ -165,7 +169,8 @@ class PagedAttentionMetadata:
         kv = self.kv_cache
         if not g.all_visible(window) or not decode_kv_ok(kv.k_cache) or self.slot_mapping.device.type != "cpu":
             return None
-        return DecodeKV(kv.k_cache, kv.v_cache, self.slot_mapping.contiguous(), g.block_tables.contiguous(), g.context_lens.contiguous())
+        return DecodeKV(kv.k_cache, kv.v_cache, self.slot_mapping.contiguous(), g.block_tables.contiguous(),
+                        g.context_lens.contiguous(), kv.k_scale, kv.v_scale)  # fmt: skip
 
     def attend(
         self,
@@ -179,16 +184,13 @@ class PagedAttentionMetadata:
     ) -> torch.Tensor:
         assert q.shape[0] == 1, "the engine runs a flat token stream (B=1)"
         q, k, v = q[0], k[0], v[0]  # (N, H, D)
-        kv = self.kv_cache
-        kv.k_slots[layer_idx].index_copy_(0, self.slot_mapping, k.to(kv.dtype))  # (N, Hkv, D)
-        kv.v_slots[layer_idx].index_copy_(0, self.slot_mapping, v.to(kv.dtype))
-        k_pool, v_pool = kv.k_cache[layer_idx], kv.v_cache[layer_idx]  # (blocks, bs, Hkv, D)
+        self.kv_cache.write(layer_idx, self.slot_mapping, k, v)  # (N, Hkv, D)
 
         window, sinks = sliding_window, False
         if self.streaming_window is not None:
             window = min(window or self.streaming_window, self.streaming_window)
             sinks = True
-        outs = [self._attend_group(g, q, k_pool, v_pool, scale, window, sinks) for g in self.groups]
+        outs = [self._attend_group(g, q, self.kv_cache, layer_idx, scale, window, sinks) for g in self.groups]
         out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)  # (N, Hq, D)
         return out.unsqueeze(0)
 
@@ -209,17 +211,15 @@ class PagedAttentionMetadata:
         assert q.shape[0] == 1, "the engine runs a flat token stream (B=1)"
         q, k, v = q[0], k[0], v[0]  # (N, H, D)
         kv = self.kv_cache
-        kv.k_slots[layer_idx].index_copy_(0, self.slot_mapping, k.to(kv.dtype))
-        kv.v_slots[layer_idx].index_copy_(0, self.slot_mapping, v.to(kv.dtype))
-        k_pool, v_pool = kv.k_cache[layer_idx], kv.v_cache[layer_idx]  # (blocks, bs, Hkv, D)
+        kv.write(layer_idx, self.slot_mapping, k, v)
         out = torch.empty_like(q)
         for g in self.groups:
             row = g.token_start
             for s in range(g.num_seqs):
                 n, ctx = int(g.query_lens[s]), int(g.context_lens[s])
-                blocks = g.block_tables[s, : -(-ctx // g.block_size)].to(k_pool.device)
-                ks = k_pool.index_select(0, blocks).flatten(0, 1)[:ctx]  # (ctx, Hkv, D)
-                vs = v_pool.index_select(0, blocks).flatten(0, 1)[:ctx]
+                blocks = g.block_tables[s, : -(-ctx // g.block_size)].to(q.device)
+                ks, vs = kv.gather(layer_idx, blocks)
+                ks, vs = ks.flatten(0, 1)[:ctx], vs.flatten(0, 1)[:ctx]  # (ctx, Hkv, D)
                 q_pos = torch.arange(ctx - n, ctx, device=q.device)
                 out[row : row + n] = dual_chunk_attention(q[row : row + n], ks, vs, q_pos, rope, scale=scale)
                 row += n
@@ -229,28 +229,32 @@ class PagedAttentionMetadata:
     def _attend_group(
         g: SequenceGroup,
         q: torch.Tensor,
-        k_pool: torch.Tensor,
-        v_pool: torch.Tensor,
+        kv: KVCache,
+        layer_idx: int,
         scale: float,
         window: int | None,
         sinks: bool,
     ) -> torch.Tensor:
         n_heads, head_dim = q.shape[1], q.shape[2]
-        if g.all_visible(window) and ops.enabled(q, k_pool):
+        k_pool, v_pool = kv.k_cache[layer_idx], kv.v_cache[layer_idx]  # (blocks, bs, Hkv, D)
+        if g.all_visible(window) and ops.enabled(q) and k_pool.is_cpu:
             # Every query sees all its keys: the C kernel reads the pool through the block
-            # tables in place (no gather copy, no mask), the same arithmetic for every row.
+            # tables in place (no gather copy, no mask), the same arithmetic for every row;
+            # an int8 pool's scales are folded into its dot products and softmax weights.
             out = ops.paged_attention(
                 q[g.token_start : g.token_start + g.num_tokens], k_pool, v_pool, g.block_tables,
                 g.context_lens, g.query_lens, scale=scale,
+                k_scale=kv.k_scale[layer_idx] if kv.quantized else None,
+                v_scale=kv.v_scale[layer_idx] if kv.quantized else None,
             )  # fmt: skip
             if out is not None:
                 return out
         view = g.key_view(window, sinks)
         n_kv = k_pool.shape[2]
         shape = (g.num_seqs, view.num_keys, n_kv, head_dim)
-        kg = k_pool.index_select(0, view.blocks).view(shape).transpose(1, 2)  # (S, Hkv, L, D)
-        vg = v_pool.index_select(0, view.blocks).view(shape).transpose(1, 2)
-        kg, vg = kg.to(q.dtype), vg.to(q.dtype)
+        kg, vg = kv.gather(layer_idx, view.blocks)  # dequantized when the pool is int8
+        kg = kg.view(shape).transpose(1, 2).to(q.dtype)  # (S, Hkv, L, D)
+        vg = vg.view(shape).transpose(1, 2).to(q.dtype)
         if g.tq == 1:
             # Decode: fold the query heads of each KV head into the query axis (GQA without
             # repeating K/V): (S, Hkv, Hq/Hkv, D); they all share the sequence's mask row.
@@ -263,3 +267,18 @@ class PagedAttentionMetadata:
         )  # (S, Hq, Tq, D)
         out = out.transpose(1, 2).reshape(g.num_seqs * g.tq, n_heads, head_dim)
         return out[g.out_index] if g.out_index is not None else out  # (tokens, Hq, D)
+
+
+def single_sequence_metadata(kv_cache: KVCache, start: int, n: int) -> PagedAttentionMetadata:
+    """Attention metadata for tokens start..start+n-1 of one sequence laid out in blocks 0, 1, 2, …
+    of `kv_cache` (no block manager): evaluation loops that run a text through the cache in
+    chunks (perplexity with an int8 cache) and tests."""
+    bs = kv_cache.block_size
+    num_blocks = -(-(start + n) // bs)
+    if num_blocks > kv_cache.num_blocks:
+        raise ValueError(f"{start + n} tokens need {num_blocks} blocks; the KV cache has {kv_cache.num_blocks}")
+    device = kv_cache.k_cache[0].device
+    group = SequenceGroup(
+        0, torch.tensor([n]), torch.tensor([start + n]), torch.arange(num_blocks)[None], bs, 0, device, kv_cache.dtype
+    )
+    return PagedAttentionMetadata(kv_cache, torch.arange(start, start + n, device=device), [group])

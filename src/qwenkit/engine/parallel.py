@@ -231,7 +231,7 @@ def _worker_loop(model: nn.Module, comm: _Comm, rank: int, world_size: int, pipe
     kv = KVCache(
         len(model.model.layers), setup["num_blocks"], setup["block_size"],
         local_kv_heads(mc, world_size) if not pipeline else mc.num_key_value_heads,
-        mc.head_dim, setup["dtype"], comm.device,
+        mc.head_dim, setup["dtype"], comm.device, setup["kv_cache_dtype"],
     )  # fmt: skip
     logger.info("tensor parallel worker %d ready (%d KV blocks)", rank, setup["num_blocks"])
     with torch.inference_mode():
@@ -360,6 +360,7 @@ class ModelParallel:
     def setup_workers(self, kv_cache: KVCache, streaming_window: int | None, num_sink_tokens: int) -> None:
         self._send({
             "num_blocks": kv_cache.num_blocks, "block_size": kv_cache.block_size, "dtype": kv_cache.dtype,
+            "kv_cache_dtype": kv_cache.kv_cache_dtype,
             "streaming_window": streaming_window, "num_sink_tokens": num_sink_tokens,
             "micro_batches": self.micro_batches,
         })  # fmt: skip

@@ -136,12 +136,13 @@ def cmd_ppl(args: argparse.Namespace) -> int:
 
     if args.stride is not None:
         logger.info("%d tokens; windows of %d every %d tokens", len(ids), args.ctx, args.stride)
-        res = sliding_perplexity(loaded.model, ids, n_ctx=args.ctx, stride=args.stride, on_chunk=on_chunk)
+        res = sliding_perplexity(loaded.model, ids, n_ctx=args.ctx, stride=args.stride, on_chunk=on_chunk,
+                                 kv_cache_dtype=args.kv_cache_dtype)  # fmt: skip
         convention = f"sliding windows of {args.ctx} every {args.stride} tokens, each token scored once"
     else:
         logger.info("%d tokens; %d windows of %d", len(ids), len(ids) // args.ctx, args.ctx)
         res = perplexity(loaded.model, ids, n_ctx=args.ctx, batch_size=args.batch_size, max_chunks=args.chunks,
-                         bos_token_id=bos, on_chunk=on_chunk)  # fmt: skip
+                         bos_token_id=bos, on_chunk=on_chunk, kv_cache_dtype=args.kv_cache_dtype)  # fmt: skip
         convention = "llama.cpp llama-perplexity (second half of each window)"
     print(f"\nFinal estimate: PPL = {res.ppl:.4f} +/- {res.ppl_stderr:.5f}")
     print(
@@ -154,6 +155,7 @@ def cmd_ppl(args: argparse.Namespace) -> int:
             "ppl": res.ppl, "ppl_stderr": res.ppl_stderr, "nll": res.nll, "n_chunks": res.n_chunks,
             "n_scored": res.n_scored, "running": res.running, "seconds": res.seconds,
             "tokens_per_second": res.tokens_per_second, "runtime": _runtime(loaded, args), "convention": convention,
+            "kv_cache_dtype": args.kv_cache_dtype,
         }  # fmt: skip
         print(f"results: {write_json(out, args.output)}")
     return 0
@@ -167,9 +169,11 @@ def _engine_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-num-seqs", type=int, default=None, help="concurrent sequences")
     g.add_argument("--max-num-batched-tokens", type=int, default=None, help="prefill chunk budget per step")
     g.add_argument("--block-size", type=int, default=None)
+    from qwenkit.engine.kv_cache import add_kv_cache_dtype_arg
     from qwenkit.engine.llm_engine import add_streaming_args
 
     add_streaming_args(g)
+    add_kv_cache_dtype_arg(g, default=None)  # None: the engine's default (auto)
     g.add_argument("--engine-arg", action="append", default=[], metavar="KEY=VALUE",
                    help="any other qwenkit.LLM / engine argument (VALUE parsed as JSON when it is JSON); repeatable")  # fmt: skip
 
@@ -178,7 +182,7 @@ def _engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     import json
 
     names = ("max_model_len", "kv_cache_memory", "max_num_seqs", "max_num_batched_tokens", "block_size",
-             "streaming_window", "num_sink_tokens")  # fmt: skip
+             "streaming_window", "num_sink_tokens", "kv_cache_dtype")  # fmt: skip
     out = {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
     for item in args.engine_arg:
         key, sep, raw = item.partition("=")
@@ -284,6 +288,10 @@ def add_eval_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--stride", type=int, default=None,
                    help="sliding windows of --ctx tokens every STRIDE (< ctx) tokens, each token scored once "
                         "(transformers' convention; for one long text) instead of llama-perplexity's")  # fmt: skip
+    from qwenkit.engine.kv_cache import add_kv_cache_dtype_arg
+
+    add_kv_cache_dtype_arg(p, default=None, extra_help="; given, each window runs in 512-token chunks through the "
+                           "engine's paged KV cache of that dtype (default: one forward per window, no cache)")
     p.set_defaults(func=cmd_ppl)
 
     p = sub.add_parser("passkey", help="passkey retrieval in garbage text at given lengths and depths")

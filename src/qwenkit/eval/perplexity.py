@@ -71,12 +71,36 @@ def llama_tokenize(tokenizer: Any, text: str) -> list[int]:
     return ids
 
 
-def _window_logits(model: Any, ids: torch.Tensor, first: int) -> torch.Tensor:
-    """(B, n_ctx) -> fp32 logits (B, n_ctx - 1 - first, V) at positions first … n_ctx - 2."""
+def _window_logits(
+    model: Any, ids: torch.Tensor, first: int, kv_cache_dtype: str | None = None, chunk_size: int = 512
+) -> torch.Tensor:
+    """(B, n_ctx) -> fp32 logits (B, n_ctx - 1 - first, V) at positions first … n_ctx - 2.
+    `kv_cache_dtype` ("auto" / "int8"): each window runs in chunks of `chunk_size` tokens through
+    the engine's paged KV cache in that dtype (attention reads K/V back from the cache, as in
+    serving), instead of one forward over the whole window."""
+    if kv_cache_dtype is not None:
+        return torch.stack([_cached_window_logits(model, row, first, kv_cache_dtype, chunk_size) for row in ids])
     if hasattr(model, "hidden_states") and hasattr(model, "compute_logits"):
         h = model.hidden_states(ids)  # (B, T, hidden)
         return model.compute_logits(h[:, first:-1]).float()  # lm_head on the scored half only
     return model(ids)[:, first:-1].float()
+
+
+def _cached_window_logits(model: Any, ids: torch.Tensor, first: int, kv_cache_dtype: str, chunk_size: int) -> torch.Tensor:
+    from qwenkit.engine.kv_cache import KVCache
+    from qwenkit.engine.paged_attention import single_sequence_metadata
+
+    cfg, param = model.config, next(model.parameters())
+    n, bs = ids.numel(), 16
+    kv = KVCache(cfg.num_hidden_layers, -(-n // bs), bs, cfg.num_key_value_heads, cfg.head_dim, param.dtype,
+                 param.device, kv_cache_dtype)  # fmt: skip
+    hidden = []
+    for s in range(0, n, chunk_size):
+        e = min(s + chunk_size, n)
+        md = single_sequence_metadata(kv, s, e - s)
+        hidden.append(model.hidden_states(ids[s:e], torch.arange(s, e, device=ids.device), md))
+    h = torch.cat(hidden, dim=0)  # (n, hidden)
+    return model.compute_logits(h[first:-1]).float()
 
 
 @torch.inference_mode()
@@ -88,9 +112,11 @@ def perplexity(
     max_chunks: int | None = None,
     bos_token_id: int | None = None,
     on_chunk: Callable[[int, float], None] | None = None,
+    kv_cache_dtype: str | None = None,
 ) -> PerplexityResult:
     """`bos_token_id`: replace each window's first token with BOS (llama.cpp does so when the
-    vocab adds BOS). `on_chunk(i, running_ppl)` is called after each window."""
+    vocab adds BOS). `on_chunk(i, running_ppl)` is called after each window. `kv_cache_dtype`:
+    run each window through a paged KV cache of that dtype ("auto", "int8"; see `_window_logits`)."""
     if n_ctx < 4:
         raise ValueError(f"n_ctx must be >= 4, got {n_ctx}")
     n_chunk = len(token_ids) // n_ctx
@@ -110,7 +136,7 @@ def perplexity(
         ids = windows[b : b + batch_size].clone()  # (B, n_ctx)
         if bos_token_id is not None:
             ids[:, 0] = bos_token_id
-        logprobs = torch.log_softmax(_window_logits(model, ids, first), dim=-1)  # (B, S, V)
+        logprobs = torch.log_softmax(_window_logits(model, ids, first, kv_cache_dtype), dim=-1)  # (B, S, V)
         targets = windows[b : b + batch_size, first + 1 :]  # (B, S)
         nll = -logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1).double()  # (B, S)
         for row in nll:
@@ -135,8 +161,10 @@ def sliding_perplexity(
     n_ctx: int,
     stride: int,
     on_chunk: Callable[[int, float], None] | None = None,
+    kv_cache_dtype: str | None = None,
 ) -> PerplexityResult:
-    """Strided sliding-window perplexity of one text (see the module docstring)."""
+    """Strided sliding-window perplexity of one text (see the module docstring); `kv_cache_dtype`
+    as in `perplexity`."""
     if n_ctx < 2:
         raise ValueError(f"n_ctx must be >= 2, got {n_ctx}")
     if not 1 <= stride < n_ctx:  # each window needs one token of context before its first target
@@ -159,7 +187,7 @@ def sliding_perplexity(
         ids = tokens[None, begin:end]  # (1, L)
         evaluated += end - begin
         first = prev_end - 1 - begin  # window index of the logit that predicts token prev_end
-        logits = _window_logits(model, ids, first)[0]  # (end - prev_end, V)
+        logits = _window_logits(model, ids, first, kv_cache_dtype)[0]  # (end - prev_end, V)
         logprobs = torch.log_softmax(logits, dim=-1)
         nll = -logprobs.gather(-1, tokens[prev_end:end, None]).squeeze(-1).double()
         nll_sum += float(nll.sum())

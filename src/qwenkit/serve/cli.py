@@ -47,11 +47,13 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
     g.add_argument("--block-size", type=int, default=16)
     g.add_argument("--kv-cache-memory", default=None, help="KV-cache budget, e.g. 2GiB (default: a share of free RAM)")
     g.add_argument("--no-enable-prefix-caching", dest="enable_prefix_caching", action="store_false")
+    from qwenkit.engine.kv_cache import add_kv_cache_dtype_arg
     from qwenkit.engine.llm_engine import add_streaming_args
     from qwenkit.engine.parallel import add_parallel_args
     from qwenkit.engine.spec_decode import add_speculative_args
     from qwenkit.model.dca import add_dual_chunk_arg
 
+    add_kv_cache_dtype_arg(g)
     add_streaming_args(g)
     add_speculative_args(p)
     add_parallel_args(g)
@@ -69,6 +71,7 @@ def settings_from_args(args: argparse.Namespace) -> Any:
     engine_args: dict[str, Any] = {
         "block_size": args.block_size,
         "enable_prefix_caching": args.enable_prefix_caching,
+        "kv_cache_dtype": args.kv_cache_dtype,
     }
     for name in ("tensor_parallel_size", "pipeline_parallel_size"):
         if getattr(args, name) > 1:

@@ -15,17 +15,21 @@
  * format; activations are quantized once per linear, by that kernel's own quantizer
  * (qk_quant_act_q8 / qk_quant_act_q4). One query per sequence,
  * every cached key visible; the KV cache is addressed through block tables (a contiguous cache
- * is one block per sequence), new keys go to `slots` (block * bs + offset).
+ * is one block per sequence), new keys go to `slots` (block * bs + offset). An int8 cache
+ * (k_scale / v_scale given) stores each new key / value head as int8 codes + one fp32 scale,
+ * rounded exactly as qwenkit.engine.kv_cache.quantize_kv, and attention reads the codes in place.
  */
+#include <math.h>
 #include <stdint.h>
 #include <string.h>
 
 void qk_rms_norm(const float *x, const float *w, float *y, int64_t M, int64_t H, float eps);
 void qk_silu_mul(const float *gu, float *y, int64_t M, int64_t I);
 void qk_rope(float *x, int64_t T, int64_t stride, int64_t H, int64_t D, const float *cos, const float *sin);
-void qk_attn_decode(const float *q, int64_t q_stride, const float *kbase, const float *vbase, const int64_t *tables,
-                    int64_t tstride, const int64_t *ctx, int64_t block_stride, int64_t bs, float *out, int64_t S,
-                    int64_t Hq, int64_t Hkv, int64_t D, float scale);
+void qk_attn_decode(const float *q, int64_t q_stride, const void *kbase, const void *vbase, const float *ksbase,
+                    const float *vsbase, const int64_t *tables, int64_t tstride, const int64_t *ctx,
+                    int64_t block_stride, int64_t bs, float *out, int64_t S, int64_t Hq, int64_t Hkv, int64_t D,
+                    float scale);
 void qk_quant_act_q8(const float *x, int8_t *xq, float *dx, float *xs, int64_t M, int64_t K);
 void qk_quant_act_q4(const float *x, int8_t *xq, float *dx, float *xs, int64_t M, int64_t K);
 void qk_gemm_q8(const int8_t *xq, const float *dx, const float *xs, const int8_t *q, const float *s, const float *bias,
@@ -71,6 +75,23 @@ static void linear(const qk_linear *l, const float *x, float *y, int64_t M, floa
     }
 }
 
+/* x (n heads of D) -> int8 codes + one scale per head: scale = absmax / 127 (1 when absmax is 0),
+ * code = round-half-even(x / scale) (nearbyintf in the default rounding mode), as torch.round. */
+static void quant_heads(const float *x, int8_t *codes, float *scales, int64_t n, int64_t D) {
+    for (int64_t h = 0; h < n; h++) {
+        const float *xh = x + h * D;
+        float amax = 0.0f;
+        for (int64_t d = 0; d < D; d++) amax = fmaxf(amax, fabsf(xh[d]));
+        float s = amax / 127.0f;
+        if (!(s > 0.0f)) s = 1.0f;
+        for (int64_t d = 0; d < D; d++) {
+            float c = nearbyintf(xh[d] / s);
+            codes[h * D + d] = (int8_t)(c > 127.0f ? 127.0f : (c < -127.0f ? -127.0f : c));
+        }
+        scales[h] = s;
+    }
+}
+
 static void add_(float *h, const float *t, int64_t n) {
     for (int64_t i = 0; i < n; i++) h[i] = h[i] + t[i];
 }
@@ -86,11 +107,13 @@ int64_t qk_decode_scratch_floats(const qk_model *m, int64_t M) {
 
 /* h (M, H): the residual stream in, the final-normed hidden states out (in place).
  * cos / sin (M, D): each row's rotary row. k_cache / v_cache: per layer, the base of that
- * layer's pool (blocks, bs, Hkv, D). slots (M,): where each row's new key goes.
+ * layer's pool (blocks, bs, Hkv, D), fp32, or int8 when k_scale / v_scale (per layer, the base
+ * of its (blocks, bs, Hkv) fp32 scales) are not NULL. slots (M,): where each row's new key goes.
  * tables (M, tstride), ctx (M,): block tables and context lengths (new key included). */
 void qk_decode_layers(const qk_model *m, float *h, int64_t M, const float *cos, const float *sin,
-                      float *const *k_cache, float *const *v_cache, const int64_t *slots, const int64_t *tables,
-                      int64_t tstride, const int64_t *ctx, int64_t bs, float *scratch) {
+                      void *const *k_cache, void *const *v_cache, float *const *k_scale, float *const *v_scale,
+                      const int64_t *slots, const int64_t *tables, int64_t tstride, const int64_t *ctx, int64_t bs,
+                      float *scratch) {
     const int64_t H = m->H, D = m->D, Hq = m->Hq, Hkv = m->Hkv, I = m->I;
     const int64_t W = (Hq + 2 * Hkv) * D, tok = Hkv * D, block_stride = bs * tok;
     float *xn = scratch, *qkv = xn + M * H, *attn = qkv + M * W, *gu = attn + M * Hq * D;
@@ -100,12 +123,19 @@ void qk_decode_layers(const qk_model *m, float *h, int64_t M, const float *cos, 
         qk_rms_norm(h, L->ln1, xn, M, H, m->eps);
         linear(&L->qkv, xn, qkv, M, qs);
         qk_rope(qkv, M, W, Hq + Hkv, D, cos, sin);
+        const float *ks = k_scale ? k_scale[li] : NULL, *vs = v_scale ? v_scale[li] : NULL;
         for (int64_t r = 0; r < M; r++) {
-            memcpy(k_cache[li] + slots[r] * tok, qkv + r * W + Hq * D, (size_t)tok * sizeof(float));
-            memcpy(v_cache[li] + slots[r] * tok, qkv + r * W + (Hq + Hkv) * D, (size_t)tok * sizeof(float));
+            const float *kr = qkv + r * W + Hq * D, *vr = qkv + r * W + (Hq + Hkv) * D;
+            if (ks) {
+                quant_heads(kr, (int8_t *)k_cache[li] + slots[r] * tok, k_scale[li] + slots[r] * Hkv, Hkv, D);
+                quant_heads(vr, (int8_t *)v_cache[li] + slots[r] * tok, v_scale[li] + slots[r] * Hkv, Hkv, D);
+            } else {
+                memcpy((float *)k_cache[li] + slots[r] * tok, kr, (size_t)tok * sizeof(float));
+                memcpy((float *)v_cache[li] + slots[r] * tok, vr, (size_t)tok * sizeof(float));
+            }
         }
-        qk_attn_decode(qkv, W, k_cache[li], v_cache[li], tables, tstride, ctx, block_stride, bs, attn, M, Hq, Hkv, D,
-                       m->scale);
+        qk_attn_decode(qkv, W, k_cache[li], v_cache[li], ks, vs, tables, tstride, ctx, block_stride, bs, attn, M, Hq,
+                       Hkv, D, m->scale);
         linear(&L->o, attn, tmp, M, qs);
         add_(h, tmp, M * H);
         qk_rms_norm(h, L->ln2, xn, M, H, m->eps);

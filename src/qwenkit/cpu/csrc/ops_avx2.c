@@ -98,7 +98,10 @@ void qk_rope(float *x, int64_t T, int64_t stride, int64_t H, int64_t D, const fl
  * its query and those keys: a prompt gives the same bits processed whole, in chunks, after a
  * prefix-cache hit or next to other sequences, and a prefill row the same as a decode row.
  * Tiling (rows of one sequence x the query heads of one KV head per task) only shares key and
- * value loads between row-heads; it never changes any row-head's arithmetic. */
+ * value loads between row-heads; it never changes any row-head's arithmetic.
+ * int8 pools (Q = 1, kv_cache_dtype="int8"): keys and values are int8 codes with one fp32 scale
+ * per token and KV head; a score is ((q*scale) . codes) * k_scale_j and a value weighs in with
+ * e_j * v_scale_j (the softmax sum stays over e_j) -- no dequantized copy of the pool. */
 #define ALWAYS_INLINE static inline __attribute__((always_inline))
 #define ATT_RT 8 /* query rows per task (prefill); decode rows run one (row, head) per task */
 
@@ -106,40 +109,52 @@ typedef struct {
     int64_t s, row0, nr, h0, nh; /* sequence, first flat row, rows, first query head, heads */
 } attn_task_t;
 
+/* 8 elements of a pool row from element i: fp32, or int8 codes widened to fp32 (Q). */
+ALWAYS_INLINE __m256 ld_kv(const int Q, const void *p, int64_t i) {
+    if (Q) return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)((const int8_t *)p + i))));
+    return _mm256_loadu_ps((const float *)p + i);
+}
+
 /* Scores of the ND*8-wide query qs against keys [j0, j0 + n) of one block (kb: the block's
- * first key of this KV head, `tok` floats apart) into sc; returns the running max. Keys go in
+ * first key of this KV head, `tok` elements apart; Q: int8 codes with their scales at ks,
+ * `stok` floats apart) into sc; returns the running max. Keys go in
  * fours from the block start (four dot products reduced together: ~5 shuffles for 4 keys
  * instead of ~7 per key), the rest of a short block one by one: a key's rounding depends on
  * its place in the block and on n, i.e. on the row's own length only. */
-ALWAYS_INLINE float att_scores(const int ND, const float *qs, const float *kb, int64_t tok, int64_t n, float *sc,
-                               float mx) {
+ALWAYS_INLINE float att_scores(const int ND, const int Q, const float *qs, const void *kb, const float *ks,
+                               int64_t tok, int64_t stok, int64_t n, float *sc, float mx) {
     __m256 qv[ND];
     for (int d = 0; d < ND; d++) qv[d] = _mm256_loadu_ps(qs + 8 * d);
     int64_t j = 0;
     __m128 m4 = _mm_set1_ps(mx);
     for (; j + 4 <= n; j += 4) {
-        const float *k0 = kb + j * tok, *k1 = k0 + tok, *k2 = k1 + tok, *k3 = k2 + tok;
-        __m256 a0 = _mm256_mul_ps(qv[0], _mm256_loadu_ps(k0)), a1 = _mm256_mul_ps(qv[0], _mm256_loadu_ps(k1));
-        __m256 a2 = _mm256_mul_ps(qv[0], _mm256_loadu_ps(k2)), a3 = _mm256_mul_ps(qv[0], _mm256_loadu_ps(k3));
+        const int64_t k0 = j * tok, k1 = k0 + tok, k2 = k1 + tok, k3 = k2 + tok;
+        __m256 a0 = _mm256_mul_ps(qv[0], ld_kv(Q, kb, k0)), a1 = _mm256_mul_ps(qv[0], ld_kv(Q, kb, k1));
+        __m256 a2 = _mm256_mul_ps(qv[0], ld_kv(Q, kb, k2)), a3 = _mm256_mul_ps(qv[0], ld_kv(Q, kb, k3));
         for (int d = 1; d < ND; d++) {
-            a0 = _mm256_fmadd_ps(qv[d], _mm256_loadu_ps(k0 + 8 * d), a0);
-            a1 = _mm256_fmadd_ps(qv[d], _mm256_loadu_ps(k1 + 8 * d), a1);
-            a2 = _mm256_fmadd_ps(qv[d], _mm256_loadu_ps(k2 + 8 * d), a2);
-            a3 = _mm256_fmadd_ps(qv[d], _mm256_loadu_ps(k3 + 8 * d), a3);
+            a0 = _mm256_fmadd_ps(qv[d], ld_kv(Q, kb, k0 + 8 * d), a0);
+            a1 = _mm256_fmadd_ps(qv[d], ld_kv(Q, kb, k1 + 8 * d), a1);
+            a2 = _mm256_fmadd_ps(qv[d], ld_kv(Q, kb, k2 + 8 * d), a2);
+            a3 = _mm256_fmadd_ps(qv[d], ld_kv(Q, kb, k3 + 8 * d), a3);
         }
         /* lanes (k0 k0 k1 k1 | k0 k0 k1 k1) + ... -> (k0 k1 k2 k3 | k0 k1 k2 k3) -> 4 sums */
         const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
-        const __m128 v = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+        __m128 v = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+        if (Q) {
+            const float *s = ks + j * stok;
+            v = _mm_mul_ps(v, _mm_setr_ps(s[0], s[stok], s[2 * stok], s[3 * stok]));
+        }
         _mm_storeu_ps(sc + j, v);
         m4 = _mm_max_ps(m4, v);
     }
     m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
     mx = _mm_cvtss_f32(_mm_max_ss(m4, _mm_movehdup_ps(m4)));
     for (; j < n; j++) {
-        const float *kj = kb + j * tok;
-        __m256 acc = _mm256_mul_ps(qv[0], _mm256_loadu_ps(kj));
-        for (int d = 1; d < ND; d++) acc = _mm256_fmadd_ps(qv[d], _mm256_loadu_ps(kj + 8 * d), acc);
-        const float v = hsum_ps(acc);
+        const int64_t kj = j * tok;
+        __m256 acc = _mm256_mul_ps(qv[0], ld_kv(Q, kb, kj));
+        for (int d = 1; d < ND; d++) acc = _mm256_fmadd_ps(qv[d], ld_kv(Q, kb, kj + 8 * d), acc);
+        float v = hsum_ps(acc);
+        if (Q) v *= ks[j * stok];
         sc[j] = v;
         mx = v > mx ? v : mx;
     }
@@ -164,14 +179,15 @@ static float att_softmax(float *sc, int64_t L, float mx) {
     return sum;
 }
 
-/* o (ND*8, in memory) += sum_j p[j] v_j over the n keys of one block. */
-ALWAYS_INLINE void att_pv(const int ND, float *o, const float *p, const float *vb, int64_t tok, int64_t n) {
+/* o (ND*8, in memory) += sum_j p[j] v_j over the n keys of one block (Q: p[j] * v_scale_j
+ * times the int8 codes). */
+ALWAYS_INLINE void att_pv(const int ND, const int Q, float *o, const float *p, const void *vb, const float *vs,
+                          int64_t tok, int64_t stok, int64_t n) {
     __m256 acc[ND];
     for (int d = 0; d < ND; d++) acc[d] = _mm256_loadu_ps(o + 8 * d);
     for (int64_t j = 0; j < n; j++) {
-        const float *vj = vb + j * tok;
-        const __m256 pj = _mm256_set1_ps(p[j]);
-        for (int d = 0; d < ND; d++) acc[d] = _mm256_fmadd_ps(pj, _mm256_loadu_ps(vj + 8 * d), acc[d]);
+        const __m256 pj = _mm256_set1_ps(Q ? p[j] * vs[j * stok] : p[j]);
+        for (int d = 0; d < ND; d++) acc[d] = _mm256_fmadd_ps(pj, ld_kv(Q, vb, j * tok + 8 * d), acc[d]);
     }
     for (int d = 0; d < ND; d++) _mm256_storeu_ps(o + 8 * d, acc[d]);
 }
@@ -180,11 +196,13 @@ ALWAYS_INLINE void att_pv(const int ND, float *o, const float *p, const float *v
  * 0..pos0+r), query heads h0..h0+nh-1 (one KV head). Blocks of keys are the outer loop so a
  * block's keys / values are read from L1 by every row-head of the task.
  * Scratch: sc (nr*nh, ldsc) scores, qs / ob (nr*nh, D) scaled queries / output sums, mx / sum
- * (nr*nh) score maxima / exp sums. */
-ALWAYS_INLINE void att_task(const int ND, const attn_task_t *t, int64_t pos0, const float *q, int64_t q_stride,
-                            const float *kbase, const float *vbase, const int64_t *tab, int64_t bs,
-                            int64_t block_stride, int64_t tok, int64_t koff, float scale, float *out, int64_t Hq,
-                            float *sc, int64_t ldsc, float *qs, float *ob, float *mx, float *sum) {
+ * (nr*nh) score maxima / exp sums. Q: int8 pools, scales at ksbase / vsbase (blocks, bs, Hkv). */
+ALWAYS_INLINE void att_task(const int ND, const int Q, const attn_task_t *t, int64_t pos0, const float *q,
+                            int64_t q_stride, const void *kbase, const void *vbase, const float *ksbase,
+                            const float *vsbase, const int64_t *tab, int64_t bs, int64_t block_stride, int64_t tok,
+                            int64_t koff, float scale, float *out, int64_t Hq, float *sc, int64_t ldsc, float *qs,
+                            float *ob, float *mx, float *sum) {
+    const int64_t esz = Q ? 1 : 4, stok = tok / (8 * ND), sboff = koff / (8 * ND), sbstride = bs * stok;
     const int64_t D = 8 * ND, nrh = t->nr * t->nh, Lmax = pos0 + t->nr;
     for (int64_t r = 0; r < t->nr; r++)
         for (int64_t h = 0; h < t->nh; h++) {
@@ -196,14 +214,15 @@ ALWAYS_INLINE void att_task(const int ND, const attn_task_t *t, int64_t pos0, co
             mx[i] = -INFINITY;
         }
     for (int64_t j0 = 0; j0 < Lmax; j0 += bs) {
-        const float *kb = kbase + tab[j0 / bs] * block_stride + koff;
+        const void *kb = (const char *)kbase + (tab[j0 / bs] * block_stride + koff) * esz;
+        const float *ks = Q ? ksbase + tab[j0 / bs] * sbstride + sboff : NULL;
         for (int64_t r = 0; r < t->nr; r++) {
             const int64_t L = pos0 + r + 1;
             if (j0 >= L) continue;
             const int64_t n = L - j0 < bs ? L - j0 : bs;
             for (int64_t h = 0; h < t->nh; h++) {
                 const int64_t i = r * t->nh + h;
-                mx[i] = att_scores(ND, qs + i * D, kb, tok, n, sc + i * ldsc + j0, mx[i]);
+                mx[i] = att_scores(ND, Q, qs + i * D, kb, ks, tok, stok, n, sc + i * ldsc + j0, mx[i]);
             }
         }
     }
@@ -212,25 +231,26 @@ ALWAYS_INLINE void att_task(const int ND, const attn_task_t *t, int64_t pos0, co
         __m256 acc[ND];
         for (int d = 0; d < ND; d++) acc[d] = _mm256_setzero_ps();
         for (int64_t j0 = 0; j0 < Lmax; j0 += bs) {
-            const float *vb = vbase + tab[j0 / bs] * block_stride + koff;
+            const void *vb = (const char *)vbase + (tab[j0 / bs] * block_stride + koff) * esz;
+            const float *vs = Q ? vsbase + tab[j0 / bs] * sbstride + sboff : NULL;
             const int64_t n = Lmax - j0 < bs ? Lmax - j0 : bs;
             for (int64_t j = 0; j < n; j++) {
-                const float *vj = vb + j * tok;
-                const __m256 pj = _mm256_set1_ps(sc[j0 + j]);
-                for (int d = 0; d < ND; d++) acc[d] = _mm256_fmadd_ps(pj, _mm256_loadu_ps(vj + 8 * d), acc[d]);
+                const __m256 pj = _mm256_set1_ps(Q ? sc[j0 + j] * vs[j * stok] : sc[j0 + j]);
+                for (int d = 0; d < ND; d++) acc[d] = _mm256_fmadd_ps(pj, ld_kv(Q, vb, j * tok + 8 * d), acc[d]);
             }
         }
         for (int d = 0; d < ND; d++) _mm256_storeu_ps(ob + 8 * d, acc[d]);
     } else {
         for (int64_t j0 = 0; j0 < Lmax; j0 += bs) {
-            const float *vb = vbase + tab[j0 / bs] * block_stride + koff;
+            const void *vb = (const char *)vbase + (tab[j0 / bs] * block_stride + koff) * esz;
+            const float *vs = Q ? vsbase + tab[j0 / bs] * sbstride + sboff : NULL;
             for (int64_t r = 0; r < t->nr; r++) {
                 const int64_t L = pos0 + r + 1;
                 if (j0 >= L) continue;
                 const int64_t n = L - j0 < bs ? L - j0 : bs;
                 for (int64_t h = 0; h < t->nh; h++) {
                     const int64_t i = r * t->nh + h;
-                    att_pv(ND, ob + i * D, sc + i * ldsc + j0, vb, tok, n);
+                    att_pv(ND, Q, ob + i * D, sc + i * ldsc + j0, vb, vs, tok, stok, n);
                 }
             }
         }
@@ -247,11 +267,14 @@ ALWAYS_INLINE void att_task(const int ND, const attn_task_t *t, int64_t pos0, co
 /* q: N query rows, row r at q + r*q_stride, Hq heads of D. Sequence s owns qlen[s] consecutive
  * rows (qlen NULL: one each); row i of them sits at position ctx[s] - qlen[s] + i and attends
  * to keys 0..that position. Key j of sequence s, KV head g:
- * base + tables[s*tstride + j/bs]*block_stride + (j%bs)*Hkv*D + g*D.  out (N, Hq, D).
+ * base + tables[s*tstride + j/bs]*block_stride + (j%bs)*Hkv*D + g*D (in elements).  out (N, Hq, D).
+ * ksbase / vsbase NULL: fp32 pools; else int8 pools and their fp32 scales (blocks, bs, Hkv).
  * D in {64, 128} (the callers check); Hq % Hkv == 0. */
-void qk_attn_paged(const float *q, int64_t q_stride, const float *kbase, const float *vbase, const int64_t *tables,
-                   int64_t tstride, const int64_t *ctx, const int64_t *qlen, int64_t block_stride, int64_t bs,
-                   float *out, int64_t S, int64_t Hq, int64_t Hkv, int64_t D, float scale) {
+void qk_attn_paged(const float *q, int64_t q_stride, const void *kbase, const void *vbase, const float *ksbase,
+                   const float *vsbase, const int64_t *tables, int64_t tstride, const int64_t *ctx,
+                   const int64_t *qlen, int64_t block_stride, int64_t bs, float *out, int64_t S, int64_t Hq,
+                   int64_t Hkv, int64_t D, float scale) {
+    const int Q = ksbase != NULL;
     const int64_t group = Hq / Hkv, tok = Hkv * D;
     /* tasks: a sequence's rows in tiles of ATT_RT x one KV head's query heads; a single row
      * (decode) is split per query head instead, for parallelism */
@@ -286,12 +309,18 @@ void qk_attn_paged(const float *q, int64_t q_stride, const float *kbase, const f
     do {                                                                                                        \
         const attn_task_t *t = tasks + (i);                                                                     \
         const int64_t *tab = tables + t->s * tstride, koff = (t->h0 / group) * D;                               \
-        if (D == 64)                                                                                            \
-            att_task(8, t, pos0[i], q, q_stride, kbase, vbase, tab, bs, block_stride, tok, koff, scale, out, Hq, \
-                     sc, ldsc, qs, ob, mx, sum);                                                                \
+        if (D == 64 && !Q)                                                                                      \
+            att_task(8, 0, t, pos0[i], q, q_stride, kbase, vbase, NULL, NULL, tab, bs, block_stride, tok, koff, \
+                     scale, out, Hq, sc, ldsc, qs, ob, mx, sum);                                                \
+        else if (D == 64)                                                                                       \
+            att_task(8, 1, t, pos0[i], q, q_stride, kbase, vbase, ksbase, vsbase, tab, bs, block_stride, tok,   \
+                     koff, scale, out, Hq, sc, ldsc, qs, ob, mx, sum);                                          \
+        else if (!Q)                                                                                            \
+            att_task(16, 0, t, pos0[i], q, q_stride, kbase, vbase, NULL, NULL, tab, bs, block_stride, tok,      \
+                     koff, scale, out, Hq, sc, ldsc, qs, ob, mx, sum);                                          \
         else                                                                                                    \
-            att_task(16, t, pos0[i], q, q_stride, kbase, vbase, tab, bs, block_stride, tok, koff, scale, out,   \
-                     Hq, sc, ldsc, qs, ob, mx, sum);                                                            \
+            att_task(16, 1, t, pos0[i], q, q_stride, kbase, vbase, ksbase, vsbase, tab, bs, block_stride, tok,  \
+                     koff, scale, out, Hq, sc, ldsc, qs, ob, mx, sum);                                          \
     } while (0)
         if (per == 1) { /* decodes only: tasks of similar size */
 #pragma omp for schedule(static)
@@ -309,8 +338,10 @@ void qk_attn_paged(const float *q, int64_t q_stride, const float *kbase, const f
 
 /* One query per sequence over its ctx[s] cached keys (all visible): qk_attn_paged with one row
  * per sequence, the same arithmetic as a prefill row at that position. */
-void qk_attn_decode(const float *q, int64_t q_stride, const float *kbase, const float *vbase,
-                    const int64_t *tables, int64_t tstride, const int64_t *ctx, int64_t block_stride,
-                    int64_t bs, float *out, int64_t S, int64_t Hq, int64_t Hkv, int64_t D, float scale) {
-    qk_attn_paged(q, q_stride, kbase, vbase, tables, tstride, ctx, NULL, block_stride, bs, out, S, Hq, Hkv, D, scale);
+void qk_attn_decode(const float *q, int64_t q_stride, const void *kbase, const void *vbase, const float *ksbase,
+                    const float *vsbase, const int64_t *tables, int64_t tstride, const int64_t *ctx,
+                    int64_t block_stride, int64_t bs, float *out, int64_t S, int64_t Hq, int64_t Hkv, int64_t D,
+                    float scale) {
+    qk_attn_paged(q, q_stride, kbase, vbase, ksbase, vsbase, tables, tstride, ctx, NULL, block_stride, bs, out, S,
+                  Hq, Hkv, D, scale);
 }

@@ -245,6 +245,15 @@ def test_chunked_prefill_cutting_images_equals_unchunked(vl_dir, hf_tokens):
     assert abs(out.outputs[0].cumulative_logprob - whole.outputs[0].cumulative_logprob) <= 1e-4
 
 
+def test_int8_kv_cache_with_images(vl_dir, hf_tokens):
+    # the image tokens' K/V go through the same int8 write as text tokens; the tiny model's greedy
+    # path is robust to that rounding (the int8-vs-fp32 logit bound is in test_kv_int8)
+    llm = make_llm(vl_dir, kv_cache_dtype="int8", max_num_batched_tokens=6, max_num_seqs=2)
+    out = llm.generate(request(make_images()), greedy(logprobs=0), use_tqdm=False)[0]
+    assert out.outputs[0].token_ids == hf_tokens["image"]
+    assert llm.llm_engine.kv_cache.quantized and llm.llm_engine.kv_cache.k_cache[0].dtype == torch.int8
+
+
 def test_preempted_request_is_not_re_encoded(vl_dir, hf_tokens):
     # 16 blocks of 4 tokens: one 35-token image request fits, two do not; a higher-priority
     # request arriving mid-decode preempts the first, which is recomputed from its tokens

@@ -92,3 +92,8 @@ def run_engine(
 
 def token_ids(outputs: list[RequestOutput]) -> list[list[int]]:
     return [o.outputs[0].token_ids for o in outputs]
+
+
+def prompt_logprob_values(output: RequestOutput) -> list[float]:
+    """The log-prob of each prompt token after the first (requests made with prompt_logprobs=0)."""
+    return [next(iter(d.values())).logprob for d in output.prompt_logprobs[1:]]

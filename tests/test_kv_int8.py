@@ -26,7 +26,7 @@ from qwenkit.engine.llm_engine import LLMEngine
 from qwenkit.engine.paged_attention import single_sequence_metadata
 from qwenkit.quant import quantize_model
 from qwenkit.sampling_params import SamplingParams
-from tests.engine_helpers import greedy, random_prompts, run_engine, token_ids
+from tests.engine_helpers import greedy, random_prompts, run_engine, token_ids, prompt_logprob_values
 from tests.tiny import make_hf_and_ours, tiny_hf_config
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -272,7 +272,7 @@ def test_speculative_dca_and_tensor_parallel_with_int8(models):
 
     def prompt_lps(**kw) -> list[list[float]]:
         outs = LLM(copy.deepcopy(ours), **(base | kw)).generate(short_long, params, use_tqdm=False)
-        return [[next(iter(d.values())).logprob for d in o.prompt_logprobs[1:]] for o in outs]
+        return [prompt_logprob_values(o) for o in outs]
 
     per_request = prompt_lps(rope_scaling=rope | {"dynamic": True})
     no_scaling, static4 = prompt_lps(), prompt_lps(rope_scaling=rope)

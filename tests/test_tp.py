@@ -19,6 +19,7 @@ import torch.multiprocessing as mp
 from qwenkit.config import ModelConfig
 from qwenkit.model import Qwen2ForCausalLM
 from tests.tiny import tiny_hf_config
+from tests.engine_helpers import prompt_logprob_values
 
 RTOL = 1e-5
 CASES = {
@@ -133,8 +134,8 @@ def test_greedy_through_llm_is_identical_with_two_ranks(tp_case) -> None:
         lp_ref = [lp[t].logprob for lp, t in zip(r.outputs[0].logprobs, r.outputs[0].token_ids)]
         lp_got = [lp[t].logprob for lp, t in zip(o.outputs[0].logprobs, o.outputs[0].token_ids)]
         assert lp_got == pytest.approx(lp_ref, rel=1e-4, abs=1e-5)
-        p_ref = [next(iter(d.values())).logprob for d in r.prompt_logprobs[1:]]
-        p_got = [next(iter(d.values())).logprob for d in o.prompt_logprobs[1:]]
+        p_ref = prompt_logprob_values(r)
+        p_got = prompt_logprob_values(o)
         assert p_got == pytest.approx(p_ref, rel=1e-4, abs=1e-5)
 
 
@@ -160,7 +161,7 @@ def test_two_ranks_serve_per_request_rope_factors(split: str) -> None:
         llm.llm_engine.shutdown()
 
     def prompt_lps(outs: list) -> list[list[float]]:
-        return [[next(iter(d.values())).logprob for d in o.prompt_logprobs[1:]] for o in outs]
+        return [prompt_logprob_values(o) for o in outs]
 
     assert prompt_lps(ref)[1] != pytest.approx(prompt_lps(plain)[1], rel=1e-3)  # factor 4 is in use
     assert prompt_lps(ref)[0] == prompt_lps(plain)[0]  # factor 1 is plain RoPE
@@ -259,8 +260,8 @@ def test_pipeline_micro_batches_equal_the_single_process_engine(pp_llm, monkeypa
             lp_ref = [lp[t].logprob for lp, t in zip(r.outputs[0].logprobs, r.outputs[0].token_ids)]
             lp_got = [lp[t].logprob for lp, t in zip(o.outputs[0].logprobs, o.outputs[0].token_ids)]
             assert lp_got == pytest.approx(lp_ref, rel=1e-4, abs=1e-5)
-            p_ref = [next(iter(d.values())).logprob for d in r.prompt_logprobs[1:]]
-            p_got = [next(iter(d.values())).logprob for d in o.prompt_logprobs[1:]]
+            p_ref = prompt_logprob_values(r)
+            p_got = prompt_logprob_values(o)
             assert p_got == pytest.approx(p_ref, rel=1e-4, abs=1e-5)
     assert [1] in seen and [1, 1, 1] in seen  # one sequence: no cut; 3 decodes: 3 micro-batches
     assert max(len(s) for s in seen) == 3 and sum(s == [8] for s in seen) == 0
@@ -387,8 +388,8 @@ def test_real_05b_two_ranks_equal_one(gguf_05b_path, split: str) -> None:
         llm.llm_engine.shutdown()
     for r, o in zip(ref, got):
         assert o.outputs[0].token_ids == r.outputs[0].token_ids
-        p_ref = [next(iter(d.values())).logprob for d in r.prompt_logprobs[1:]]
-        p_got = [next(iter(d.values())).logprob for d in o.prompt_logprobs[1:]]
+        p_ref = prompt_logprob_values(r)
+        p_got = prompt_logprob_values(o)
         assert p_got == pytest.approx(p_ref, rel=1e-5, abs=1e-5)
 
 

@@ -19,6 +19,7 @@ from qwenkit.config import ModelConfig
 from qwenkit.model import Qwen2ForCausalLM
 from qwenkit.quant import quantize_model
 from tests.tiny import tiny_hf_config
+from tests.engine_helpers import prompt_logprob_values
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -158,8 +159,8 @@ def test_quantized_tp2_greedy_through_llm_equals_one_process() -> None:
         llm.llm_engine.shutdown()
     for r, o in zip(ref, got):
         assert o.outputs[0].token_ids == r.outputs[0].token_ids
-        p_ref = [next(iter(d.values())).logprob for d in r.prompt_logprobs[1:]]
-        p_got = [next(iter(d.values())).logprob for d in o.prompt_logprobs[1:]]
+        p_ref = prompt_logprob_values(r)
+        p_got = prompt_logprob_values(o)
         assert p_got == pytest.approx(p_ref, rel=1e-4, abs=1e-5)
 
 

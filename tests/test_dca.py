@@ -311,7 +311,8 @@ def _passkey_run(gguf_05b_path) -> None:
     stats = DualChunkStats()
     rows = []
     # "full,dca,window" for the comparison; window = StreamingLLM's 2K sliding window + 4 sinks
-    modes = os.environ.get("DCA_PASSKEY_MODES", "dca").split(",")
+    # dca last: the DCA engine attaches its configuration to the shared model
+    modes = sorted(os.environ.get("DCA_PASSKEY_MODES", "dca").split(","), key=lambda m: m == "dca")
     for mode in modes:
         args: dict[str, Any] = {"kv_cache_memory": "512MiB", "max_model_len": 8192, "max_num_seqs": len(prompts)}
         if mode == "dca":

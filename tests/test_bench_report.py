@@ -34,3 +34,15 @@ def test_batched_decode_columns_best_of_and_ratios() -> None:
     table = format_report([best, other])
     assert "batch@1 tok/s | batch@16 tok/s" in table and "decode tok/s" not in table
     assert "| qwenkit / llama.cpp | 1.10× | 2.00× |" in table
+
+
+def test_qwenkit_prefill_timing_waits_for_every_chunk(tiny_hf_dir) -> None:
+    """A chunked prefill yields its first token only after its last chunk: the prefill time must
+    run to that step, not to the end of the first chunk."""
+    from qwenkit.bench.decode import QwenkitEngine
+
+    eng = QwenkitEngine(str(tiny_hf_dir), "none", max_len=128, chunk=16)
+    assert eng.prefill(list(range(3, 67))) > 0  # 64 tokens in chunks of 16
+    assert eng.steps_to_first_token == 4
+    eng.prefill(list(range(3, 15)))  # one chunk
+    assert eng.steps_to_first_token == 1

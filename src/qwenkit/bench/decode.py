@@ -136,9 +136,14 @@ class QwenkitEngine:
         t0 = time.perf_counter()
         self.engine.add_request("bench", {"prompt_token_ids": ids}, params)
         t1 = None
+        steps = 0
         while self.engine.has_unfinished_requests():
-            self.engine.step()
-            t1 = t1 or time.perf_counter()
+            outs = self.engine.step()
+            steps += 1
+            # the first token: a chunked prefill takes several steps before it
+            if t1 is None and any(o.outputs and o.outputs[0].token_ids for o in outs):
+                t1 = time.perf_counter()
+                self.steps_to_first_token = steps
         return t1 - t0, time.perf_counter() - t1
 
     def prefill(self, ids: list[int]) -> float:

@@ -71,8 +71,9 @@ def settings_from_args(args: argparse.Namespace) -> Any:
     engine_args: dict[str, Any] = {
         "block_size": args.block_size,
         "enable_prefix_caching": args.enable_prefix_caching,
-        "kv_cache_dtype": args.kv_cache_dtype,
     }
+    if args.kv_cache_dtype != "auto":  # only what the user set, as for the options below
+        engine_args["kv_cache_dtype"] = args.kv_cache_dtype
     for name in ("tensor_parallel_size", "pipeline_parallel_size"):
         if getattr(args, name) > 1:
             engine_args[name] = getattr(args, name)

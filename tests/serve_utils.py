@@ -215,3 +215,10 @@ def tiny_model_dir(config: Any, tokenizer: Path) -> Path:
 
         root = Path(tempfile.mkdtemp(prefix="qwenkit_serve_tiny_")) / key
     return write_tiny_model(root, tok_dir)
+
+
+def wait_ready(client: Any, timeout: float = 60.0) -> None:
+    """Poll an in-process app's `/ready` until the engine has loaded (or the timeout passes)."""
+    deadline = time.monotonic() + timeout
+    while client.get("/ready").status_code != 200 and time.monotonic() < deadline:
+        time.sleep(0.05)

@@ -28,6 +28,7 @@ from qwenkit.quant import quantize_model
 from qwenkit.sampling_params import SamplingParams
 from tests.engine_helpers import greedy, random_prompts, run_engine, token_ids, prompt_logprob_values
 from tests.tiny import make_hf_and_ours, tiny_hf_config
+from tests.serve_utils import wait_ready
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -316,12 +317,8 @@ def test_cli_and_server_flags(tiny_hf_dir, capsys):
         engines.append(load_engine_client(s.model, quantization="none", max_num_seqs=s.max_num_seqs, **s.engine_args))
         return engines[-1]
 
-    import time
-
     with TestClient(create_app(s, factory)) as c:
-        deadline = time.monotonic() + 60
-        while c.get("/ready").status_code != 200 and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_ready(c)
         r = c.post("/v1/completions", json={"prompt": "Hello", "max_tokens": 8, "temperature": 0, "ignore_eos": True})
         assert r.status_code == 200, r.text
         assert r.json()["usage"]["completion_tokens"] == 8

@@ -23,7 +23,7 @@ from qwenkit.engine.structured_output import (
 )
 from qwenkit.sampling_params import StructuredOutputsParams, ToolCallSpec
 from qwenkit.serve.tool_parser import parse_tool_calls
-from tests.serve_utils import tiny_model_dir
+from tests.serve_utils import tiny_model_dir, wait_ready
 from tests.test_tokenizer import load_ours_dir
 
 SCHEMA = {
@@ -160,9 +160,7 @@ def client(request: pytest.FixtureRequest, tiny_tokenizer_dir: Path) -> Iterator
     model_dir = tiny_model_dir(request.config, tiny_tokenizer_dir)
     app = create_app(ServerSettings(model=str(model_dir)), lambda: load_engine_client(model_dir, max_model_len=2048))
     with TestClient(app) as c:
-        deadline = time.monotonic() + 60
-        while c.get("/ready").status_code != 200 and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_ready(c)
         yield c
 
 

@@ -6,10 +6,10 @@ from __future__ import annotations
 import io
 import json
 import sys
-import time
 from pathlib import Path
 
 import pytest
+from tests.serve_utils import wait_ready
 
 BLOCK = 8
 PER_TOKEN = 2 * 2 * 2 * 16 * 4  # tiny_hf_dir: layers x (k, v) x kv heads x head_dim x fp32 bytes
@@ -108,9 +108,7 @@ def test_serve_flags_reach_the_engine(tiny_hf_dir: Path):
         return engines[-1]
 
     with TestClient(create_app(s, factory)) as c:
-        deadline = time.monotonic() + 60
-        while c.get("/ready").status_code != 200 and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_ready(c)
         assert engines, "the engine did not load"
         r = c.post("/v1/completions", json={"prompt": "Hello", "max_tokens": 150, "temperature": 0, "ignore_eos": True})
         assert r.status_code == 200, r.text

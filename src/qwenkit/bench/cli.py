@@ -9,6 +9,7 @@ run `qwenkit.bench.decode` (qwenkit vs llama.cpp vs transformers, one subprocess
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 from pathlib import Path
 from typing import Any
@@ -95,39 +96,17 @@ def add_bench_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--json", default=None)
     p.set_defaults(func=cmd_kernels)
 
-    from qwenkit.bench import train as train_bench
-
-    p = sub.add_parser("train", help="training tok/s, peak RSS and first-step loss vs TRL SFTTrainer (full, LoRA)")
-    train_bench.add_arguments(p)
-    p.set_defaults(func=train_bench.cmd_train)
-
-    from qwenkit.bench import spec as spec_bench
-
-    p = sub.add_parser("spec", help="speculative decoding (n-gram, draft model) vs plain decoding, single stream")
-    spec_bench.add_arguments(p)
-    p.set_defaults(func=spec_bench.cmd_spec)
-
-    from qwenkit.bench import rollout as rollout_bench
-
-    p = sub.add_parser("rollout", help="GRPO rollout tokens/s: qwenkit's engine vs TRL GRPOTrainer's generate")
-    rollout_bench.add_arguments(p)
-    p.set_defaults(func=rollout_bench.cmd_rollout)
-
-    from qwenkit.bench import moe as moe_bench
-
-    p = sub.add_parser("moe", help="Qwen2-MoE decode tok/s on a random config: qwenkit vs transformers")
-    moe_bench.add_arguments(p)
-    p.set_defaults(func=moe_bench.cmd_moe)
-
-    from qwenkit.bench import vl as vl_bench
-
-    p = sub.add_parser("vl", help="Qwen2.5-VL image preprocessing + vision encoder time: qwenkit vs transformers")
-    vl_bench.add_arguments(p)
-    p.set_defaults(func=vl_bench.cmd_vl)
-
-    from qwenkit.bench import tp as tp_bench
-
-    p = sub.add_parser("tp", help="tensor / pipeline parallel (2 processes x 1 thread) vs 1 process x 2 threads")
-    tp_bench.add_arguments(p)
-    p.set_defaults(func=tp_bench.cmd_tp)
+    # one module each (qwenkit.bench.NAME: add_arguments + cmd_NAME), imported on first use
+    for name, help_text in (
+        ("train", "training tok/s, peak RSS and first-step loss vs TRL SFTTrainer (full, LoRA)"),
+        ("spec", "speculative decoding (n-gram, draft model) vs plain decoding, single stream"),
+        ("rollout", "GRPO rollout tokens/s: qwenkit's engine vs TRL GRPOTrainer's generate"),
+        ("moe", "Qwen2-MoE decode tok/s on a random config: qwenkit vs transformers"),
+        ("vl", "Qwen2.5-VL image preprocessing + vision encoder time: qwenkit vs transformers"),
+        ("tp", "tensor / pipeline parallel (2 processes x 1 thread) vs 1 process x 2 threads"),
+    ):
+        module = importlib.import_module(f"qwenkit.bench.{name}")
+        p = sub.add_parser(name, help=help_text)
+        module.add_arguments(p)
+        p.set_defaults(func=getattr(module, f"cmd_{name}"))
     return bench
